@@ -1,0 +1,7 @@
+"""gradsign: predict a network's trained accuracy before training (GradSign and other zero-cost
+proxies) and use it to speed up neural architecture search."""
+from gradsign.api import available_proxies, proxy_info, score, scores
+
+__version__ = "0.1.0"
+
+__all__ = ["available_proxies", "proxy_info", "score", "scores", "__version__"]

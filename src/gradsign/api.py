@@ -1,0 +1,98 @@
+"""The public scoring API: ``score``, ``scores``, ``available_proxies``, ``proxy_info``."""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradsign.engine import LossFn
+from gradsign.proxies import PROXIES, ProxyInfo, get_proxy
+
+#: options the API itself takes; everything else goes to the proxies that accept it
+API_OPTIONS = ("n_inits", "seed")
+
+
+def available_proxies() -> list[str]:
+    """Names of all registered proxies."""
+    return sorted(PROXIES)
+
+
+def proxy_info(name: str) -> ProxyInfo:
+    """Formula, source, direction (``higher_is_better``) and options of proxy ``name``."""
+    return get_proxy(name)
+
+
+def score(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
+          proxy: str = "gradsign", loss_fn: LossFn | None = None, **options) -> float:
+    """Score an untrained ``model`` on one mini-batch with ``proxy`` (GradSign by default).
+
+    ``loss_fn(outputs, targets) -> scalar`` defaults to cross-entropy; options are those of the proxy
+    (see ``proxy_info(name).options``) plus ``n_inits`` and ``seed`` (see ``scores``).
+    """
+    return scores(model, inputs, targets, [proxy], loss_fn, **options)[proxy]
+
+
+def scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
+           proxies: Sequence[str] = ("gradsign",), loss_fn: LossFn | None = None, *,
+           n_inits: int = 1, seed: int = 0, **options) -> dict[str, float]:
+    """Scores of several proxies for one model and batch, each on its own copy of the model.
+
+    The caller's model is never changed (parameters, buffers, running statistics, train/eval mode) and
+    the global RNG state is restored. With ``n_inits > 1`` every proxy is averaged over ``n_inits``
+    fresh initialisations of the model, drawn with seeds ``seed, seed+1, ...`` through each module's
+    ``reset_parameters`` (GradSign paper, appendix: averaging over several theta_0); with ``n_inits=1``
+    the model is scored as given. Options are passed to the proxies that accept them; an option no
+    requested proxy accepts is an error. NaN or infinite scores are returned as they are.
+    """
+    infos = [get_proxy(name) for name in proxies]
+    if n_inits < 1:
+        raise ValueError(f"n_inits must be >= 1, got {n_inits}")
+    accepted = {option for info in infos for option in info.options}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"option {unknown[0]!r} is not accepted by proxies {', '.join(proxies)}")
+    loss_fn = loss_fn or F.cross_entropy
+    device = next((p.device for p in model.parameters()), inputs.device)
+    inputs = inputs.to(device)
+    if targets is not None:
+        targets = targets.to(device)
+    result = {}
+    for info in infos:
+        if info.uses_targets and targets is None:
+            raise ValueError(f"proxy {info.name!r} needs targets")
+        proxy_options = {k: v for k, v in options.items() if k in info.options}
+        if "seed" in info.options:
+            proxy_options["seed"] = seed
+        values = [_score_once(model, inputs, targets, loss_fn, info, proxy_options,
+                              seed=seed + i, reinitialise=n_inits > 1) for i in range(n_inits)]
+        result[info.name] = math.fsum(values) / n_inits
+    return result
+
+
+def _score_once(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None, loss_fn: LossFn,
+                info: ProxyInfo, options: dict, *, seed: int, reinitialise: bool) -> float:
+    with torch.random.fork_rng(devices=_cuda_devices(inputs)):
+        torch.manual_seed(seed)
+        work = copy.deepcopy(model)
+        if reinitialise:
+            reinitialise_parameters(work)
+        work.train()
+        work.requires_grad_(True)
+        return float(info.fn(work, inputs, targets, loss_fn, **options))
+
+
+def reinitialise_parameters(model: nn.Module) -> None:
+    """Re-draw every parameter by calling ``reset_parameters`` on each module that has one (uses the
+    global torch RNG: seed it first)."""
+    for module in model.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+
+
+def _cuda_devices(tensor: torch.Tensor) -> list[int]:
+    return [tensor.device.index or 0] if tensor.device.type == "cuda" else []

@@ -1,0 +1,28 @@
+"""GradSign (Zhang & Jia, ICLR 2022): agreement in sign of per-sample gradients at initialisation."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gradsign.engine import LossFn, sign_counts
+from gradsign.proxies.registry import register
+
+AGGREGATIONS = ("sum", "mean")
+
+
+@register(
+    "gradsign",
+    formula="sum_k |sum_i sign(dL_i/dw_k)| over the Conv2d/Linear weights w_k, L_i the loss of sample i "
+            "alone (train mode, BatchNorm with single-sample statistics, sign(0)=0); 'mean' divides by "
+            "the number of weights",
+    source="Zhang & Jia, GradSign: Model Performance Inference with Theoretical Insights, ICLR 2022",
+)
+def gradsign(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, *,
+             aggregation: str = "sum", engine: str = "auto", chunk_size: int | None = None) -> float:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+    counts = sign_counts(model, inputs, targets, loss_fn, engine=engine, chunk_size=chunk_size)
+    total = sum(int(c.abs().sum()) for c in counts.values())
+    if aggregation == "mean":
+        return total / max(1, sum(c.numel() for c in counts.values()))
+    return float(total)

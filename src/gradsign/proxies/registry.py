@@ -1,0 +1,69 @@
+"""Registry of zero-cost proxies, each registered by name with its formula and source.
+
+A proxy is a function ``fn(model, inputs, targets, loss_fn, **options) -> float``. It receives a private
+copy of the caller's model (in train mode) and may change it freely; the public API makes the copy, so a
+proxy never needs to restore anything. Options a proxy accepts are the keyword-only parameters of ``fn``.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from gradsign.engine import counted_layers
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ProxyFn = Callable[..., float]
+
+
+@dataclass(frozen=True)
+class ProxyInfo:
+    """What a user needs to know about one proxy."""
+
+    name: str
+    fn: ProxyFn = field(repr=False)
+    formula: str
+    source: str
+    higher_is_better: bool = True
+    uses_targets: bool = True
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """Names of the keyword-only options the proxy accepts."""
+        params = inspect.signature(self.fn).parameters.values()
+        return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+PROXIES: dict[str, ProxyInfo] = {}
+
+
+def register(name: str, *, formula: str, source: str, higher_is_better: bool = True,
+             uses_targets: bool = True) -> Callable[[ProxyFn], ProxyFn]:
+    """Decorator that registers ``fn`` as the proxy ``name``."""
+
+    def wrap(fn: ProxyFn) -> ProxyFn:
+        if name in PROXIES:
+            raise ValueError(f"proxy {name!r} is registered twice")
+        PROXIES[name] = ProxyInfo(name, fn, formula, source, higher_is_better, uses_targets)
+        return fn
+
+    return wrap
+
+
+class UnknownProxyError(ValueError):
+    """Raised for a proxy name that is not registered."""
+
+
+def get_proxy(name: str) -> ProxyInfo:
+    """The registered proxy ``name``; raises UnknownProxyError listing the known names."""
+    try:
+        return PROXIES[name]
+    except KeyError:
+        known = ", ".join(sorted(PROXIES))
+        raise UnknownProxyError(f"unknown proxy {name!r}; known proxies: {known}") from None
+
+
+#: the Conv2d and Linear layers of a model, in registration order: the layers proxies sum over
+weight_layers = counted_layers
