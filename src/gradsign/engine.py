@@ -9,7 +9,8 @@ Engines:
 - ``batched``: one forward/backward per chunk of samples. Train-mode BatchNorm is swapped for instance
   normalisation with the same affine parameters (identical to BatchNorm on one sample), the per-sample
   losses are summed, and each layer's per-sample weight gradients are formed from its input and output
-  gradient (unfold + einsum for convolutions) inside a gradient hook, then reduced to sign counts.
+  gradient (a grouped weight-gradient convolution for Conv2d, an einsum for Linear) inside a gradient
+  hook, then reduced to sign counts.
 - ``vmap``: ``torch.func.vmap(grad(...))`` over single-sample calls of the functional model.
 - ``loop``: the reference; one forward/backward per sample.
 - ``auto``: ``batched``, checked on the first chunk that samples do not interact; falls back to ``loop``
@@ -130,7 +131,8 @@ def _swap_batch_norms(module: nn.Module) -> None:
 
 
 def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """Per-sample dL/dW of a Conv2d, shape (B, *W.shape), from its input and output gradient."""
+    """Per-sample dL/dW of a Conv2d, shape (B, *W.shape), from its input and output gradient: the
+    weight gradient of one convolution whose groups are (sample, group) pairs."""
     if x.dim() != 4:
         raise UnsupportedModelError("Conv2d called on unbatched input")
     padding = conv.padding
@@ -138,11 +140,13 @@ def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tenso
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
         padding = 0
-    batch, groups = x.shape[0], conv.groups
-    columns = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
-    columns = columns.reshape(batch, groups, -1, columns.shape[-1])
-    grad_out = grad_out.reshape(batch, groups, conv.out_channels // groups, -1)
-    return torch.einsum("bgol,bgkl->bgok", grad_out, columns).reshape(batch, *conv.weight.shape)
+    batch = x.shape[0]
+    out_channels, in_per_group, *kernel = conv.weight.shape
+    grads = torch.nn.grad.conv2d_weight(
+        x.reshape(1, -1, *x.shape[2:]), (batch * out_channels, in_per_group, *kernel),
+        grad_out.reshape(1, -1, *grad_out.shape[2:]), stride=conv.stride, padding=padding,
+        dilation=conv.dilation, groups=batch * conv.groups)
+    return grads.reshape(batch, *conv.weight.shape)
 
 
 def _linear_sample_grads(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -234,7 +238,8 @@ def _vmap_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
     replace_all_batch_norm_modules_(model)
-    weights = {f"{name}.weight": m.weight.detach() for name, m in layers}
+    keys = {name: f"{name}.weight" if name else "weight" for name, _ in layers}
+    weights = {keys[name]: m.weight.detach() for name, m in layers}
     fixed = {k: v.detach() for k, v in model.named_parameters() if k not in weights}
     fixed.update({k: v.detach() for k, v in model.named_buffers()})
 
@@ -248,5 +253,5 @@ def _vmap_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     for part in _chunks(len(inputs), chunk_size):
         grads = sample_grads(weights, inputs[part], targets[part])
         for name, _ in layers:
-            counts[name] += torch.sign(grads[f"{name}.weight"]).sum(0).to(torch.int32)
+            counts[name] += torch.sign(grads[keys[name]]).sum(0).to(torch.int32)
     return counts

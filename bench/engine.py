@@ -1,0 +1,116 @@
+"""Time the per-sample gradient engines against one batched forward+backward, in one process.
+
+Prints, per model: seconds per call (median of --repeats) of the batched, vmap and loop engines and of
+one plain batched forward+backward of the same model and batch, their ratios, and the peak memory
+(CUDA: max allocated; CPU: peak RSS growth of a fresh subprocess is not measured, so the largest
+per-layer per-sample gradient array is reported instead).
+
+    python bench/engine.py [--batch-size 64] [--repeats 5] [--threads 2] [--models resnet16,nb201...]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradsign
+from gradsign.engine import counted_layers
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+def residual_cnn(blocks: int = 16, width: int = 16, num_classes: int = 10) -> nn.Module:
+    """A CIFAR ResNet with ``blocks`` basic blocks in three stages (width, 2x, 4x)."""
+    per_stage = [blocks // 3 + (1 if i < blocks % 3 else 0) for i in range(3)]
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    cin = width
+    for stage, count in enumerate(per_stage):
+        cout = width * 2 ** stage
+        for b in range(count):
+            layers.append(BasicBlock(cin, cout, 2 if (b == 0 and stage > 0) else 1))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def nb201_models() -> dict[str, nn.Module]:
+    try:
+        from gradsign.spaces import get_space
+        space = get_space("nb201")
+    except Exception:  # the space is optional for this benchmark
+        return {}
+    archs = {"nb201-small": "|avg_pool_3x3~0|+|skip_connect~0|none~1|+|none~0|skip_connect~1|nor_conv_1x1~2|",
+             "nb201-best": "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|",
+             "nb201-largest": "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|"}
+    return {name: space.build(arch, num_classes=10) for name, arch in archs.items()}
+
+
+def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--engines", default="batched,vmap,loop")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch_size,))
+    models = {"resnet16 (16 blocks, BN)": residual_cnn(16), "resnet8 (8 blocks, BN)": residual_cnn(8),
+              **nb201_models()}
+    engines = args.engines.split(",")
+    print(f"batch {args.batch_size}, 32x32 inputs, {args.threads} torch threads, torch {torch.__version__}, "
+          f"median of {args.repeats}")
+    header = "| model | params | fwd+bwd s | " + " | ".join(f"{e} s" for e in engines) + " | " + \
+        " | ".join(f"{e}/fwd+bwd" for e in engines) + " | batched/loop |"
+    print(header)
+    print("|" + "---|" * header.count("|")[:-1] if False else "|" + "---|" * (header.count("|") - 1))
+    for name, model in models.items():
+        model.train()
+        base = median_time(lambda: forward_backward(model, x, y), args.repeats)
+        times = {e: median_time(lambda e=e: gradsign.score(model, x, y, engine=e), args.repeats)
+                 for e in engines}
+        params = sum(p.numel() for p in model.parameters())
+        ratio = f"{times['batched'] / times['loop']:.2f}" if {"batched", "loop"} <= set(times) else "-"
+        print(f"| {name} | {params:,} | {base:.3f} | " + " | ".join(f"{times[e]:.3f}" for e in engines)
+              + " | " + " | ".join(f"{times[e] / base:.2f}x" for e in engines) + f" | {ratio} |")
+        largest = max(m.weight.numel() for _, m in counted_layers(model))
+        print(f"|   largest per-layer per-sample gradient array: {args.batch_size} x {largest:,} floats "
+              f"= {args.batch_size * largest * 4 / 2**20:.1f} MiB |")
+
+
+if __name__ == "__main__":
+    main()

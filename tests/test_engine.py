@@ -1,0 +1,170 @@
+"""The per-sample gradient engines against the reference loop, and the API's promises."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradsign
+from gradsign.engine import sign_counts
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int, norm, stride: int = 1, groups: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False, groups=groups)
+        self.norm1 = norm(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 1, bias=True)
+        self.stride = stride
+
+    def forward(self, x):
+        y = self.conv2(F.relu(self.norm1(self.conv1(x))))
+        return F.relu(y + x[:, :, ::self.stride, ::self.stride])
+
+
+def cnn(norm, *, classes: int = 10, depthwise: bool = False) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), norm(8), nn.ReLU(inplace=True),
+        Residual(8, norm), Residual(8, norm, stride=2, groups=8 if depthwise else 1),
+        nn.Conv2d(8, 16, 3, stride=2, padding="same" if False else 1, padding_mode="reflect"),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes))
+
+
+class TokenMLP(nn.Module):
+    """Linear layers on (B, T, F) inputs, LayerNorm, a reused layer (weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(12, 16)
+        self.shared = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x):
+        h = self.norm(torch.tanh(self.embed(x)))
+        h = self.shared(torch.relu(self.shared(h)))
+        return self.head(h.mean(1)).squeeze(-1)
+
+
+MODELS = {
+    "bn-running-stats": (lambda: cnn(nn.BatchNorm2d), "image"),
+    "bn-no-running-stats": (lambda: cnn(lambda c: nn.BatchNorm2d(c, track_running_stats=False)), "image"),
+    "groupnorm-depthwise": (lambda: cnn(lambda c: nn.GroupNorm(2, c), depthwise=True), "image"),
+    "instancenorm": (lambda: cnn(lambda c: nn.InstanceNorm2d(c, affine=True)), "image"),
+    "token-mlp-mse": (TokenMLP, "tokens"),
+}
+
+
+def batch(kind: str, n: int = 12):
+    g = torch.Generator().manual_seed(1)
+    if kind == "image":
+        return torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g), None
+    return torch.randn(n, 5, 12, generator=g), torch.randn(n, generator=g), F.mse_loss
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("engine", ["batched", "vmap", "auto"])
+def test_engines_match_reference_loop(name, engine):
+    make, kind = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    x, y, loss = batch(kind)
+    reference = gradsign.score(model, x, y, loss_fn=loss, engine="loop")
+    fast = gradsign.score(model, x, y, loss_fn=loss, engine=engine)
+    assert reference > 0
+    assert fast == pytest.approx(reference, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["bn-running-stats", "token-mlp-mse"])
+def test_per_layer_counts_match_loop_in_chunks(name):
+    make, kind = MODELS[name]
+    torch.manual_seed(0)
+    model = make().train()
+    x, y, loss = batch(kind)
+    loss = loss or F.cross_entropy
+    reference = sign_counts(copy.deepcopy(model), x, y, loss, engine="loop")
+    chunked = sign_counts(copy.deepcopy(model), x, y, loss, engine="batched", chunk_size=5)
+    assert reference.keys() == chunked.keys()
+    total = sum(int(c.abs().sum()) for c in reference.values())
+    differing = sum(int((reference[k] - chunked[k]).abs().sum()) for k in reference)
+    assert differing <= 1e-3 * total
+
+
+def test_hand_computed_linear_model():
+    # y = W x with W = 0: dL_i/dW = (p_i - onehot(t_i)) x_i^T, p_i = softmax(0) = 1/2
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    x = torch.tensor([[1.0, -2.0], [3.0, 0.0], [-1.0, -1.0]])
+    t = torch.tensor([0, 0, 1])
+    # sample signs of (p - onehot): row 0 gets -, row 1 gets + for class 0; reversed for class 1
+    # sample 0: [[-1, +1], [+1, -1]]; sample 1: [[-1, 0], [+1, 0]]; sample 2: [[-1, -1], [+1, +1]]
+    # sums: [[-3, 0], [3, 0]] -> |.| summed = 6; mean over 4 weights = 1.5
+    for engine in ("loop", "batched", "vmap"):
+        assert gradsign.score(model, x, t, engine=engine) == 6.0
+        assert gradsign.score(model, x, t, engine=engine, aggregation="mean") == 1.5
+
+
+def test_scoring_leaves_the_model_untouched():
+    torch.manual_seed(0)
+    model = cnn(nn.BatchNorm2d).eval()
+    before = copy.deepcopy(model.state_dict())
+    x, y, _ = batch("image")
+    gradsign.scores(model, x, y, proxies=["gradsign"], n_inits=2)
+    gradsign.score(model, x, y, engine="loop")
+    assert not model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_rng_state_is_restored_and_seeded_scores_repeat():
+    torch.manual_seed(0)
+    model = cnn(nn.BatchNorm2d)
+    x, y, _ = batch("image")
+    state = torch.get_rng_state()
+    first = gradsign.score(model, x, y, n_inits=3, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert gradsign.score(model, x, y, n_inits=3, seed=7) == first
+    assert gradsign.score(model, x, y, n_inits=3, seed=8) != first
+
+
+def test_multiple_initialisations_average_fresh_draws():
+    torch.manual_seed(0)
+    model = cnn(nn.BatchNorm2d)
+    x, y, _ = batch("image")
+    draws = []
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        fresh = copy.deepcopy(model)
+        gradsign.api.reinitialise_parameters(fresh)
+        draws.append(gradsign.score(fresh, x, y))
+    assert gradsign.score(model, x, y, n_inits=2, seed=3) == pytest.approx(sum(draws) / 2)
+
+
+def test_auto_falls_back_to_loop_when_samples_interact(caplog):
+    class Centre(nn.Module):
+        def forward(self, x):
+            return x - x.mean(0, keepdim=True)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), Centre(), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with caplog.at_level("WARNING", logger="gradsign"):
+        auto = gradsign.score(model, x, y, engine="auto")
+    assert "loop engine" in caplog.text
+    assert auto == gradsign.score(model, x, y, engine="loop")
+
+
+def test_bad_options_are_rejected():
+    model = nn.Linear(2, 2)
+    x, y = torch.randn(3, 2), torch.tensor([0, 1, 0])
+    with pytest.raises(ValueError, match="engine"):
+        gradsign.score(model, x, y, engine="fastest")
+    with pytest.raises(ValueError, match="aggregation"):
+        gradsign.score(model, x, y, aggregation="max")
+    with pytest.raises(ValueError, match="not accepted"):
+        gradsign.score(model, x, y, colour="red")
+    with pytest.raises(ValueError, match="unknown proxy"):
+        gradsign.score(model, x, y, proxy="magic")
