@@ -270,7 +270,9 @@ def _check_loaded(loaded: NasBench201, space: NasBench201, written: list[int]) -
                     assert loaded.query(index, ds, metric, epochs) == pytest.approx(
                         space.query(index, ds, metric, epochs), rel=1e-12, abs=1e-9)
             assert loaded.param_count(index, ds) == space.param_count(index, ds)
-    assert np.isnan(loaded.query(missing, "cifar10")) and loaded.param_count(missing, "cifar10") == -1
+    assert np.isnan(loaded.query(missing, "cifar10")) and np.isnan(loaded.params(missing, "cifar10"))
+    with pytest.raises(LookupError):
+        loaded.param_count(missing, "cifar100")
     assert np.array_equal(loaded.canonical_table(), space.canonical_table())
     assert loaded.arch(written[0]) == space.arch(written[0])
 

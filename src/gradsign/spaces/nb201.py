@@ -226,9 +226,13 @@ def _read_nb201_pth(path: Path, ops: np.ndarray) -> dict[str, np.ndarray]:
     core = getattr(np, "_core", None) or np.core
     allowed = [np.dtype, np.ndarray, core.multiarray.scalar, core.multiarray._reconstruct,
                *(getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType", "Int32DType"))]
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:
-        with torch.serialization.safe_globals(allowed):
+        if allow is None:
             data = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            with allow(allowed):
+                data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(f"{path}: not a loadable NAS-Bench-201 file ({str(error).splitlines()[0]})") from None
     if not isinstance(data, Mapping) or "arch2infos" not in data or "meta_archs" not in data:
@@ -245,7 +249,7 @@ class NasBench201(SearchSpace):
 
     By default the tables bundled with the package are used. ``benchmark_path`` builds them instead from a
     NATS-Bench topology "simple" directory, a NAS-Bench-201 ``.pth`` file, or an ``.npz`` written by
-    ``save_tables``; archs or fields missing there read as NaN.
+    ``save_tables``; accuracies and times missing there read as NaN.
     """
 
     name = "nb201"
@@ -383,14 +387,21 @@ class NasBench201(SearchSpace):
         return float(self._columns[("train_per_epoch", dataset)][index])
 
     def param_count(self, arch: str | int, dataset: str) -> int:
-        """Exact number of parameters of the benchmark network (conv, BN affine, linear)."""
+        """Exact number of parameters of the benchmark network (conv, BN affine, linear), as the benchmark
+        reports it; raises ``LookupError`` when a loaded benchmark lacks it."""
         index = self.index(arch)
         self._check_dataset(dataset)
-        return int(self._columns[("params", dataset)][index])
+        count = int(self._columns[("params", dataset)][index])
+        if count < 0:
+            raise LookupError(f"the loaded benchmark has no params for arch {index} on {dataset}")
+        return count
 
     def params(self, arch: str | int, dataset: str) -> float:
-        """Parameters in millions, as the benchmark reports them (``param_count / 1e6``)."""
-        return self.param_count(arch, dataset) / 1e6
+        """Parameters in millions (``param_count / 1e6``); NaN when a loaded benchmark lacks them."""
+        try:
+            return self.param_count(arch, dataset) / 1e6
+        except LookupError:
+            return float("nan")
 
     def save_tables(self, path: str | Path) -> None:
         """Write this instance's tables as an ``.npz`` that ``NasBench201(benchmark_path=...)`` reads back."""
