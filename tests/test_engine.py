@@ -168,3 +168,45 @@ def test_bad_options_are_rejected():
         gradsign.score(model, x, y, colour="red")
     with pytest.raises(ValueError, match="unknown proxy"):
         gradsign.score(model, x, y, proxy="magic")
+
+
+def test_layer_fed_by_a_constant_matches_loop():
+    class CutOff(nn.Module):
+        """A conv whose input does not depend on the batch, added to the main path."""
+
+        def __init__(self):
+            super().__init__()
+            self.main = nn.Conv2d(3, 4, 3, padding=1)
+            self.constant_fed = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Linear(4, 5)
+
+        def forward(self, x):
+            y = self.main(x) + self.constant_fed(torch.ones_like(x).detach() * 0.5)
+            return self.head(torch.relu(y).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = CutOff()
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,))
+    reference = gradsign.score(model, x, y, engine="loop")
+    assert gradsign.score(model, x, y, engine="batched") == pytest.approx(reference, rel=1e-3)
+
+
+def test_layer_whose_output_is_unused_counts_zero_in_every_engine():
+    class DeadBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(4, 3)
+            self.unused = nn.Linear(4, 3)
+
+        def forward(self, x):
+            self.unused(x)
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = DeadBranch()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    counts = {e: sign_counts(copy.deepcopy(model).train(), x, y, F.cross_entropy, engine=e)
+              for e in ("loop", "batched", "vmap")}
+    for per_layer in counts.values():
+        assert int(per_layer["unused"].abs().sum()) == 0
+        assert torch.equal(per_layer["used"], counts["loop"]["used"])

@@ -73,12 +73,12 @@ class CorrelationResult:
 
 def correlate(setup: ScoringSetup, archs: Iterable[str], *, metric: str = "test", epochs: int = 200,
               store: ScoreStore | None = None, n_boot: int = 1000,
-              progress: Callable[[Iterable], Iterable] | None = None) -> CorrelationResult:
+              executor=None, progress: Callable[..., Iterable] | None = None) -> CorrelationResult:
     """Score ``archs`` (through ``store``) and correlate each proxy with the benchmark accuracy."""
     space = setup.space
     archs = list(dict.fromkeys(space.arch(space.index(a)) for a in archs))
     accuracy = [space.query(a, setup.dataset, metric, epochs) for a in archs]
-    found, computed = score_archs(setup, archs, store, progress=progress)
+    found, computed = score_archs(setup, archs, store, executor=executor, progress=progress)
     rows = [{"index": space.index(a), "arch": a, "accuracy": acc,
              "scores": {p: found[a][p].value for p in setup.proxies},
              **({"errors": errors} if (errors := _errors(found[a])) else {})}

@@ -171,12 +171,17 @@ class _SignCountHooks:
         self.handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in layers]
 
     def _forward_hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                raise UnsupportedModelError(f"layer {name} is not on a differentiable path from the input")
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if not isinstance(output, torch.Tensor):
+                raise UnsupportedModelError(f"layer {name} does not return a tensor")
+            if not output.requires_grad:
+                # the input does not depend on the batch (e.g. zeros from a cut-off path): make the
+                # output a leaf so that the gradient arriving at it is still seen
+                output = output.detach().requires_grad_(True)
             self.pending_calls[name] = self.pending_calls.get(name, 0) + 1
             x = args[0].detach()
             output.register_hook(lambda grad: self._accumulate(name, module, x, grad))
+            return output
         return hook
 
     def _accumulate(self, name: str, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
@@ -192,10 +197,12 @@ class _SignCountHooks:
         else:
             self.counts[name] += torch.sign(sample_grads).sum(0).to(torch.int32)
 
-    def check_complete(self) -> None:
-        unfinished = [n for n, c in self.pending_calls.items() if c] + list(self.partial)
-        if unfinished:
-            raise UnsupportedModelError(f"no gradient reached layer {unfinished[0]}")
+    def finish_chunk(self) -> None:
+        """Close the chunk: calls whose output got no gradient contribute zero."""
+        for name, sample_grads in self.partial.items():
+            self.counts[name] += torch.sign(sample_grads).sum(0).to(torch.int32)
+        self.partial.clear()
+        self.pending_calls.clear()
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -227,7 +234,7 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
         for part in _chunks(len(inputs), chunk_size):
             x = inputs[part].detach().requires_grad_(True)
             per_sample_loss_sum(model(x), targets[part], loss_fn).backward()
-            hooks.check_complete()
+            hooks.finish_chunk()
     finally:
         hooks.remove()
     return counts

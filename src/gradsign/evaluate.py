@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -47,6 +48,8 @@ class ScoringSetup:
     @property
     def key(self) -> ScoreKey:
         kept = {k: v for k, v in self.options.items() if k not in VALUE_NEUTRAL_OPTIONS}
+        if self.data_dir is not None:
+            kept["data_dir"] = str(Path(self.data_dir).resolve())
         return ScoreKey(self.space.name, self.dataset, self.batch_size, self.seed,
                         ScoreKey.options_text(kept), gradsign.__version__)
 
@@ -54,8 +57,8 @@ class ScoringSetup:
         return canonical_batch(self.dataset, self.batch_size, self.seed, data_dir=self.data_dir)
 
 
-def score_arch(setup: ScoringSetup, arch: str, inputs: torch.Tensor, targets: torch.Tensor,
-               proxies: Sequence[str] | None = None) -> list[StoredScore]:
+def score_arch(setup: ScoringSetup, arch: str, inputs: torch.Tensor, targets: torch.Tensor
+               ) -> list[StoredScore]:
     """Build ``arch`` (initialised with ``torch.manual_seed(setup.seed)``) and score it with each proxy.
 
     A proxy that raises is recorded with its error and a NaN value; the others still run.
@@ -64,7 +67,7 @@ def score_arch(setup: ScoringSetup, arch: str, inputs: torch.Tensor, targets: to
         torch.manual_seed(setup.seed)
         model = setup.space.build(arch, num_classes=setup.space.num_classes(setup.dataset))
     results = []
-    for proxy in proxies or setup.proxies:
+    for proxy in setup.proxies:
         accepted = set(get_proxy(proxy).options) | set(API_OPTIONS)
         options = {k: v for k, v in setup.options.items() if k in accepted}
         options.setdefault("seed", setup.seed)
@@ -78,11 +81,13 @@ def score_arch(setup: ScoringSetup, arch: str, inputs: torch.Tensor, targets: to
 
 
 def score_archs(setup: ScoringSetup, archs: Iterable[str], store: ScoreStore | None = None, *,
-                progress: Callable[[Iterable], Iterable] | None = None
+                executor=None, progress: Callable[[Iterable], Iterable] | None = None
                 ) -> tuple[dict[str, dict[str, StoredScore]], int]:
-    """Scores of ``archs`` for every proxy of ``setup``: taken from ``store`` where present, computed and
-    written to it (one transaction per arch) otherwise. Returns (scores by arch and proxy, number
-    of archs computed)."""
+    """Scores of ``archs`` for every proxy of ``setup``: taken from ``store`` where present, computed by
+    ``executor`` (default: in this process) and written to the store as each arch finishes otherwise.
+    Returns (scores by arch and proxy, number of archs computed)."""
+    from gradsign.executors import SerialExecutor
+
     archs = list(dict.fromkeys(archs))
     found = store.get(setup.key, archs, setup.proxies) if store else {}
     result: dict[str, dict[str, StoredScore]] = {a: {} for a in archs}
@@ -91,10 +96,15 @@ def score_archs(setup: ScoringSetup, archs: Iterable[str], store: ScoreStore | N
     missing = [a for a in archs if len(result[a]) < len(setup.proxies)]
     if missing:
         inputs, targets = setup.batch()
-        for arch in (progress(missing) if progress else missing):
-            todo = [p for p in setup.proxies if p not in result[arch]]
-            computed = score_arch(setup, arch, inputs, targets, todo)
+        todo = setup if not found else replace(setup, proxies=_missing_proxies(setup, result, missing))
+        finished = (executor or SerialExecutor()).imap(todo, inputs, targets, missing)
+        for arch, computed in (progress(finished, len(missing)) if progress else finished):
+            computed = [r for r in computed if r.proxy not in result[arch]]
             if store:
                 store.put(setup.key, computed)
             result[arch].update({r.proxy: r for r in computed})
     return result, len(missing)
+
+
+def _missing_proxies(setup: ScoringSetup, result: dict, missing: list[str]) -> tuple[str, ...]:
+    return tuple(p for p in setup.proxies if any(p not in result[a] for a in missing))

@@ -1,0 +1,5 @@
+import sys
+
+from gradsign.cli import main
+
+sys.exit(main())

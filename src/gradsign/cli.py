@@ -1,0 +1,272 @@
+"""The ``gradsign`` command line: a thin layer over the library, one subcommand per public function."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+import gradsign
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """A user-facing error: printed on one line, exit status 2."""
+
+
+def progress_bar(description: str):
+    """A function wrapping an iterable of ``total`` items in a tqdm progress bar on stderr."""
+    from tqdm import tqdm
+
+    def wrap(items: Iterable, total: int) -> Iterable:
+        return tqdm(items, desc=description, total=total, mininterval=1.0, file=sys.stderr,
+                    disable=total < 2)
+    return wrap
+
+
+# ---------------------------------------------------------------- shared argument groups and helpers
+def add_scoring_args(p: argparse.ArgumentParser, *, proxies_default: str) -> None:
+    p.add_argument("--space", default="nb201", help="search space (default nb201)")
+    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 or imagenet16-120")
+    p.add_argument("--proxies", "--proxy", dest="proxies", default=proxies_default,
+                   help=f"comma-separated proxy names, or 'all' (default {proxies_default})")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="seed of the batch, the init and the sample")
+    p.add_argument("--data-dir", default=None, help="folder with the official dataset files "
+                   "(default: the images bundled with the package)")
+    p.add_argument("--aggregation", choices=("sum", "mean"), default=None, help="GradSign aggregation")
+    p.add_argument("--n-inits", type=int, default=None, help="average over this many initialisations")
+    p.add_argument("--engine", choices=("auto", "batched", "vmap", "loop"), default=None,
+                   help="per-sample gradient engine (same scores up to float noise)")
+    p.add_argument("--cache", default=None, help="score store file (default: "
+                   f"{_display_path(_default_store())})")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the score store")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (default: torch's choice; 1 with --workers > 1)")
+    p.add_argument("--workers", type=int, default=1, help="scoring processes (default 1: this one)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local process pool or a Ray cluster (pip install gradsign[ray])")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+
+
+def _default_store() -> Path:
+    from gradsign.store import default_store_path
+    return default_store_path()
+
+
+def _display_path(path: Path) -> str:
+    home = str(Path.home())
+    return str(path).replace(home, "~", 1) if str(path).startswith(home) else str(path)
+
+
+def parse_proxies(text: str) -> tuple[str, ...]:
+    names = gradsign.available_proxies() if text == "all" else [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise CliError("no proxy given")
+    for name in names:
+        gradsign.proxy_info(name)
+    return tuple(names)
+
+
+def scoring_setup(args: argparse.Namespace):
+    from gradsign.evaluate import ScoringSetup
+    from gradsign.spaces import get_space
+
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    options = {k: v for k, v in (("aggregation", args.aggregation), ("n_inits", args.n_inits),
+                                 ("engine", args.engine)) if v is not None}
+    proxies = parse_proxies(args.proxies)
+    if "gradsign" not in proxies:
+        options = {k: v for k, v in options.items() if k == "n_inits"}
+    return ScoringSetup(get_space(args.space), args.dataset, proxies, args.batch_size, args.seed, options,
+                        args.data_dir)
+
+
+def executor_for(args: argparse.Namespace):
+    from gradsign.executors import make_executor
+
+    if args.workers < 1:
+        raise CliError(f"--workers must be >= 1, got {args.workers}")
+    return make_executor(args.executor, args.workers, address=args.address, threads=args.threads or 1)
+
+
+def open_store(args: argparse.Namespace):
+    from gradsign.store import ScoreStore
+
+    if args.no_cache:
+        return None
+    return ScoreStore(Path(args.cache) if args.cache else _default_store())
+
+
+def read_arch_file(path: str) -> list[str]:
+    """One arch string or index per line; blank lines and lines starting with # are skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise CliError(f"cannot read arch file {path}: {error.strerror or error}") from None
+    archs = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not archs:
+        raise CliError(f"arch file {path} lists no architecture")
+    return archs
+
+
+def choose_archs(args: argparse.Namespace, space) -> list[str]:
+    if args.all:
+        return list(space)
+    if args.archs:
+        return [space.arch(space.index(a)) for a in read_arch_file(args.archs)]
+    if not 1 <= args.sample <= len(space):
+        raise CliError(f"--sample must be between 1 and {len(space)}, got {args.sample}")
+    rng = np.random.default_rng(args.seed)
+    return [space.arch(int(i)) for i in rng.choice(len(space), args.sample, replace=False)]
+
+
+def write_json(path: str, payload: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=_json_default)
+        f.write("\n")
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+# ---------------------------------------------------------------- subcommands
+def cmd_proxies(args: argparse.Namespace) -> None:
+    for name in gradsign.available_proxies():
+        info = gradsign.proxy_info(name)
+        direction = "higher is better" if info.higher_is_better else "lower is better"
+        print(f"{name}: {info.formula} [{direction}; {info.source}]")
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from gradsign.evaluate import score_archs
+
+    setup = scoring_setup(args)
+    arch = setup.space.arch(setup.space.index(args.arch))
+    store = open_store(args)
+    try:
+        found, _ = score_archs(setup, [arch], store)
+    finally:
+        if store:
+            store.close()
+    print(f"{setup.space.name} arch {setup.space.index(arch)} {arch}")
+    print(f"{setup.dataset} test accuracy, 200 epochs, seed mean: "
+          f"{setup.space.query(arch, setup.dataset, 'test', 200):.2f}")
+    for proxy, result in found[arch].items():
+        print(f"{proxy}: {result.value!r}" + (f"  (error: {result.error})" if result.error else ""))
+
+
+def cmd_correlate(args: argparse.Namespace) -> None:
+    from gradsign.correlate import correlate, format_table, plot_scatter, write_csv
+
+    setup = scoring_setup(args)
+    archs = choose_archs(args, setup.space)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = open_store(args)
+    try:
+        result = correlate(setup, archs, metric=args.metric, epochs=args.epochs, store=store,
+                           n_boot=args.bootstrap, executor=executor_for(args),
+                           progress=progress_bar(f"scoring {setup.dataset}"))
+    finally:
+        if store:
+            store.close()
+    stem = f"correlate_{setup.space.name}_{setup.dataset}"
+    write_csv(result, out / f"{stem}.csv")
+    plot_scatter(result, out / f"{stem}.png")
+    print(format_table(result))
+    print(f"computed {result.computed}, from the store {result.from_cache}")
+    print(f"per-arch scores: {out / (stem + '.csv')}\nscatter plot: {out / (stem + '.png')}")
+    if args.json:
+        write_json(args.json, result.to_json())
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from gradsign.select import format_selection, select
+
+    setup = scoring_setup(args)
+    store = open_store(args)
+    try:
+        result = select(setup, args.candidates, args.runs, store=store, executor=executor_for(args),
+                        progress=progress_bar(f"scoring {setup.dataset}"))
+    finally:
+        if store:
+            store.close()
+    print(format_selection(result))
+    if args.json:
+        write_json(args.json, result)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradsign", description=gradsign.__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"gradsign {gradsign.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine fallbacks and details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("proxies", help="list the proxies with their formulas and sources")
+    p.set_defaults(run=cmd_proxies)
+
+    p = sub.add_parser("score", help="score one architecture of a search space")
+    add_scoring_args(p, proxies_default="gradsign")
+    p.add_argument("--arch", required=True, help="arch string or benchmark index")
+    p.set_defaults(run=cmd_score)
+
+    p = sub.add_parser("correlate", help="correlate proxy scores with benchmark accuracy")
+    add_scoring_args(p, proxies_default="gradsign")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--sample", type=int, help="this many random archs (drawn with --seed)")
+    which.add_argument("--archs", help="file with one arch string or index per line")
+    which.add_argument("--all", action="store_true", help="every arch of the space")
+    p.add_argument("--metric", choices=("test", "valid"), default="test", help="accuracy field")
+    p.add_argument("--epochs", type=int, choices=(12, 200), default=200, help="accuracy after epochs")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--out", default="gradsign-out", help="folder for the CSV and plot")
+    p.add_argument("--json", help="write the full result as JSON here")
+    p.set_defaults(run=cmd_correlate)
+
+    p = sub.add_parser("select", help="best of N random archs by proxy score (GradSign paper, Table 5)")
+    add_scoring_args(p, proxies_default="gradsign")
+    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--runs", type=int, default=500)
+    p.add_argument("--json", help="write the result as JSON here")
+    p.set_defaults(run=cmd_select)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(message)s")
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("gradsign: interrupted; every finished architecture is kept in the score store",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # one line for the user; GRADSIGN_DEBUG=1 shows the traceback
+        if os.environ.get("GRADSIGN_DEBUG"):
+            raise
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"gradsign: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Architecture selection by proxy score (GradSign paper, Table 5).
+
+Protocol: in each of ``runs`` runs draw ``candidates`` distinct archs uniformly, pick the one with the
+highest proxy score, and record its 200-epoch validation and test accuracy (seed means) on every
+dataset of the space. "random" records a uniformly chosen candidate of the same draw, "optimal" the
+candidate with the highest accuracy on that dataset and metric. Reported as mean +- std over runs.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from gradsign.evaluate import ScoringSetup, score_archs
+from gradsign.store import ScoreStore
+
+METRICS = ("valid", "test")
+
+
+def select(setup: ScoringSetup, candidates: int = 100, runs: int = 500, *, store: ScoreStore | None = None,
+           executor=None, progress: Callable[..., Iterable] | None = None) -> dict:
+    """Run the selection protocol with the first proxy of ``setup``; scores come through ``store``."""
+    space, proxy = setup.space, setup.proxies[0]
+    if not 1 <= candidates <= len(space):
+        raise ValueError(f"candidates must be between 1 and {len(space)}, got {candidates}")
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    rng = np.random.default_rng(setup.seed)
+    draws = np.array([rng.choice(len(space), candidates, replace=False) for _ in range(runs)])
+    random_pick = rng.integers(0, candidates, runs)
+    needed = np.unique(draws)
+    found, computed = score_archs(setup, [space.arch(int(i)) for i in needed], store, executor=executor,
+                                   progress=progress)
+    direction = 1.0 if _higher_is_better(proxy) else -1.0
+    score = np.full(len(space), np.nan)
+    for i in needed:
+        score[i] = direction * found[space.arch(int(i))][proxy].value
+    ranked = np.where(np.isfinite(score[draws]), score[draws], -np.inf)
+    chosen = draws[np.arange(runs), np.argmax(ranked, axis=1)]
+    randoms = draws[np.arange(runs), random_pick]
+    results: dict[str, dict] = {}
+    for dataset in space.datasets:
+        for metric in METRICS:
+            table = space.benchmark_table(dataset, metric, 200)
+            optimal = table[draws].max(axis=1)
+            for name, picked in ((proxy, table[chosen]), ("random", table[randoms]), ("optimal", optimal)):
+                results.setdefault(name, {}).setdefault(dataset, {})[metric] = {
+                    "mean": float(np.mean(picked)), "std": float(np.std(picked))}
+    return {"space": space.name, "proxy": proxy, "score_dataset": setup.dataset,
+            "batch_size": setup.batch_size, "seed": setup.seed, "candidates": candidates, "runs": runs,
+            "accuracy_field": "200-epoch accuracy, seed mean; valid = x-valid (cifar10-valid for cifar10)",
+            "computed": computed, "results": results}
+
+
+def _higher_is_better(proxy: str) -> bool:
+    from gradsign.proxies import get_proxy
+    return get_proxy(proxy).higher_is_better
+
+
+def format_selection(result: dict) -> str:
+    """A Markdown table: one row per selector, valid and test mean +- std per dataset."""
+    datasets = list(next(iter(result["results"].values())))
+    head = " | ".join(f"{d} {m}" for d in datasets for m in METRICS)
+    lines = [f"best of {result['candidates']} by {result['proxy']} (scored on {result['score_dataset']}, "
+             f"batch {result['batch_size']}), {result['runs']} runs, seed {result['seed']}; "
+             f"{result['accuracy_field']}",
+             f"| selector | {head} |", "|---" * (1 + len(datasets) * len(METRICS)) + "|"]
+    for name, per_dataset in result["results"].items():
+        cells = " | ".join(f"{per_dataset[d][m]['mean']:.2f} +- {per_dataset[d][m]['std']:.2f}"
+                           for d in datasets for m in METRICS)
+        lines.append(f"| {name} | {cells} |")
+    return "\n".join(lines)
