@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import gradsign
@@ -108,3 +109,37 @@ def score_archs(setup: ScoringSetup, archs: Iterable[str], store: ScoreStore | N
 
 def _missing_proxies(setup: ScoringSetup, result: dict, missing: list[str]) -> tuple[str, ...]:
     return tuple(p for p in setup.proxies if any(p not in result[a] for a in missing))
+
+
+class ProxyScores:
+    """Scores of one proxy for the archs of a space, by benchmark index, fetched through the store and
+    computed on demand (in this process) for archs that have none yet. For search algorithms, which
+    ask for a few archs at a time and need array access to the ones already known."""
+
+    def __init__(self, setup: ScoringSetup, store: ScoreStore | None = None):
+        if len(setup.proxies) != 1:
+            raise ValueError("ProxyScores holds exactly one proxy")
+        self.setup, self.store, self.proxy = setup, store, setup.proxies[0]
+        size = len(setup.space)
+        self.values = np.full(size, np.nan)
+        self.seconds = np.full(size, np.nan)
+        self.known = np.zeros(size, dtype=bool)
+        if store is not None:
+            archs = list(setup.space)
+            for (arch, _), stored in store.get(setup.key, archs, [self.proxy]).items():
+                self._keep(setup.space.index(arch), stored)
+
+    def _keep(self, index: int, stored: StoredScore) -> None:
+        self.values[index], self.known[index] = stored.value, True
+        self.seconds[index] = np.nan if stored.seconds is None else stored.seconds
+
+    def __call__(self, indices) -> np.ndarray:
+        """Scores of ``indices`` (an int or an array of ints), computing the missing ones."""
+        indices = np.asarray(indices, dtype=np.int64)
+        missing = np.unique(indices[~self.known[indices]])
+        if len(missing):
+            space = self.setup.space
+            found, _ = score_archs(self.setup, [space.arch(int(i)) for i in missing], self.store)
+            for i in missing:
+                self._keep(int(i), found[space.arch(int(i))][self.proxy])
+        return self.values[indices]
