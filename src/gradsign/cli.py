@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -14,12 +13,28 @@ import numpy as np
 
 import gradsign
 
+EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
 class CliError(Exception):
     """A user-facing error: printed on one line, exit status 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from gradsign.store import StoreError
+    return (CliError, ValueError, LookupError, OSError, StoreError)
+
+
+def _fail(error: BaseException, status: int, prefix: str = "") -> int:
+    if os.environ.get("GRADSIGN_DEBUG"):
+        raise error
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, KeyError):  # str(KeyError) quotes its argument
+        message = str(error.args[0]) if error.args else message
+    print(f"gradsign: error: {prefix}{message}", file=sys.stderr)
+    return status
 
 
 def progress_bar(description: str):
@@ -252,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    user_errors = _user_errors()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(message)s")
     try:
         args.run(args)
@@ -259,12 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("gradsign: interrupted; every finished architecture is kept in the score store",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as error:  # one line for the user; GRADSIGN_DEBUG=1 shows the traceback
-        if os.environ.get("GRADSIGN_DEBUG"):
-            raise
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"gradsign: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except user_errors as error:
+        return _fail(error, EXIT_BAD_INPUT)
+    except Exception as error:  # not the user's fault, but still one line; GRADSIGN_DEBUG=1 shows more
+        return _fail(error, EXIT_INTERNAL, prefix="internal error: ")
     return 0
 
 

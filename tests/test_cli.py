@@ -1,0 +1,93 @@
+"""The command line end to end on the bundled data: results, and one-line errors for bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gradsign.cli import main
+from gradsign.spaces import get_space
+
+SPACE = get_space("nb201")
+ARCH_6111 = SPACE.arch(6111)
+
+
+def run(capsys, *argv):
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_score_prints_the_benchmark_accuracy_and_scores(capsys, tmp_path):
+    status, out, err = run(capsys, "score", "--arch", 6111, "--proxies", "gradsign,params",
+                           "--cache", tmp_path / "s.sqlite")
+    assert status == 0, err
+    assert "94.37" in out and ARCH_6111 in out
+    assert "params: 1.073466" in out
+
+
+def test_correlate_writes_csv_plot_json_and_reuses_the_store(capsys, tmp_path):
+    archs = tmp_path / "archs.txt"
+    archs.write_text("# four archs\n6111\n0\n" + SPACE.arch(100) + "\n\n3\n")
+    common = ["correlate", "--archs", archs, "--proxies", "params,gradsign", "--cache", tmp_path / "s.sqlite",
+              "--out", tmp_path / "out", "--bootstrap", 20]
+    status, out, err = run(capsys, *common, "--json", tmp_path / "r.json")
+    assert status == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n"] == 4 and report["computed"] == 4 and report["from_cache"] == 0
+    assert report["accuracy_field"] == "cifar10 test accuracy, 200 epochs, seed mean"
+    assert set(report["proxies"]) == {"params", "gradsign"}
+    by_index = {a["index"]: a for a in report["archs"]}
+    assert by_index[6111]["accuracy"] == SPACE.query(ARCH_6111, "cifar10", "test", 200)
+    assert by_index[6111]["scores"]["params"] == pytest.approx(1.073466)
+    assert (tmp_path / "out" / "correlate_nb201_cifar10.csv").read_text().count("\n") == 5
+    assert (tmp_path / "out" / "correlate_nb201_cifar10.png").stat().st_size > 0
+    status, out, err = run(capsys, *common, "--json", tmp_path / "again.json")
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["computed"] == 0 and again["from_cache"] == 4
+    assert again["archs"] == report["archs"]
+
+
+BAD_INPUTS = {
+    "unknown arch": (["score", "--arch", "|conv_9x9~0|+|none~0|none~1|+|none~0|none~1|none~2|"], "arch"),
+    "index out of range": (["score", "--arch", "15625"], "15625"),
+    "unknown proxy": (["score", "--arch", "0", "--proxies", "magic"], "unknown proxy"),
+    "unknown dataset": (["score", "--arch", "0", "--dataset", "mnist"], "mnist"),
+    "unknown space": (["score", "--arch", "0", "--space", "nb999"], "unknown search space"),
+    "missing arch file": (["correlate", "--archs", "/nonexistent/archs.txt"], "archs.txt"),
+    "missing data dir": (["score", "--arch", "0", "--data-dir", "/nonexistent/cifar"], "cifar"),
+    "bad sample size": (["correlate", "--sample", "0"], "--sample"),
+    "batch larger than the bundled images": (["score", "--arch", "0", "--dataset", "imagenet16-120",
+                                               "--batch-size", "500"], "500"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gets_one_line_and_exit_2(capsys, tmp_path, case):
+    argv, expected = BAD_INPUTS[case]
+    status, out, err = run(capsys, *argv, "--cache", tmp_path / "s.sqlite")
+    assert status == 2
+    assert err.startswith("gradsign: error: ") and err.count("\n") == 1
+    assert expected in err
+
+
+def test_corrupt_cache_is_reported_and_kept(capsys, tmp_path):
+    cache = tmp_path / "scores.sqlite"
+    cache.write_bytes(b"definitely not sqlite" * 50)
+    status, out, err = run(capsys, "score", "--arch", "0", "--cache", cache)
+    assert status == 2 and "left untouched" in err and err.count("\n") == 1
+    assert cache.read_bytes() == b"definitely not sqlite" * 50
+
+
+def test_bad_arch_in_file_is_reported(capsys, tmp_path):
+    archs = tmp_path / "archs.txt"
+    archs.write_text("0\nnot-an-arch\n")
+    status, out, err = run(capsys, "correlate", "--archs", archs, "--no-cache", "--out", tmp_path / "o")
+    assert status == 2 and "not-an-arch" in err
+
+
+def test_module_entry_point_prints_no_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "gradsign", "score", "--arch", "nonsense", "--no-cache"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
