@@ -91,3 +91,34 @@ def test_module_entry_point_prints_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_cache_info_export_prune(capsys, tmp_path, monkeypatch):
+    import numpy as np
+
+    from gradsign import bundled
+    cache = tmp_path / "s.sqlite"
+    assert run(capsys, "score", "--arch", "0", "--proxies", "params", "--cache", cache)[0] == 0
+    assert run(capsys, "score", "--arch", "7", "--proxies", "params", "--cache", cache)[0] == 0
+    status, out, _ = run(capsys, "cache", "info", "--cache", cache)
+    assert status == 0 and "| nb201 | cifar10 | params | 64 | 0 | {} |" in out
+    bundle = tmp_path / "data" / "scores_nb201_cifar10_params_b64_s0.npz"
+    status, out, _ = run(capsys, "cache", "export", "--proxy", "params", "--cache", cache, "--out", bundle)
+    assert status == 0 and "wrote 2 of 15625" in out
+    before = bundle.read_bytes()
+    status, _, err = run(capsys, "cache", "export", "--proxy", "params", "--cache", cache, "--out", bundle)
+    assert status == 2 and "--force" in err and bundle.read_bytes() == before
+    csv_path = tmp_path / "params.csv"
+    assert run(capsys, "cache", "export", "--proxy", "params", "--cache", cache, "--out", csv_path)[0] == 0
+    assert csv_path.read_text().splitlines()[1].startswith(f"0,{SPACE.arch(0)},")
+    # the exported file answers look-ups as a bundled file, with no store at all
+    monkeypatch.setattr(bundled, "DATA_DIR", bundle.parent)
+    archs_file = tmp_path / "two.txt"
+    archs_file.write_text("0\n7\n")
+    run(capsys, "correlate", "--archs", archs_file, "--proxies", "params", "--no-cache",
+        "--out", tmp_path / "o", "--json", tmp_path / "r2.json", "--bootstrap", 0)
+    assert json.loads((tmp_path / "r2.json").read_text())["computed"] == 0
+    with np.load(bundle) as f:
+        assert int(f["known"].sum()) == 2
+    status, out, _ = run(capsys, "cache", "prune", "--other-versions", "--cache", cache)
+    assert status == 0 and "removed 0 rows" in out

@@ -228,6 +228,63 @@ def cmd_select(args: argparse.Namespace) -> None:
         write_json(args.json, result)
 
 
+def cmd_cache(args: argparse.Namespace) -> None:
+    from gradsign.store import ScoreStore
+
+    path = Path(args.cache) if args.cache else _default_store()
+    if not path.is_file():
+        raise CliError(f"no score store at {path}")
+    with ScoreStore(path) as store:
+        if args.action == "info":
+            print(f"score store {path}")
+            print("| space | dataset | proxy | batch | seed | options | version | rows | errors |")
+            print("|---|---|---|---|---|---|---|---|---|")
+            for row in store.summary():
+                print("| " + " | ".join(str(v) for v in row) + " |")
+        elif args.action == "prune":
+            removed = store.prune(errors=args.errors, other_versions=args.other_versions,
+                                  version=gradsign.__version__)
+            print(f"removed {removed} rows from {path}")
+        else:
+            export_scores(store, args)
+
+
+def export_scores(store, args: argparse.Namespace) -> None:
+    """Write one proxy's stored scores for every arch of a space to a .npz (bundle format) or .csv."""
+    from gradsign.bundled import save_scores
+    from gradsign.evaluate import ScoringSetup
+
+    out = Path(args.out)
+    if out.suffix not in (".npz", ".csv"):
+        raise CliError(f"--out must end in .npz or .csv, got {out.name}")
+    if out.exists() and not args.force:
+        raise CliError(f"{out} exists; pass --force to replace it")
+    setup = ScoringSetup(_space(args.space), args.dataset, parse_proxies(args.proxy), args.batch_size,
+                         args.seed)
+    space, proxy = setup.space, setup.proxies[0]
+    found = store.get(setup.key, list(space), [proxy])
+    values, seconds = np.full(len(space), np.nan), np.full(len(space), np.nan)
+    known = np.zeros(len(space), dtype=bool)
+    for (arch, _), stored in found.items():
+        i = space.index(arch)
+        values[i], known[i] = stored.value, True
+        seconds[i] = np.nan if stored.seconds is None else stored.seconds
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npz":
+        save_scores(out, setup.key, proxy, values, seconds, known)
+    else:
+        with open(out, "w") as f:
+            f.write(f"index,arch,{proxy},seconds\n")
+            for i in np.flatnonzero(known):
+                f.write(f"{i},{space.arch(int(i))},{float(values[i])!r},{float(seconds[i])!r}\n")
+    print(f"wrote {int(known.sum())} of {len(space)} {proxy} scores to {out}")
+
+
+def _space(name: str):
+    from gradsign.spaces import get_space
+    return get_space(name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradsign", description=gradsign.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"gradsign {gradsign.__version__}")
@@ -261,6 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=500)
     p.add_argument("--json", help="write the result as JSON here")
     p.set_defaults(run=cmd_select)
+
+    p = sub.add_parser("cache", help="inspect, export or prune the score store")
+    p.add_argument("action", choices=("info", "export", "prune"))
+    p.add_argument("--cache", default=None, help="score store file (default: the user cache)")
+    p.add_argument("--space", default="nb201")
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--proxy", default="gradsign", help="export: the proxy to export")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="export: a .npz (the bundle format) or .csv file")
+    p.add_argument("--force", action="store_true", help="export: replace an existing --out file")
+    p.add_argument("--errors", action="store_true", help="prune: rows whose scoring raised")
+    p.add_argument("--other-versions", action="store_true",
+                   help="prune: rows written by another gradsign version")
+    p.set_defaults(run=cmd_cache)
     return parser
 
 

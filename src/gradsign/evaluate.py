@@ -90,7 +90,7 @@ def score_archs(setup: ScoringSetup, archs: Iterable[str], store: ScoreStore | N
     from gradsign.executors import SerialExecutor
 
     archs = list(dict.fromkeys(archs))
-    found = store.get(setup.key, archs, setup.proxies) if store else {}
+    found = known_scores(setup, archs, store)
     result: dict[str, dict[str, StoredScore]] = {a: {} for a in archs}
     for (arch, proxy), stored in found.items():
         result[arch][proxy] = stored
@@ -105,6 +105,19 @@ def score_archs(setup: ScoringSetup, archs: Iterable[str], store: ScoreStore | N
                 store.put(setup.key, computed)
             result[arch].update({r.proxy: r for r in computed})
     return result, len(missing)
+
+
+def known_scores(setup: ScoringSetup, archs: list[str], store: ScoreStore | None
+                 ) -> dict[tuple[str, str], StoredScore]:
+    """Scores already known for ``archs``: the bundled ones, overridden by the store's."""
+    from gradsign.bundled import bundled_scores
+
+    wanted = set(archs)
+    found = {(arch, proxy): stored for proxy in setup.proxies
+             for arch, stored in bundled_scores(setup.key, proxy, setup.space).items() if arch in wanted}
+    if store is not None:
+        found.update(store.get(setup.key, archs, setup.proxies))
+    return found
 
 
 def _missing_proxies(setup: ScoringSetup, result: dict, missing: list[str]) -> tuple[str, ...]:
@@ -124,10 +137,8 @@ class ProxyScores:
         self.values = np.full(size, np.nan)
         self.seconds = np.full(size, np.nan)
         self.known = np.zeros(size, dtype=bool)
-        if store is not None:
-            archs = list(setup.space)
-            for (arch, _), stored in store.get(setup.key, archs, [self.proxy]).items():
-                self._keep(setup.space.index(arch), stored)
+        for (arch, _), stored in known_scores(setup, list(setup.space), store).items():
+            self._keep(setup.space.index(arch), stored)
 
     def _keep(self, index: int, stored: StoredScore) -> None:
         self.values[index], self.known[index] = stored.value, True

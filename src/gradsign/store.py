@@ -133,6 +133,16 @@ class ScoreStore:
         except sqlite3.Error as error:
             raise StoreError(f"cannot write to score store {self.path}: {error}") from None
 
+    def prune(self, *, errors: bool = False, other_versions: bool = False, version: str = "") -> int:
+        """Delete rows whose scoring raised and/or rows of versions other than ``version``."""
+        clauses = (["error IS NOT NULL"] if errors else []) + (["version != ?"] if other_versions else [])
+        if not clauses:
+            raise ValueError("nothing to prune: choose errors and/or other versions")
+        params = (version,) if other_versions else ()
+        with self.connection:
+            cursor = self.connection.execute(f"DELETE FROM scores WHERE {' OR '.join(clauses)}", params)
+        return cursor.rowcount
+
     def rows(self) -> Iterator[tuple]:
         """Every row, as stored (for export)."""
         yield from self.connection.execute("SELECT * FROM scores ORDER BY space, dataset, proxy, arch")
