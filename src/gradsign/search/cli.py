@@ -65,7 +65,7 @@ def _proxy_scores(args: argparse.Namespace, space, store):
     scores = ProxyScores(setup, store)
     known = int(scores.known.sum())
     if known < len(space):
-        where = "no score store" if store is None else f"the score store {store.path}"
+        where = "the bundled scores" + ("" if store is None else f" and the score store {store.path}")
         try:
             setup.batch()
         except Exception as error:  # the batch cannot be built: missing scores cannot be computed
