@@ -108,7 +108,7 @@ def run_search(space: SearchSpace, algo: str, assist=None, pool: int = 10, runs:
         raise ValueError(f"budget must be a positive number of seconds, got {budget!r}")
     if isinstance(pool, bool) or int(pool) != pool or pool < 1:
         raise ValueError(f"pool must be a positive integer, got {pool!r}")
-    unknown = sorted(set(options) - set(algorithm_options(algo)) - set(_INTERNAL_OPTIONS))
+    unknown = sorted(set(options) - set(algorithm_options(algo)))  # internal objects would be shared by runs
     if unknown:
         raise ValueError(f"unknown option {unknown[0]!r} for {algo}; options: {', '.join(algorithm_options(algo))}")
     resolved = resolve_assist(assist)
