@@ -65,7 +65,8 @@ def add_scoring_args(p: argparse.ArgumentParser, *, proxies_default: str) -> Non
                    f"{_display_path(_default_store())})")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the score store")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per process (default: torch's choice; 1 with --workers > 1)")
+                   help="torch threads per scoring process (default: 1 in worker processes, torch's "
+                   "choice in this one); scores are bit-identical for equal thread counts")
     p.add_argument("--workers", type=int, default=1, help="scoring processes (default 1: this one)")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local process pool or a Ray cluster (pip install gradsign[ray])")
@@ -97,9 +98,6 @@ def scoring_setup(args: argparse.Namespace):
 
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
     options = {k: v for k, v in (("aggregation", args.aggregation), ("n_inits", args.n_inits),
                                  ("engine", args.engine)) if v is not None}
     proxies = parse_proxies(args.proxies)
@@ -114,7 +112,7 @@ def executor_for(args: argparse.Namespace):
 
     if args.workers < 1:
         raise CliError(f"--workers must be >= 1, got {args.workers}")
-    return make_executor(args.executor, args.workers, address=args.address, threads=args.threads or 1)
+    return make_executor(args.executor, args.workers, address=args.address, threads=args.threads)
 
 
 def open_store(args: argparse.Namespace):
@@ -342,6 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     user_errors = _user_errors()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(message)s")
     try:
+        from gradsign.proxies.registry import load_plugins
+
+        load_plugins()
         args.run(args)
     except KeyboardInterrupt:
         print("gradsign: interrupted; every finished architecture is kept in the score store",

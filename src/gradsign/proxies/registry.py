@@ -6,7 +6,9 @@ proxy never needs to restore anything. Options a proxy accepts are the keyword-o
 """
 from __future__ import annotations
 
+import importlib
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -67,3 +69,15 @@ def get_proxy(name: str) -> ProxyInfo:
 
 #: the Conv2d and Linear layers of a model, in registration order: the layers proxies sum over
 weight_layers = counted_layers
+
+
+def load_plugins() -> list[str]:
+    """Import the modules named in ``$GRADSIGN_PLUGINS`` (comma-separated), so that the proxies they
+    register are known to the command line and to worker processes. Returns the names imported."""
+    names = [n.strip() for n in os.environ.get("GRADSIGN_PLUGINS", "").split(",") if n.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ValueError(f"cannot import plugin module {name!r} from GRADSIGN_PLUGINS: {error}") from None
+    return names
