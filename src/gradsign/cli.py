@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the result as JSON here")
     p.set_defaults(run=cmd_select)
 
+    from gradsign.search.cli import add_search_command
+    add_search_command(sub)
+
     p = sub.add_parser("cache", help="inspect, export or prune the score store")
     p.add_argument("action", choices=("info", "export", "prune"))
     p.add_argument("--cache", default=None, help="score store file (default: the user cache)")
