@@ -217,7 +217,7 @@ def cmd_select(args: argparse.Namespace) -> None:
     store = open_store(args)
     try:
         result = select(setup, args.candidates, args.runs, store=store, executor=executor_for(args),
-                        progress=progress_bar(f"scoring {setup.dataset}"))
+                        progress=progress_bar(f"scoring {setup.dataset}"), scored_only=args.scored_only)
     finally:
         if store:
             store.close()
@@ -314,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_scoring_args(p, proxies_default="gradsign")
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--runs", type=int, default=500)
+    p.add_argument("--scored-only", action="store_true",
+                   help="draw candidates only from archs whose scores are already known (computes nothing)")
     p.add_argument("--json", help="write the result as JSON here")
     p.set_defaults(run=cmd_select)
 

@@ -11,22 +11,31 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from gradsign.evaluate import ScoringSetup, score_archs
+from gradsign.evaluate import ScoringSetup, known_scores, score_archs
 from gradsign.store import ScoreStore
 
 METRICS = ("valid", "test")
 
 
 def select(setup: ScoringSetup, candidates: int = 100, runs: int = 500, *, store: ScoreStore | None = None,
-           executor=None, progress: Callable[..., Iterable] | None = None) -> dict:
-    """Run the selection protocol with the first proxy of ``setup``; scores come through ``store``."""
+           executor=None, progress: Callable[..., Iterable] | None = None, scored_only: bool = False) -> dict:
+    """Run the selection protocol with the first proxy of ``setup``; scores come through ``store``.
+
+    With ``scored_only`` the candidates are drawn from the archs whose scores are already known (bundled
+    or stored) instead of the whole space, and nothing is computed; the result says how many there were.
+    """
     space, proxy = setup.space, setup.proxies[0]
-    if not 1 <= candidates <= len(space):
-        raise ValueError(f"candidates must be between 1 and {len(space)}, got {candidates}")
+    universe = np.arange(len(space))
+    if scored_only:
+        known = known_scores(setup, list(space), store)
+        universe = np.array(sorted(space.index(arch) for arch, _ in known), dtype=np.int64)
+    if not 1 <= candidates <= len(universe):
+        raise ValueError(f"candidates must be between 1 and {len(universe)} (archs to draw from), "
+                         f"got {candidates}")
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     rng = np.random.default_rng(setup.seed)
-    draws = np.array([rng.choice(len(space), candidates, replace=False) for _ in range(runs)])
+    draws = np.array([universe[rng.choice(len(universe), candidates, replace=False)] for _ in range(runs)])
     random_pick = rng.integers(0, candidates, runs)
     needed = np.unique(draws)
     found, computed = score_archs(setup, [space.arch(int(i)) for i in needed], store, executor=executor,
@@ -49,7 +58,7 @@ def select(setup: ScoringSetup, candidates: int = 100, runs: int = 500, *, store
     return {"space": space.name, "proxy": proxy, "score_dataset": setup.dataset,
             "batch_size": setup.batch_size, "seed": setup.seed, "candidates": candidates, "runs": runs,
             "accuracy_field": "200-epoch accuracy, seed mean; valid = x-valid (cifar10-valid for cifar10)",
-            "computed": computed, "results": results}
+            "drawn_from": len(universe), "computed": computed, "results": results}
 
 
 def _higher_is_better(proxy: str) -> bool:
@@ -62,8 +71,8 @@ def format_selection(result: dict) -> str:
     datasets = list(next(iter(result["results"].values())))
     head = " | ".join(f"{d} {m}" for d in datasets for m in METRICS)
     lines = [f"best of {result['candidates']} by {result['proxy']} (scored on {result['score_dataset']}, "
-             f"batch {result['batch_size']}), {result['runs']} runs, seed {result['seed']}; "
-             f"{result['accuracy_field']}",
+             f"batch {result['batch_size']}), candidates drawn from {result['drawn_from']} archs, "
+             f"{result['runs']} runs, seed {result['seed']}; {result['accuracy_field']}",
              f"| selector | {head} |", "|---" * (1 + len(datasets) * len(METRICS)) + "|"]
     for name, per_dataset in result["results"].items():
         cells = " | ".join(f"{per_dataset[d][m]['mean']:.2f} +- {per_dataset[d][m]['std']:.2f}"
