@@ -59,6 +59,23 @@ def test_grad_norm_snip_fisher_on_linear_softmax_model():
     assert run("snip", model, t(x), torch.tensor(y)) == pytest.approx(np.abs(w * gw).sum(), rel=1e-5)
     fisher = (0.5 * ((z * dz) ** 2).mean(axis=0)).sum()
     assert run("fisher", model, t(x), torch.tensor(y)) == pytest.approx(fisher, rel=1e-4)
+    # the reference code's weighting: each channel value counted once per weight of the channel (3)
+    weighted = run("fisher", model, t(x), torch.tensor(y), fan_in_weighted=True)
+    assert weighted == pytest.approx(3 * fisher, rel=1e-4)
+
+
+def test_fisher_sums_spatial_positions_and_weights_by_conv_fan_in():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.Flatten())
+    x = torch.randn(5, 4, 3, 3)
+    target = torch.randn(5, 54)
+    a = model(x)
+    (grad,) = torch.autograd.grad(F.mse_loss(a, target), a)
+    per_channel = (a * grad).detach().reshape(5, 6, 9).sum(dim=2)
+    expected = (0.5 * per_channel.double().pow(2).mean(dim=0)).sum().item()
+    assert run("fisher", model, x, target, F.mse_loss) == pytest.approx(expected, rel=1e-5)
+    weighted = run("fisher", model, x, target, F.mse_loss, fan_in_weighted=True)
+    assert weighted == pytest.approx(2 * 9 * expected, rel=1e-5)
 
 
 def test_grasp_on_linear_mse_model_has_closed_form():
@@ -197,6 +214,7 @@ def test_every_baseline_is_registered_with_metadata():
         assert info.higher_is_better
         assert info.uses_targets == (name not in TARGET_FREE)
     assert PROXIES["synflow"].options == ("log",)
+    assert PROXIES["fisher"].options == ("fan_in_weighted",)
     assert "seed" in PROXIES["zen"].options
 
 

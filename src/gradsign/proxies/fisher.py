@@ -10,13 +10,15 @@ from gradsign.proxies.registry import LossFn, register, weight_layers
 @register(
     "fisher",
     formula="sum over Conv2d/Linear layers l, output channels c of "
-            "0.5 * mean_n (sum over positions of a * dL/da)_{n,c}^2, a the layer output",
+            "0.5 * mean_n (sum over positions of a * dL/da)_{n,c}^2, a the layer output "
+            "(option fan_in_weighted: each layer's term times its weights per output channel)",
     source="Theis et al., Faster gaze prediction with dense networks and Fisher pruning, 2018; "
            "Turner et al., BlockSwap, ICLR 2020; zero-cost form from Abdelfattah et al., ICLR 2021",
     higher_is_better=True,
     uses_targets=True,
 )
-def fisher(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn) -> float:
+def fisher(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, *,
+           fan_in_weighted: bool = False) -> float:
     """Score = sum_l sum_c 0.5 * mean_n (sum_s a_{n,c,s} * dL/da_{n,c,s})^2.
 
     a is the output of Conv2d/Linear layer l (batch n, channel c, spatial positions s; for a Linear
@@ -25,8 +27,12 @@ def fisher(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_f
     Theis et al. (2018), used for NAS by Turner et al. (ICLR 2020) and summed over channels and layers
     by Abdelfattah et al. (ICLR 2021). A layer called several times sums its per-call saliencies.
 
-    Note: the zero-cost-NAS reference code broadcasts each channel value to every weight of that
-    channel before summing, which multiplies layer l by its fan-in; this function sums channels only.
+    Args:
+        fan_in_weighted: multiply each layer's term by its number of weights per output channel
+            (C_in / groups * kernel size for a convolution, in_features for a Linear layer). The
+            zero-cost-NAS reference code (Abdelfattah et al.) broadcasts each channel value to every
+            weight of the channel before summing, which is this weighting; the published fisher scores
+            (e.g. NAS-Bench-Suite-Zero) use it. By default channels are summed unweighted.
     """
     layers = [m for _, m in weight_layers(model)]
     if not layers:
@@ -47,7 +53,8 @@ def fisher(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_f
         def on_grad(grad: torch.Tensor) -> None:
             prod = (act * grad).double().movedim(channel_dim, 1)
             per_channel = prod.reshape(prod.shape[0], prod.shape[1], -1).sum(dim=2)
-            saliency.append(0.5 * per_channel.pow(2).mean(dim=0).sum())
+            fan_in = module.weight[0].numel() if fan_in_weighted else 1
+            saliency.append(0.5 * fan_in * per_channel.pow(2).mean(dim=0).sum())
 
         out.register_hook(on_grad)
 
