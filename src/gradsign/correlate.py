@@ -131,8 +131,9 @@ def plot_scatter(result: CorrelationResult, path: Path) -> None:
         values = np.array([r["scores"][proxy] for r in result.archs], float)
         finite = np.isfinite(values)
         ax.scatter(values[finite], accuracy[finite], s=4, alpha=0.5)
-        if finite.any() and values[finite].min() > 0 and values[finite].max() / values[finite].min() > 1e3:
-            ax.set_xscale("log")
+        positive = values[finite & (values > 0)]
+        if len(positive) and (values[finite] >= 0).all() and positive.max() / positive.min() > 1e3:
+            ax.set_xscale("log")  # scores spanning many decades (synflow); zeros are not drawn
         ax.set_title(f"{proxy}: rho {result.proxies[proxy]['spearman']:+.3f}")
         ax.set_xlabel("score")
         ax.set_ylabel("accuracy (%)")
