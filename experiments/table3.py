@@ -77,9 +77,10 @@ def markdown(summaries: list[dict], command: str) -> str:
              "interval; archs with a non-finite score are left out and counted in the JSON files.", "",
              "### GradSign on the large samples", "",
              "| dataset | archs | Spearman rho [95% CI] | Kendall tau | paper (Table 3, abs) |", "|---|---|---|---|---|"]
-    for i, s in enumerate(summaries):
+    for s in summaries:
         g = s["gradsign"]
-        lines.append(f"| {s['dataset']} | {g['n']} | {_cell(g)} | {g['kendall']:+.3f} | {PAPER['gradsign'][i]:.3f} |")
+        paper = PAPER["gradsign"][DATASETS.index(s["dataset"])]
+        lines.append(f"| {s['dataset']} | {g['n']} | {_cell(g)} | {g['kendall']:+.3f} | {paper:.3f} |")
     n = summaries[0]["all_proxies"]["n"]
     lines += ["", f"### All proxies on the first {n} archs of each sample", "",
               "| proxy | " + " | ".join(f"{s['dataset']} (ours)" for s in summaries) + " | paper (C10/C100/IN16) "
@@ -111,7 +112,8 @@ def main() -> None:
     space = get_space("nb201")
     executor = make_executor("local", args.workers)
     with ScoreStore(args.cache) as store:
-        summaries = [run_dataset(space, d, args, store, executor, out) for d in args.datasets.split(",")]
+        datasets = sorted(args.datasets.split(","), key=DATASETS.index)
+        summaries = [run_dataset(space, d, args, store, executor, out) for d in datasets]
     command = "python experiments/table3.py " + " ".join(sys.argv[1:])
     (out / "table3.md").write_text(markdown(summaries, command))
     print(markdown(summaries, command))
