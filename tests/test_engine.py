@@ -210,3 +210,11 @@ def test_layer_whose_output_is_unused_counts_zero_in_every_engine():
     for per_layer in counts.values():
         assert int(per_layer["unused"].abs().sum()) == 0
         assert torch.equal(per_layer["used"], counts["loop"]["used"])
+
+
+def test_each_initialisation_gets_its_own_seed_for_seeded_proxies():
+    torch.manual_seed(0)
+    model = cnn(nn.BatchNorm2d)
+    x, y, _ = batch("image")
+    one = [gradsign.score(model, x, y, proxy="zen", seed=s) for s in (4, 5)]
+    assert gradsign.score(model, x, y, proxy="zen", n_inits=2, seed=4) != pytest.approx(one[0])

@@ -65,10 +65,12 @@ def scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None 
         if info.uses_targets and targets is None:
             raise ValueError(f"proxy {info.name!r} needs targets")
         proxy_options = {k: v for k, v in options.items() if k in info.options}
-        if "seed" in info.options:
-            proxy_options["seed"] = seed
-        values = [_score_once(model, inputs, targets, loss_fn, info, proxy_options,
-                              seed=seed + i, reinitialise=n_inits > 1) for i in range(n_inits)]
+        values = []
+        for i in range(n_inits):
+            if "seed" in info.options:  # proxies that draw their own randomness (zen) re-draw it too
+                proxy_options["seed"] = seed + i
+            values.append(_score_once(model, inputs, targets, loss_fn, info, proxy_options,
+                                      seed=seed + i, reinitialise=n_inits > 1))
         result[info.name] = math.fsum(values) / n_inits
     return result
 
