@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gradsign.spaces.nb201 import canonical_string
+
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 DATASETS = ("cifar10", "cifar100", "imagenet16-120")
 NUM_CLASSES = (10, 100, 120)
@@ -33,25 +35,6 @@ def parse_arch(arch: str) -> list[int]:
         assert [int(t.split("~")[1]) for t in tokens] == list(range(node)), arch
         ops.extend(OPS.index(t.split("~")[0]) for t in tokens)
     return ops
-
-
-def unique_string(ops: list[int]) -> str:
-    """NATS-Bench canonical string (checked against every ``UniqueString`` below)."""
-    strings = ["0"]
-    edge = 0
-    for node in (1, 2, 3):
-        terms = []
-        for source in range(node):
-            op, src = OPS[ops[edge]], strings[source]
-            edge += 1
-            if op == "none" or (op != "skip_connect" and src == "#"):
-                terms.append("#")
-            elif op == "skip_connect":
-                terms.append(src)
-            else:
-                terms.append(f"({src})@{op}")
-        strings.append("+".join(sorted(terms)))
-    return strings[3]
 
 
 def param_count(ops: list[int], num_classes: int, c: int = 16, n: int = 5) -> int:
@@ -95,7 +78,7 @@ def build_nb201(shared: Path) -> dict[str, np.ndarray]:
     first: dict[str, int] = {}
     canonical = np.empty(N_ARCHS, dtype=np.int32)
     for i, (o, r) in enumerate(zip(ops.tolist(), rows_2a)):
-        assert unique_string(o) == r["UniqueString"], (i, r["UniqueString"])
+        assert canonical_string(o) == r["UniqueString"], (i, r["UniqueString"])
         canonical[i] = first.setdefault(r["UniqueString"], i)
 
     def cols(rows, names):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradsign.proxies.registry import LossFn, register, weight_layers
+from gradsign.proxies.registry import LossFn, register, weight_gradients
 
 
 @register(
@@ -20,12 +20,5 @@ def grad_norm(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, los
     Abdelfattah et al., ICLR 2021. Biases and normalisation parameters are not counted; a layer that
     gets no gradient contributes 0.
     """
-    weights = [m.weight for _, m in weight_layers(model)]
-    if not weights:
-        return 0.0
-    device = weights[0].device
-    for w in weights:
-        w.requires_grad_(True)
-    loss = loss_fn(model(inputs.to(device)), targets.to(device))
-    grads = torch.autograd.grad(loss, weights, allow_unused=True)
-    return float(sum(g.double().norm().item() for g in grads if g is not None))
+    pairs = weight_gradients(model, inputs, targets, loss_fn)
+    return float(sum(g.double().norm().item() for _, g in pairs))

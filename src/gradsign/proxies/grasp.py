@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradsign.proxies.registry import LossFn, register, weight_layers
+from gradsign.proxies.registry import LossFn, register, weight_gradients
 
 
 @register(
@@ -23,15 +23,7 @@ def grasp(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn
     Conv2d/Linear weights and reads a larger sum as a better network; this function follows that sign
     convention. H is the Hessian block of the weights only (biases and norm parameters are held fixed).
     """
-    weights = [m.weight for _, m in weight_layers(model)]
-    if not weights:
-        return 0.0
-    device = weights[0].device
-    for w in weights:
-        w.requires_grad_(True)
-    loss = loss_fn(model(inputs.to(device)), targets.to(device))
-    grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
-    pairs = [(w, g) for w, g in zip(weights, grads) if g is not None]
+    pairs = weight_gradients(model, inputs, targets, loss_fn, create_graph=True)
     if not pairs:
         return 0.0
     z = sum((g * g.detach()).sum() for _, g in pairs)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch import nn
 
 from gradsign.engine import counted_layers
 
@@ -81,3 +82,18 @@ def load_plugins() -> list[str]:
         except ImportError as error:
             raise ValueError(f"cannot import plugin module {name!r} from GRADSIGN_PLUGINS: {error}") from None
     return names
+
+
+def weight_gradients(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, *,
+                     create_graph: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(W, dL/dW) for every Conv2d/Linear weight that gets a gradient, L = loss_fn(model(inputs), targets)
+    on the whole batch (one forward/backward; ``create_graph`` keeps it differentiable)."""
+    weights = [m.weight for _, m in weight_layers(model)]
+    if not weights:
+        return []
+    device = weights[0].device
+    for w in weights:
+        w.requires_grad_(True)
+    loss = loss_fn(model(inputs.to(device)), targets.to(device))
+    grads = torch.autograd.grad(loss, weights, create_graph=create_graph, allow_unused=True)
+    return [(w, g) for w, g in zip(weights, grads) if g is not None]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradsign.proxies.registry import LossFn, register, weight_layers
+from gradsign.proxies.registry import LossFn, register, weight_gradients
 
 
 @register(
@@ -21,16 +21,5 @@ def snip(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn:
     |W * dL/dW| (Lee et al., ICLR 2019); summing it over the network is the zero-cost form of
     Abdelfattah et al., ICLR 2021.
     """
-    weights = [m.weight for _, m in weight_layers(model)]
-    if not weights:
-        return 0.0
-    device = weights[0].device
-    for w in weights:
-        w.requires_grad_(True)
-    loss = loss_fn(model(inputs.to(device)), targets.to(device))
-    grads = torch.autograd.grad(loss, weights, allow_unused=True)
-    total = 0.0
-    for w, g in zip(weights, grads):
-        if g is not None:
-            total += (w.detach().double() * g.double()).abs().sum().item()
-    return float(total)
+    pairs = weight_gradients(model, inputs, targets, loss_fn)
+    return float(sum((w.detach().double() * g.double()).abs().sum().item() for w, g in pairs))
