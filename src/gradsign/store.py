@@ -76,13 +76,20 @@ class ScoreStore:
         except sqlite3.Error as error:
             raise StoreError(f"cannot open score store {self.path}: {error}") from None
         try:
-            self._check_and_create()
+            self._check_and_create(timeout)
+        except sqlite3.OperationalError as error:
+            self.connection.close()
+            if _is_busy(error):
+                raise StoreError(f"score store {self.path} stayed locked by another process for "
+                                 f"{timeout:g} s") from None
+            raise StoreError(f"score store {self.path} is unusable ({error}); it was left untouched: "
+                             "move it away, or pass another --cache or --no-cache") from None
         except sqlite3.DatabaseError as error:
             self.connection.close()
             raise StoreError(f"score store {self.path} is unreadable ({error}); it was left untouched: "
                              "move it away, or pass another --cache or --no-cache") from None
 
-    def _check_and_create(self) -> None:
+    def _check_and_create(self, timeout: float) -> None:
         # a read first, so that a corrupt or foreign file is reported before anything is written to it
         tables = {row[0] for row in self.connection.execute(
             "SELECT name FROM sqlite_master WHERE type='table'")}
@@ -93,9 +100,19 @@ class ScoreStore:
             if columns[:12] != ["space", "arch", "dataset", "proxy", "batch_size", "seed", "options",
                                 "version", "value", "error", "seconds", "created"]:
                 raise sqlite3.DatabaseError("its scores table has an unknown layout")
-        self.connection.execute("PRAGMA journal_mode=WAL")
-        with self.connection:
-            self.connection.execute(SCHEMA)
+        # switching to WAL needs a moment alone with the file, which the busy timeout does not wait for
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    self.connection.execute("PRAGMA journal_mode=WAL")
+                with self.connection:
+                    self.connection.execute(SCHEMA)
+                return
+            except sqlite3.OperationalError as error:
+                if not _is_busy(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def __enter__(self) -> ScoreStore:
         return self
@@ -153,6 +170,10 @@ class ScoreStore:
             "SELECT space, dataset, proxy, batch_size, seed, options, version, COUNT(*), "
             "SUM(error IS NOT NULL) FROM scores GROUP BY space, dataset, proxy, batch_size, seed, "
             "options, version ORDER BY space, dataset, proxy"))
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    return "locked" in str(error) or "busy" in str(error)
 
 
 def _read_value(value: float | None) -> float:
