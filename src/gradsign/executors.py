@@ -137,14 +137,27 @@ class LocalExecutor:
                     submit(1)
             return lost + list(pending.values())
         finally:
+            if lost:
+                _kill_workers(pool)
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _run_alone(self, setup, inputs, targets, arch: str) -> list[StoredScore]:
-        with self._pool(setup, inputs, targets, 1) as pool:
-            try:
-                return pool.submit(_score_in_worker, arch).result()
-            except BrokenProcessPool:
-                return worker_died(setup, arch)
+        pool = self._pool(setup, inputs, targets, 1)
+        try:
+            return pool.submit(_score_in_worker, arch).result()
+        except BrokenProcessPool:
+            _kill_workers(pool)
+            return worker_died(setup, arch)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """End every worker of a broken pool: the standard library can miss one that started while the
+    pool was breaking, and then waits for it forever at interpreter exit."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.kill()
 
 
 def _take(iterator: Iterator[str], n: int) -> list[str]:
