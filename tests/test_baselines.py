@@ -285,3 +285,12 @@ def test_public_api_reaches_the_baselines():
     result = scores(model, x, y, proxies=BASELINES)
     assert set(result) == set(BASELINES)
     assert all(math.isfinite(v) for v in result.values())
+
+
+def test_jacob_cov_is_nan_when_the_output_ignores_the_input():
+    import gradsign
+    from gradsign.spaces import get_space
+    space = get_space("nb201")
+    torch.manual_seed(0)
+    model = space.build("|avg_pool_3x3~0|+|nor_conv_1x1~0|avg_pool_3x3~1|+|none~0|none~1|none~2|", num_classes=10)
+    assert math.isnan(gradsign.score(model, torch.randn(4, 3, 32, 32), proxy="jacob_cov"))

@@ -24,13 +24,18 @@ def jacob_cov(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | No
     input n (so in train mode BatchNorm couples samples, as in the reference code); C is the B x B
     correlation matrix of the rows of J and v its eigenvalues (Mellor et al. 2020, v1). The score is
     largest when C is the identity, i.e. when the network separates the samples' local linear maps.
-    A sample whose Jacobian is constant gives a NaN correlation and thus a NaN score.
+    A sample whose Jacobian is constant gives a NaN correlation and thus a NaN score; so does a network
+    whose output does not depend on its input (e.g. a NAS-Bench-201 cell cut off by 'none' edges).
     """
     param = next(model.parameters(), None)
     device = param.device if param is not None else inputs.device
     x = inputs.detach().to(device).clone().requires_grad_(True)
     out = model(x)
-    (jac,) = torch.autograd.grad(out.sum(), x)
+    if not out.requires_grad:
+        return float("nan")
+    (jac,) = torch.autograd.grad(out.sum(), x, allow_unused=True)
+    if jac is None:
+        return float("nan")
     jac = jac.reshape(jac.shape[0], -1).double()
     corr = torch.corrcoef(jac)
     eig = torch.linalg.eigvalsh(corr)
