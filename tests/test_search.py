@@ -268,6 +268,10 @@ def test_bad_arguments_raise_value_error(space, tables):
         run_search(space, "rs", runs=1, budget=-5, tables=tables)
     with pytest.raises(ValueError, match="unknown option"):
         run_search(space, "rea", runs=1, tables=tables, learning_rate=0.1)
+    for algo, bad in (("bohb", {"min_points": "x"}), ("bohb", {"n_samples": 0}), ("rea", {"population_size": 0}),
+                      ("reinforce", {"learning_rate": -1.0}), ("hb", {"eta": 1}), ("rs", {"epochs": 13})):
+        with pytest.raises(ValueError):
+            run_search(space, algo, runs=1, tables=tables, **bad)
     with pytest.raises(ValueError, match="charge_proxy_time"):
         run_search(space, "rs", runs=1, tables=tables, charge_proxy_time=True)
     with pytest.raises(ValueError, match="seconds"):

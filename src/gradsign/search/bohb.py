@@ -100,6 +100,14 @@ class BOHBSampler:
         self.sizes = np.array([len(c) for c in self.ctx.space.choices], dtype=np.int64)
         if self.min_points is None:
             self.min_points = len(self.sizes) + 1
+        checks = {"random_fraction": 0 <= self.random_fraction <= 1, "top_fraction": 0 < self.top_fraction <= 1,
+                  "n_samples": self.n_samples >= 1 and int(self.n_samples) == self.n_samples,
+                  "bandwidth_factor": self.bandwidth_factor > 0, "min_bandwidth": self.min_bandwidth >= 0,
+                  "min_points": self.min_points >= 1 and int(self.min_points) == self.min_points}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"BOHB option {bad[0]} out of range: {getattr(self, bad[0])!r}")
+        self.n_samples, self.min_points = int(self.n_samples), int(self.min_points)
 
     def observe(self, arch: str, epochs: int, accuracy: float) -> None:
         self.observations.setdefault(epochs, []).append((self.ctx.space.encode(arch), accuracy))

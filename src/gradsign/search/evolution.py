@@ -18,8 +18,11 @@ def regularized_evolution(ctx: SearchContext, *, population_size: int = 10, samp
                           epochs: int = 12, population: deque | None = None) -> None:
     """Run aging evolution until ``BudgetExhausted``. ``population`` (a deque of ``(arch, accuracy)``,
     oldest first) may be passed in to observe it; it is filled and updated in place."""
-    if population_size < 1 or not 1 <= sample_size:
-        raise ValueError(f"need population_size >= 1 and sample_size >= 1, got {population_size}, {sample_size}")
+    if population_size < 1 or sample_size < 1 or int(population_size) != population_size \
+            or int(sample_size) != sample_size:
+        raise ValueError(f"need integers population_size >= 1 and sample_size >= 1, got {population_size}, "
+                         f"{sample_size}")
+    population_size, sample_size = int(population_size), int(sample_size)
     space, rng, sim = ctx.space, ctx.rng, ctx.sim
     population = deque() if population is None else population
     while len(population) < population_size:

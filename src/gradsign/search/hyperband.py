@@ -24,8 +24,9 @@ Observer = Callable[[str, int, float], None]
 
 def hyperband_brackets(n_fidelities: int, eta: int = 3) -> list[list[tuple[int, int]]]:
     """Brackets ``s = s_max .. 0``, each a list of stages ``(number of configurations, fidelity rung)``."""
-    if n_fidelities < 1 or eta < 2:
-        raise ValueError(f"need at least one fidelity and eta >= 2, got {n_fidelities}, {eta}")
+    if n_fidelities < 1 or eta < 2 or int(eta) != eta:
+        raise ValueError(f"need at least one fidelity and an integer eta >= 2, got {n_fidelities}, {eta}")
+    eta = int(eta)
     s_max = n_fidelities - 1
     brackets = []
     for s in range(s_max, -1, -1):

@@ -94,6 +94,8 @@ def reinforce(ctx: SearchContext, *, learning_rate: float = 0.5, momentum: float
               policy: CategoricalPolicy | None = None) -> None:
     """Run REINFORCE until ``BudgetExhausted``. ``policy`` may be passed in to observe it."""
     space, sim = ctx.space, ctx.sim
+    if not learning_rate > 0 or not 0 <= momentum < 1:
+        raise ValueError(f"need learning_rate > 0 and 0 <= momentum < 1, got {learning_rate}, {momentum}")
     if policy is None:
         policy = CategoricalPolicy(tuple(len(c) for c in space.choices), ctx.rng, learning_rate)
     baseline = MovingAverage(momentum)

@@ -111,6 +111,9 @@ def run_search(space: SearchSpace, algo: str, assist=None, pool: int = 10, runs:
     unknown = sorted(set(options) - set(algorithm_options(algo)))  # internal objects would be shared by runs
     if unknown:
         raise ValueError(f"unknown option {unknown[0]!r} for {algo}; options: {', '.join(algorithm_options(algo))}")
+    for key, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"option {key} of {algo} must be a number, got {value!r}")
     resolved = resolve_assist(assist)
     if charge_proxy_time and resolved is None:
         raise ValueError("charge_proxy_time needs an assist proxy")
