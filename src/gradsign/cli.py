@@ -251,7 +251,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
 def export_scores(store, args: argparse.Namespace) -> None:
     """Write one proxy's stored scores for every arch of a space to a .npz (bundle format) or .csv."""
     from gradsign.bundled import save_scores
-    from gradsign.evaluate import ScoringSetup
+    from gradsign.evaluate import ScoringSetup, score_arrays
 
     out = Path(args.out)
     if out.suffix not in (".npz", ".csv"):
@@ -261,13 +261,7 @@ def export_scores(store, args: argparse.Namespace) -> None:
     setup = ScoringSetup(_space(args.space), args.dataset, parse_proxies(args.proxy), args.batch_size,
                          args.seed)
     space, proxy = setup.space, setup.proxies[0]
-    found = store.get(setup.key, list(space), [proxy])
-    values, seconds = np.full(len(space), np.nan), np.full(len(space), np.nan)
-    known = np.zeros(len(space), dtype=bool)
-    for (arch, _), stored in found.items():
-        i = space.index(arch)
-        values[i], known[i] = stored.value, True
-        seconds[i] = np.nan if stored.seconds is None else stored.seconds
+    values, seconds, known = score_arrays(space, store.get(setup.key, list(space), [proxy]))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
         save_scores(out, setup.key, proxy, values, seconds, known)

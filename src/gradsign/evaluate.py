@@ -124,6 +124,19 @@ def _missing_proxies(setup: ScoringSetup, result: dict, missing: list[str]) -> t
     return tuple(p for p in setup.proxies if any(p not in result[a] for a in missing))
 
 
+def score_arrays(space: SearchSpace, found: dict[tuple[str, str], StoredScore]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One proxy's scores keyed by (arch, proxy) as arrays by benchmark index: (values, measured
+    seconds, known), NaN where not known."""
+    values, seconds = np.full(len(space), np.nan), np.full(len(space), np.nan)
+    known = np.zeros(len(space), dtype=bool)
+    for (arch, _), stored in found.items():
+        i = space.index(arch)
+        values[i], known[i] = stored.value, True
+        seconds[i] = np.nan if stored.seconds is None else stored.seconds
+    return values, seconds, known
+
+
 class ProxyScores:
     """Scores of one proxy for the archs of a space, by benchmark index, fetched through the store and
     computed on demand (in this process) for archs that have none yet. For search algorithms, which
@@ -133,12 +146,8 @@ class ProxyScores:
         if len(setup.proxies) != 1:
             raise ValueError("ProxyScores holds exactly one proxy")
         self.setup, self.store, self.proxy = setup, store, setup.proxies[0]
-        size = len(setup.space)
-        self.values = np.full(size, np.nan)
-        self.seconds = np.full(size, np.nan)
-        self.known = np.zeros(size, dtype=bool)
-        for (arch, _), stored in known_scores(setup, list(setup.space), store).items():
-            self._keep(setup.space.index(arch), stored)
+        self.values, self.seconds, self.known = score_arrays(
+            setup.space, known_scores(setup, list(setup.space), store))
 
     def _keep(self, index: int, stored: StoredScore) -> None:
         self.values[index], self.known[index] = stored.value, True
