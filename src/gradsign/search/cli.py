@@ -43,7 +43,7 @@ def add_search_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--search-dataset", default="cifar10",
                    help="dataset searched on and scored on (cifar10 = cifar10-valid; cifar100: paper Table 9)")
     p.add_argument("--set", dest="options", action="append", default=[], type=_parse_option,
-                   metavar="KEY=VALUE", help="algorithm option, e.g. learning_rate=0.01, population_size=20, "
+                   metavar="KEY=VALUE", help="algorithm option, e.g. learning_rate=0.001, population_size=20, "
                    "eta=3, random_fraction=0.33 (repeatable)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size of the proxy scores (default 64)")
     p.add_argument("--score-seed", type=int, default=0, help="seed of the proxy scores' batch and init (default 0)")
