@@ -1,11 +1,12 @@
 """Time the per-sample gradient engines against one batched forward+backward, in one process.
 
-Prints, per model: seconds per call (median of --repeats) of the batched, vmap and loop engines and of
-one plain batched forward+backward of the same model and batch, their ratios, and the peak memory
-(CUDA: max allocated; CPU: peak RSS growth of a fresh subprocess is not measured, so the largest
-per-layer per-sample gradient array is reported instead).
+Prints, per model: seconds per call (median of --repeats) of the engines (``auto`` is the default one:
+``batched`` plus its sample-independence check) and of one plain batched forward+backward of the same
+model and batch, their ratios, and memory: on CUDA the peak allocated by each engine's call beyond what
+the model and batch hold; on CPU the largest per-layer per-sample gradient array the default engine
+holds at once.
 
-    python bench/engine.py [--batch-size 64] [--repeats 5] [--threads 2] [--models resnet16,nb201...]
+    python bench/engine.py [--batch-size 64] [--repeats 5] [--threads 1] [--device cuda]
 """
 from __future__ import annotations
 
@@ -68,14 +69,26 @@ def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None
     F.cross_entropy(model(x), y).backward()
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
+def median_time(fn, repeats: int, device: torch.device) -> float:
+    def timed() -> float:
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    timed()  # warm-up
+    return statistics.median(timed() for _ in range(repeats))
+
+
+def peak_extra_mib(fn, device: torch.device) -> float:
+    """CUDA memory allocated at the peak of ``fn()`` beyond what was allocated before it."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def main() -> None:
@@ -83,33 +96,45 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--engines", default="batched,vmap,loop")
+    parser.add_argument("--engines", default="auto,batched,vmap,loop")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch_size,))
+    x = torch.randn(args.batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
     models = {"resnet16 (16 blocks, BN)": residual_cnn(16), "resnet8 (8 blocks, BN)": residual_cnn(8),
               **nb201_models()}
     engines = args.engines.split(",")
-    print(f"batch {args.batch_size}, 32x32 inputs, {args.threads} torch threads, torch {torch.__version__}, "
-          f"median of {args.repeats}")
-    header = "| model | params | fwd+bwd s | " + " | ".join(f"{e} s" for e in engines) + " | " + \
-        " | ".join(f"{e}/fwd+bwd" for e in engines) + " | batched/loop |"
-    print(header)
-    print("|" + "---|" * header.count("|")[:-1] if False else "|" + "---|" * (header.count("|") - 1))
+    versus_loop = [e for e in engines if e != "loop"] if "loop" in engines else []
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} torch threads"
+    print(f"batch {args.batch_size}, 32x32 inputs, {where}, torch {torch.__version__}, median of {args.repeats}")
+    columns = (["model", "params", "fwd+bwd s"] + [f"{e} s" for e in engines] + [f"{e}/fwd+bwd" for e in engines]
+               + [f"{e}/loop" for e in versus_loop])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for name, model in models.items():
-        model.train()
-        base = median_time(lambda: forward_backward(model, x, y), args.repeats)
-        times = {e: median_time(lambda e=e: gradsign.score(model, x, y, engine=e), args.repeats)
+        model.to(device).train()
+        base = median_time(lambda: forward_backward(model, x, y), args.repeats, device)
+        model.zero_grad(set_to_none=True)
+        times = {e: median_time(lambda e=e: gradsign.score(model, x, y, engine=e), args.repeats, device)
                  for e in engines}
         params = sum(p.numel() for p in model.parameters())
-        ratio = f"{times['batched'] / times['loop']:.2f}" if {"batched", "loop"} <= set(times) else "-"
-        print(f"| {name} | {params:,} | {base:.3f} | " + " | ".join(f"{times[e]:.3f}" for e in engines)
-              + " | " + " | ".join(f"{times[e] / base:.2f}x" for e in engines) + f" | {ratio} |")
-        largest = max(m.weight.numel() for _, m in counted_layers(model))
-        print(f"|   largest per-layer per-sample gradient array: {args.batch_size} x {largest:,} floats "
-              f"= {args.batch_size * largest * 4 / 2**20:.1f} MiB |")
+        print(f"| {name} | {params:,} | {base:.4f} | " + " | ".join(f"{times[e]:.4f}" for e in engines)
+              + " | " + " | ".join(f"{times[e] / base:.2f}x" for e in engines)
+              + "".join(f" | {times[e] / times['loop']:.2f}" for e in versus_loop) + " |")
+        if device.type == "cuda":
+            memory = {"fwd+bwd": peak_extra_mib(lambda: forward_backward(model, x, y), device)}
+            model.zero_grad(set_to_none=True)
+            memory.update({e: peak_extra_mib(lambda e=e: gradsign.score(model, x, y, engine=e), device)
+                           for e in engines})
+            print("|   peak CUDA memory beyond model and batch: "
+                  + ", ".join(f"{k} {v:.0f} MiB" for k, v in memory.items()) + " |")
+        else:
+            largest = max(m.weight.numel() for _, m in counted_layers(model))
+            print(f"|   largest per-layer per-sample gradient array: {args.batch_size} x {largest:,} floats "
+                  f"= {args.batch_size * largest * 4 / 2**20:.1f} MiB |")
 
 
 if __name__ == "__main__":

@@ -218,3 +218,22 @@ def test_each_initialisation_gets_its_own_seed_for_seeded_proxies():
     x, y, _ = batch("image")
     one = [gradsign.score(model, x, y, proxy="zen", seed=s) for s in (4, 5)]
     assert gradsign.score(model, x, y, proxy="zen", n_inits=2, seed=4) != pytest.approx(one[0])
+
+
+def test_per_sample_loss_sum_vectorised_and_fallback_agree():
+    from gradsign.engine import per_sample_loss_sum
+
+    outputs = torch.randn(6, 4, requires_grad=True)
+    targets = torch.tensor([0, 3, 1, 2, 2, 0])
+    expected = sum(F.cross_entropy(outputs[i:i + 1], targets[i:i + 1]) for i in range(6))
+    (expected_grad,) = torch.autograd.grad(expected, outputs)
+
+    def untraceable(o, t):  # data-dependent Python control flow: vmap cannot run it
+        loss = F.cross_entropy(o, t)
+        return loss * 2 if loss.item() > 1e9 else loss
+
+    for loss_fn in (F.cross_entropy, untraceable):
+        total = per_sample_loss_sum(outputs, targets, loss_fn)
+        assert torch.allclose(total, expected)
+        (grad,) = torch.autograd.grad(total, outputs)
+        assert torch.allclose(grad, expected_grad)

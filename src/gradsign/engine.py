@@ -44,8 +44,20 @@ def counted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def per_sample_loss_sum(outputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
-    """sum_i loss_fn(outputs[i:i+1], targets[i:i+1]): its gradient w.r.t. output i is dL_i/d output_i."""
-    return torch.stack([loss_fn(outputs[i:i + 1], targets[i:i + 1]) for i in range(len(outputs))]).sum()
+    """sum_i loss_fn(outputs[i:i+1], targets[i:i+1]): its gradient w.r.t. output i is dL_i/d output_i.
+
+    One vectorised call (``torch.func.vmap`` over the samples) where ``loss_fn`` allows it, otherwise one
+    call per sample; both give the same sum.
+    """
+    from torch.func import vmap
+
+    try:
+        losses = vmap(lambda o, t: loss_fn(o[None], t[None]))(outputs, targets)
+    except Exception:  # any loss vmap cannot trace (data-dependent control flow, .item(), randomness)
+        losses = None
+    if losses is None or losses.shape != (len(outputs),):
+        losses = torch.stack([loss_fn(outputs[i:i + 1], targets[i:i + 1]) for i in range(len(outputs))])
+    return losses.sum()
 
 
 def sign_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, *,
