@@ -79,6 +79,36 @@ def published(table: dict, label: str) -> str:
     return f"{table[label][0]:.2f} ± {table[label][1]:.2f}" if label in table else "–"
 
 
+def all_datasets_section(results: dict) -> list[str]:
+    """The table of valid and test accuracy on every dataset, one row per algorithm."""
+    head = " | ".join(f"{d} {m}" for d in DATASETS for m in ("valid", "test"))
+    return ["## All datasets (200-epoch accuracy of the arch found, mean ± std)", "",
+            f"| algorithm | {head} |", "|---" * (1 + 2 * len(DATASETS)) + "|",
+            *(f"| {label} | " + " | ".join(cell(res, d, m) for d in DATASETS for m in ("valid", "test")) + " |"
+              for label, res in results.items())]
+
+
+def difference_section(results: dict, pairs: list[tuple[str, str]], verdict_dataset: str) -> list[str]:
+    """The G-variant-minus-twin table: test accuracy differences with Welch 95% intervals per dataset, and
+    whether the interval on ``verdict_dataset`` excludes zero."""
+    lines = [
+        "## G-variant minus its twin (test accuracy, Welch 95% confidence interval over runs)",
+        "",
+        f"| comparison | {' | '.join(DATASETS)} | {verdict_dataset}: interval excludes 0? |",
+        "|---|---|---|---|---|",
+    ]
+    for assisted, twin in pairs:
+        cells, verdict = [], ""
+        for d in DATASETS:
+            diff, low, high, p = welch(per_run(results[assisted], d), per_run(results[twin], d))
+            cells.append(f"{diff:+.2f} [{low:+.2f}, {high:+.2f}]")
+            if d == verdict_dataset:
+                verdict = (f"yes, {assisted} better (p = {p:.1g})" if low > 0 else
+                           f"yes, {assisted} worse (p = {p:.1g})" if high < 0 else f"no (p = {p:.2f})")
+        lines.append(f"| {assisted} − {twin} | " + " | ".join(cells) + f" | {verdict} |")
+    return lines
+
+
 def bohb_model_use(space, tables: BenchmarkArrays, runs: int, seed: int, budget: float, assist=None,
                    pool: int = 10) -> dict:
     """Re-run BOHB's runs exactly as ``run_search`` does (same generators) and count how its configurations
@@ -97,16 +127,22 @@ def bohb_model_use(space, tables: BenchmarkArrays, runs: int, seed: int, budget:
     return {"model_picks": model, "random_picks": random, "runs_with_model": with_model, "runs": runs}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", default="runs/nb201-scores.sqlite", help="score store with the GradSign scores")
+def search_experiment_parser(description: str, docs: str, figures: str) -> argparse.ArgumentParser:
+    """The options every simulated-search experiment takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cache", default="runs/nb201-scores.sqlite", help="score store with the proxy scores")
     parser.add_argument("--proxy", default="gradsign")
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument("--budget", type=float, default=12_000.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pool", type=int, default=10)
-    parser.add_argument("--docs", default="docs/search.md")
-    parser.add_argument("--figures", default="docs/search")
+    parser.add_argument("--docs", default=docs)
+    parser.add_argument("--figures", default=figures)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = search_experiment_parser(__doc__.splitlines()[0], "docs/search.md", "docs/search")
     parser.add_argument("--json-dir", default="runs/nas_table6")
     parser.add_argument("--no-charged", action="store_true", help="skip the rows with proxy time charged")
     parser.add_argument("--allow-incomplete", action="store_true",
@@ -176,7 +212,6 @@ def main(argv: list[str] | None = None) -> int:
 def write_docs(path: Path, results: dict, args, known: int, finite: int, figures: list[Path],
                model_use: dict, long_budget_runs: tuple[dict, dict], pairs: list[tuple[str, str]]) -> None:
     first = next(iter(results.values()))
-    head = " | ".join(f"{d} {m}" for d in DATASETS for m in ("valid", "test"))
     lines = [
         "# GradSign-assisted NAS on NAS-Bench-201 (GradSign paper, Table 6)",
         "",
@@ -237,29 +272,9 @@ def write_docs(path: Path, results: dict, args, known: int, finite: int, figures
         "",
         "Plain algorithms against the NAS-Bench-201 paper (CIFAR-10 test mean): " + "; ".join(summary) + ".",
         "",
-        "## All datasets (200-epoch accuracy of the arch found, mean ± std)",
-        "",
-        f"| algorithm | {head} |",
-        "|---" * 7 + "|",
+        *all_datasets_section(results),
     ]
-    for label, res in results.items():
-        lines.append(f"| {label} | " + " | ".join(cell(res, d, m) for d in DATASETS for m in ("valid", "test")) + " |")
-    lines += [
-        "",
-        "## G-variant minus its twin (test accuracy, Welch 95% confidence interval over runs)",
-        "",
-        "| comparison | cifar10 | cifar100 | imagenet16-120 | cifar10: interval excludes 0? |",
-        "|---|---|---|---|---|",
-    ]
-    for assisted, twin in pairs:
-        cells, verdict = [], ""
-        for d in DATASETS:
-            diff, low, high, p = welch(per_run(results[assisted], d), per_run(results[twin], d))
-            cells.append(f"{diff:+.2f} [{low:+.2f}, {high:+.2f}]")
-            if d == "cifar10":
-                verdict = (f"yes, {assisted} better (p = {p:.1g})" if low > 0 else
-                           f"yes, {assisted} worse (p = {p:.1g})" if high < 0 else f"no (p = {p:.2f})")
-        lines.append(f"| {assisted} − {twin} | " + " | ".join(cells) + f" | {verdict} |")
+    lines += ["", *difference_section(results, pairs, "cifar10")]
     lines += [
         "",
         "## Best-so-far CIFAR-10 test accuracy against simulated time",

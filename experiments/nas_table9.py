@@ -13,7 +13,6 @@ and figures under docs/search_cifar100/).
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
@@ -30,7 +29,8 @@ from gradsign.spaces import get_space
 from gradsign.store import ScoreStore
 
 sys.path.insert(0, str(Path(__file__).parent))
-from nas_table6 import DATASETS, cell, per_run, welch  # noqa: E402
+from nas_table6 import (all_datasets_section, cell, difference_section,  # noqa: E402
+                        search_experiment_parser)
 
 SEARCH_DATASET = "cifar100"
 #: (label, algo, assisted, options)
@@ -48,15 +48,7 @@ PAIRS = [("G-RS", "RS"), ("G-REA", "REA"), ("G-REINFORCE", "REINFORCE"),
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", default="runs/nb201-scores.sqlite", help="score store with the GradSign scores")
-    parser.add_argument("--proxy", default="gradsign")
-    parser.add_argument("--runs", type=int, default=500)
-    parser.add_argument("--budget", type=float, default=12_000.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pool", type=int, default=10)
-    parser.add_argument("--docs", default="docs/search_cifar100.md")
-    parser.add_argument("--figures", default="docs/search_cifar100")
+    parser = search_experiment_parser(__doc__.splitlines()[0], "docs/search_cifar100.md", "docs/search_cifar100")
     args = parser.parse_args(argv)
 
     space = get_space("nb201")
@@ -98,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_docs(path: Path, results: dict, args, known: int, finite: int, figures: list[Path]) -> None:
     first = next(iter(results.values()))
-    head = " | ".join(f"{d} {m}" for d in DATASETS for m in ("valid", "test"))
     valid_pass = validation_pass_epochs(SEARCH_DATASET)
     lines = [
         "# GradSign-assisted NAS on NAS-Bench-201, searching on CIFAR-100 (GradSign paper, Table 9 protocol)",
@@ -138,31 +129,8 @@ def write_docs(path: Path, results: dict, args, known: int, finite: int, figures
     for label, res in results.items():
         lines.append(f"| {label} | {cell(res, SEARCH_DATASET, 'test')} | {res['evaluations_mean']:.1f} | "
                      f"{res['wall_seconds']:.1f} s |")
-    lines += [
-        "",
-        "## All datasets (200-epoch accuracy of the arch found, mean ± std)",
-        "",
-        f"| algorithm | {head} |",
-        "|---" * 7 + "|",
-    ]
-    for label, res in results.items():
-        lines.append(f"| {label} | " + " | ".join(cell(res, d, m) for d in DATASETS for m in ("valid", "test")) + " |")
-    lines += [
-        "",
-        "## G-variant minus its twin (test accuracy, Welch 95% confidence interval over runs)",
-        "",
-        "| comparison | cifar10 | cifar100 | imagenet16-120 | cifar100: interval excludes 0? |",
-        "|---|---|---|---|---|",
-    ]
-    for assisted, twin in PAIRS:
-        cells, verdict = [], ""
-        for d in DATASETS:
-            diff, low, high, p = welch(per_run(results[assisted], d), per_run(results[twin], d))
-            cells.append(f"{diff:+.2f} [{low:+.2f}, {high:+.2f}]")
-            if d == SEARCH_DATASET:
-                verdict = (f"yes, {assisted} better (p = {p:.1g})" if low > 0 else
-                           f"yes, {assisted} worse (p = {p:.1g})" if high < 0 else f"no (p = {p:.2f})")
-        lines.append(f"| {assisted} − {twin} | " + " | ".join(cells) + f" | {verdict} |")
+    lines += ["", *all_datasets_section(results)]
+    lines += ["", *difference_section(results, PAIRS, SEARCH_DATASET)]
     lines += [
         "",
         "## Best-so-far CIFAR-100 test accuracy against simulated time",
