@@ -2,7 +2,7 @@
 
 Prints, per model: seconds per call (median of --repeats) of the engines (``auto`` is the default one:
 ``batched`` plus its sample-independence check) and of one plain batched forward+backward of the same
-model and batch, their ratios, and memory: on CUDA the peak allocated by each engine's call beyond what
+model and batch, their ratios, each engine's score relative to the loop's, and memory: on CUDA the peak allocated by each engine's call beyond what
 the model and batch hold; on CPU the largest per-layer per-sample gradient array the default engine
 holds at once.
 
@@ -120,10 +120,14 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         times = {e: median_time(lambda e=e: gradsign.score(model, x, y, engine=e), args.repeats, device)
                  for e in engines}
+        scores = {e: gradsign.score(model, x, y, engine=e) for e in engines}
         params = sum(p.numel() for p in model.parameters())
         print(f"| {name} | {params:,} | {base:.4f} | " + " | ".join(f"{times[e]:.4f}" for e in engines)
               + " | " + " | ".join(f"{times[e] / base:.2f}x" for e in engines)
               + "".join(f" | {times[e] / times['loop']:.2f}" for e in versus_loop) + " |")
+        if "loop" in scores:
+            print("|   GradSign relative to the loop's: " + ", ".join(
+                f"{e} {(scores[e] - scores['loop']) / abs(scores['loop']):+.1e}" for e in versus_loop) + " |")
         if device.type == "cuda":
             memory = {"fwd+bwd": peak_extra_mib(lambda: forward_backward(model, x, y), device)}
             model.zero_grad(set_to_none=True)
