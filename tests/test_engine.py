@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradsign
+import gradsign.engine as engine_module
 from gradsign.engine import sign_counts
 
 
@@ -77,7 +78,10 @@ def test_engines_match_reference_loop(name, engine):
 
 
 @pytest.mark.parametrize("name", ["bn-running-stats", "token-mlp-mse"])
-def test_per_layer_counts_match_loop_in_chunks(name):
+@pytest.mark.parametrize("slice_elements", [1 << 19, 700])
+def test_per_layer_counts_match_loop_in_chunks(name, slice_elements, monkeypatch):
+    # chunks of 5 samples per pass; with 700 elements, a layer's hook also splits each chunk into slices
+    monkeypatch.setattr(engine_module, "SLICE_ELEMENTS", slice_elements)
     make, kind = MODELS[name]
     torch.manual_seed(0)
     model = make().train()

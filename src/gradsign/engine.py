@@ -10,7 +10,7 @@ Engines:
   normalisation with the same affine parameters (identical to BatchNorm on one sample), the per-sample
   losses are summed, and each layer's per-sample weight gradients are formed from its input and output
   gradient (a grouped weight-gradient convolution for Conv2d, an einsum for Linear) inside a gradient
-  hook, then reduced to sign counts.
+  hook, then reduced to sign counts (on a CPU in cache-sized slices of samples).
 - ``vmap``: ``torch.func.vmap(grad(...))`` over single-sample calls of the functional model.
 - ``loop``: the reference; one forward/backward per sample.
 - ``auto``: ``batched``, checked on the first chunk that samples do not interact; falls back to ``loop``
@@ -30,6 +30,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ENGINES = ("auto", "batched", "vmap", "loop")
 #: per-layer budget, in float elements, for one chunk's per-sample gradients
 DEFAULT_ELEMENT_BUDGET = 1 << 25
+#: float elements of per-sample gradients a layer's hook forms at once on a CPU (2 MiB): slices that stay
+#: in cache make the grouped weight-gradient convolution of wide layers several times faster there
+#: (2^17..2^21 measured, docs/performance.md); other devices take the whole chunk in one call
+SLICE_ELEMENTS = 1 << 19
 
 log = logging.getLogger("gradsign")
 
@@ -171,6 +175,12 @@ def _linear_sample_grads(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tenso
     return torch.einsum("bto,bti->boi", grad_out, x)
 
 
+def _sample_grads(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.Conv2d):
+        return _conv2d_sample_grads(module, x, grad_out)
+    return _linear_sample_grads(x, grad_out)
+
+
 class _SignCountHooks:
     """Forward hooks that attach, to each counted layer's output, a gradient hook forming the layer's
     per-sample weight gradients and adding their signs to ``counts``. A layer called several times in
@@ -197,13 +207,16 @@ class _SignCountHooks:
         return hook
 
     def _accumulate(self, name: str, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
-        if isinstance(module, nn.Conv2d):
-            sample_grads = _conv2d_sample_grads(module, x, grad_out)
-        else:
-            sample_grads = _linear_sample_grads(x, grad_out)
+        self.pending_calls[name] -= 1
+        if not self.pending_calls[name] and name not in self.partial:
+            # the layer's only call: reduce to sign counts slice by slice
+            step = max(1, SLICE_ELEMENTS // module.weight.numel()) if x.device.type == "cpu" else len(x)
+            for part in _chunks(len(x), step):
+                self.counts[name] += torch.sign(_sample_grads(module, x[part], grad_out[part])).sum(0).to(torch.int32)
+            return
+        sample_grads = _sample_grads(module, x, grad_out)
         if name in self.partial:
             sample_grads = sample_grads + self.partial.pop(name)
-        self.pending_calls[name] -= 1
         if self.pending_calls[name]:
             self.partial[name] = sample_grads
         else:
