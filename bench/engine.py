@@ -3,8 +3,7 @@
 Prints, per model: seconds per call (median of --repeats) of the engines (``auto`` is the default one:
 ``batched`` plus its sample-independence check) and of one plain batched forward+backward of the same
 model and batch, their ratios, each engine's score relative to the loop's, and memory: on CUDA the peak allocated by each engine's call beyond what
-the model and batch hold; on CPU the largest per-layer per-sample gradient array the default engine
-holds at once.
+the model and batch hold; on CPU the largest per-sample gradient array the default engine forms at once.
 
     python bench/engine.py [--batch-size 64] [--repeats 5] [--threads 1] [--device cuda]
 """
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradsign
-from gradsign.engine import counted_layers
+from gradsign.engine import SLICE_ELEMENTS, counted_layers
 
 
 class BasicBlock(nn.Module):
@@ -136,9 +135,12 @@ def main() -> None:
             print("|   peak CUDA memory beyond model and batch: "
                   + ", ".join(f"{k} {v:.0f} MiB" for k, v in memory.items()) + " |")
         else:
-            largest = max(m.weight.numel() for _, m in counted_layers(model))
-            print(f"|   largest per-layer per-sample gradient array: {args.batch_size} x {largest:,} floats "
-                  f"= {args.batch_size * largest * 4 / 2**20:.1f} MiB |")
+            # layers called once form their per-sample gradients in slices of SLICE_ELEMENTS floats
+            slices = [(min(args.batch_size, max(1, SLICE_ELEMENTS // m.weight.numel())), m.weight.numel())
+                      for _, m in counted_layers(model)]
+            samples, numel = max(slices, key=lambda s: s[0] * s[1])
+            print(f"|   largest per-sample gradient array formed at once: {samples} x {numel:,} floats "
+                  f"= {samples * numel * 4 / 2**20:.1f} MiB |")
 
 
 if __name__ == "__main__":
