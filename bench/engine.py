@@ -2,8 +2,9 @@
 
 Prints, per model: seconds per call (median of --repeats) of the engines (``auto`` is the default one:
 ``batched`` plus its sample-independence check) and of one plain batched forward+backward of the same
-model and batch, their ratios, each engine's score relative to the loop's, and memory: on CUDA the peak allocated by each engine's call beyond what
-the model and batch hold; on CPU the largest per-sample gradient array the default engine forms at once.
+model and batch, their ratios, each engine's score relative to the loop's, and memory: on CUDA the peak
+allocated by each engine's call beyond what the model and batch hold; on CPU the largest per-sample
+gradient array the default engine forms at once.
 
     python bench/engine.py [--batch-size 64] [--repeats 5] [--threads 1] [--device cuda]
 """

@@ -161,6 +161,23 @@ def test_auto_falls_back_to_loop_when_samples_interact(caplog):
     assert auto == gradsign.score(model, x, y, engine="loop")
 
 
+def test_fallback_runs_the_loop_on_the_model_as_it_was():
+    class Centre(nn.Module):
+        def forward(self, x):
+            return x - x.mean(0, keepdim=True)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Centre(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    model[1].bias.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 3, (5,))
+    reference = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="loop")
+    counts = sign_counts(model, x, y, F.cross_entropy, engine="auto")
+    assert type(model[1]) is nn.BatchNorm2d
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(torch.equal(counts[k], reference[k]) for k in reference)
+
+
 def test_bad_options_are_rejected():
     model = nn.Linear(2, 2)
     x, y = torch.randn(3, 2), torch.tensor([0, 1, 0])

@@ -18,7 +18,6 @@ Engines:
 """
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Iterator
 
@@ -81,16 +80,21 @@ def sign_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, l
         return _loop_counts(model, inputs, targets, loss_fn, layers)
     if engine == "vmap":
         return _vmap_counts(model, inputs, targets, loss_fn, layers, chunk_size)
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    swapped = _swap_batch_norms(model)
     try:
-        # on a copy, so that the fallback sees the model as it was
-        batched_model = copy.deepcopy(model)
-        return _batched_counts(batched_model, inputs, targets, loss_fn, counted_layers(batched_model),
-                               chunk_size, check_independence=engine == "auto")
+        return _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
+                               check_independence=engine == "auto")
     except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
         if engine == "batched":
             raise
         log.warning("gradsign: batched engine cannot handle this model (%s); using the loop engine",
                     str(error).splitlines()[0] if str(error) else type(error).__name__)
+        # the loop sees the model as it was: its own norm layers and gradient flags
+        for parent, name, norm in swapped:
+            setattr(parent, name, norm)
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
         return _loop_counts(model, inputs, targets, loss_fn, layers)
 
 
@@ -137,13 +141,18 @@ class _PerSampleNorm(nn.Module):
         return F.instance_norm(x, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
 
 
-def _swap_batch_norms(module: nn.Module) -> None:
+def _swap_batch_norms(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Replace every BatchNorm that normalises by batch statistics with ``_PerSampleNorm``; returns
+    (parent, attribute, replaced BatchNorm) for each, so the swap can be undone."""
+    swapped = []
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and (child.training
                                                                    or not child.track_running_stats):
             setattr(module, name, _PerSampleNorm(child))
+            swapped.append((module, name, child))
         else:
-            _swap_batch_norms(child)
+            swapped += _swap_batch_norms(child)
+    return swapped
 
 
 def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -248,7 +257,6 @@ def _assert_samples_independent(model: nn.Module, x: torch.Tensor) -> None:
 def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
                     layers: list[tuple[str, nn.Module]], chunk_size: int | None, *,
                     check_independence: bool) -> dict[str, torch.Tensor]:
-    _swap_batch_norms(model)
     model.requires_grad_(False)
     counts = _zero_counts(layers)
     chunk_size = chunk_size or _default_chunk(layers, len(inputs), DEFAULT_ELEMENT_BUDGET)
