@@ -91,6 +91,30 @@ def peak_extra_mib(fn, device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+def slice_sweep(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, exponents: list[int], args,
+                device: torch.device) -> None:
+    """Seconds per default-engine score for each slice size, the sizes interleaved over two rounds (median
+    of the rounds' medians) so that drifting machine load touches them alike."""
+    import gradsign.engine as engine_module
+
+    print(f"default engine, batch {args.batch_size}, {args.threads} torch threads, seconds per score for "
+          "SLICE_ELEMENTS = 2^e")
+    print("| model | " + " | ".join(f"2^{e}" for e in exponents) + " |")
+    print("|---|" + "---|" * len(exponents))
+    default = engine_module.SLICE_ELEMENTS
+    try:
+        for name, model in models.items():
+            model.to(device).train()
+            rounds: dict[int, list[float]] = {e: [] for e in exponents}
+            for _ in range(2):
+                for e in exponents:
+                    engine_module.SLICE_ELEMENTS = 1 << e
+                    rounds[e].append(median_time(lambda: gradsign.score(model, x, y), args.repeats, device))
+            print(f"| {name} | " + " | ".join(f"{statistics.median(rounds[e]):.3f}" for e in exponents) + " |")
+    finally:
+        engine_module.SLICE_ELEMENTS = default
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=64)
@@ -98,6 +122,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--engines", default="auto,batched,vmap,loop")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--slice-sweep", metavar="EXPONENTS",
+                        help="instead: time the default engine with SLICE_ELEMENTS = 2^e for each e (e.g. 17,19,21)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -106,6 +132,8 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     models = {"resnet16 (16 blocks, BN)": residual_cnn(16), "resnet8 (8 blocks, BN)": residual_cnn(8),
               **nb201_models()}
+    if args.slice_sweep:
+        return slice_sweep(models, x, y, [int(e) for e in args.slice_sweep.split(",")], args, device)
     engines = args.engines.split(",")
     versus_loop = [e for e in engines if e != "loop"] if "loop" in engines else []
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} torch threads"
