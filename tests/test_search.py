@@ -311,16 +311,33 @@ def test_cli_search_with_stored_scores(tmp_path, space, capsys):
     assert (tmp_path / "out" / "search_nb201_cifar10_G-RS.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cli_search_uses_the_bundled_scores(tmp_path, monkeypatch, dataset):
+    from gradsign.evaluate import ScoringSetup
+
+    def no_batch(self):
+        raise AssertionError("a search over bundled scores computed one")
+
+    monkeypatch.setattr(ScoringSetup, "batch", no_batch)
+    args = _parser().parse_args(["search", "--algo", "rea", "--assist", "gradsign", "--search-dataset", dataset,
+                                 "--runs", "2", "--no-cache", "--json", str(tmp_path / "r.json")])
+    args.run(args)
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["scores"]["archs_with_scores"] == 15_625
+    assert all(run["results"] for run in result["per_run"])
+
+
 def test_cli_errors_when_scores_are_missing_and_cannot_be_computed(tmp_path, monkeypatch):
     from gradsign.cli import CliError
     from gradsign.evaluate import ScoringSetup
 
     def no_batch(self):
-        raise FileNotFoundError("no cifar100 images here")
+        raise FileNotFoundError("no imagenet16-120 images here")
 
     monkeypatch.setattr(ScoringSetup, "batch", no_batch)
+    # no scores are bundled for imagenet16-120, so a search there must compute them
     args = _parser().parse_args(["search", "--algo", "rs", "--assist", "gradsign", "--search-dataset",
-                                 "cifar100", "--runs", "1", "--cache", str(tmp_path / "empty.sqlite")])
+                                 "imagenet16-120", "--runs", "1", "--cache", str(tmp_path / "empty.sqlite")])
     with pytest.raises(CliError, match="cannot be computed"):
         args.run(args)
 
