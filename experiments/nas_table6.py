@@ -268,7 +268,7 @@ def write_docs(path: Path, results: dict, args, known: int, finite: int, figures
         summary.append(f"{label} {ours:.2f} vs {BENCHMARK[label][0]:.2f} ({ours - BENCHMARK[label][0]:+.2f})")
     lines += [
         "",
-        "Wall time: all runs of one row in one process, on a 2-core machine shared with other jobs.",
+        "Wall time: all runs of one row in one process, on the 2-core development machine.",
         "",
         "Plain algorithms against the NAS-Bench-201 paper (CIFAR-10 test mean): " + "; ".join(summary) + ".",
         "",
@@ -353,8 +353,9 @@ NOTES = """## Choices and differences from the published experiments
   these use the stored sum-aggregated scores on the canonical 64-image batch (seed 0). Sum and mean rank
   archs differently (the mean divides by the number of weights).
 * **Search on CIFAR-100 (paper Table 9).** `gradsign search --search-dataset cifar100` runs it (CIFAR-100
-  12-epoch validation accuracy and training times, validation pass `0.032 × t` for the 5k x-valid images);
-  it needs GradSign scores on CIFAR-100, which were not computed for this page.
+  12-epoch validation accuracy and training times, validation pass `0.032 × t` for the 5k x-valid images)
+  with the bundled CIFAR-100 GradSign scores; `experiments/nas_table9.py` writes
+  [search_cifar100.md](search_cifar100.md).
 """
 
 
