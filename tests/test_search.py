@@ -332,12 +332,12 @@ def test_cli_errors_when_scores_are_missing_and_cannot_be_computed(tmp_path, mon
     from gradsign.evaluate import ScoringSetup
 
     def no_batch(self):
-        raise FileNotFoundError("no imagenet16-120 images here")
+        raise FileNotFoundError("no cifar100 images here")
 
     monkeypatch.setattr(ScoringSetup, "batch", no_batch)
-    # no scores are bundled for imagenet16-120, so a search there must compute them
+    monkeypatch.setattr("gradsign.bundled.DATA_DIR", tmp_path)  # as if no scores were bundled
     args = _parser().parse_args(["search", "--algo", "rs", "--assist", "gradsign", "--search-dataset",
-                                 "imagenet16-120", "--runs", "1", "--cache", str(tmp_path / "empty.sqlite")])
+                                 "cifar100", "--runs", "1", "--cache", str(tmp_path / "empty.sqlite")])
     with pytest.raises(CliError, match="cannot be computed"):
         args.run(args)
 
