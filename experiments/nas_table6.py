@@ -338,8 +338,8 @@ NOTES = """## Choices and differences from the published experiments
   random mutations of one policy sample and updates the policy with the unmutated sample's
   log-probability; here G-REA assists the initial population too and G-REINFORCE draws its pool from the
   policy and updates with the chosen arch.
-* **REINFORCE learning rate.** Two settings are run. Learning rate 0.5 is the one the issue, FIELD-NOTES
-  and the benchmark repository's documentation (`REINFORCE.sh 0.5 -1`) give; with Adam at 0.5 the
+* **REINFORCE learning rate.** Two settings are run. Learning rate 0.5, the default here, is the one the
+  benchmark repository's documentation gives (`REINFORCE.sh 0.5 -1`); with Adam at 0.5 the
   policy concentrates on a few archs within a few dozen steps, and our {reinforce} matches the GradSign
   paper's REINFORCE (93.21 ± 0.82), not the NAS-Bench-201 paper's 93.85 ± 0.37. The benchmark
   repository's search scripts themselves use 0.001 (hard-coded in the original
