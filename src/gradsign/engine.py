@@ -221,7 +221,7 @@ class _SignCountHooks:
             # the layer's only call: reduce to sign counts slice by slice
             step = max(1, SLICE_ELEMENTS // module.weight.numel()) if x.device.type == "cpu" else len(x)
             for part in _chunks(len(x), step):
-                self.counts[name] += torch.sign(_sample_grads(module, x[part], grad_out[part])).sum(0).to(torch.int32)
+                self._add_signs(name, _sample_grads(module, x[part], grad_out[part]))
             return
         sample_grads = _sample_grads(module, x, grad_out)
         if name in self.partial:
@@ -229,12 +229,15 @@ class _SignCountHooks:
         if self.pending_calls[name]:
             self.partial[name] = sample_grads
         else:
-            self.counts[name] += torch.sign(sample_grads).sum(0).to(torch.int32)
+            self._add_signs(name, sample_grads)
+
+    def _add_signs(self, name: str, sample_grads: torch.Tensor) -> None:
+        self.counts[name] += torch.sign(sample_grads).sum(0).to(torch.int32)
 
     def finish_chunk(self) -> None:
         """Close the chunk: calls whose output got no gradient contribute zero."""
         for name, sample_grads in self.partial.items():
-            self.counts[name] += torch.sign(sample_grads).sum(0).to(torch.int32)
+            self._add_signs(name, sample_grads)
         self.partial.clear()
         self.pending_calls.clear()
 
