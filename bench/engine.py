@@ -69,16 +69,20 @@ def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None
     F.cross_entropy(model(x), y).backward()
 
 
-def median_time(fn, repeats: int, device: torch.device) -> float:
+def median_time(fn, repeats: int, device: torch.device) -> tuple[float, object]:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call, and what the last call returned."""
+    result = None
+
     def timed() -> float:
+        nonlocal result
         start = time.perf_counter()
-        fn()
+        result = fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
     timed()  # warm-up
-    return statistics.median(timed() for _ in range(repeats))
+    return statistics.median(timed() for _ in range(repeats)), result
 
 
 def peak_extra_mib(fn, device: torch.device) -> float:
@@ -109,7 +113,7 @@ def slice_sweep(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, 
             for _ in range(2):
                 for e in exponents:
                     engine_module.SLICE_ELEMENTS = 1 << e
-                    rounds[e].append(median_time(lambda: gradsign.score(model, x, y), args.repeats, device))
+                    rounds[e].append(median_time(lambda: gradsign.score(model, x, y), args.repeats, device)[0])
             print(f"| {name} | " + " | ".join(f"{statistics.median(rounds[e]):.3f}" for e in exponents) + " |")
     finally:
         engine_module.SLICE_ELEMENTS = default
@@ -144,11 +148,11 @@ def main() -> None:
     print("|" + "---|" * len(columns))
     for name, model in models.items():
         model.to(device).train()
-        base = median_time(lambda: forward_backward(model, x, y), args.repeats, device)
+        base, _ = median_time(lambda: forward_backward(model, x, y), args.repeats, device)
         model.zero_grad(set_to_none=True)
-        times = {e: median_time(lambda e=e: gradsign.score(model, x, y, engine=e), args.repeats, device)
+        timed = {e: median_time(lambda e=e: gradsign.score(model, x, y, engine=e), args.repeats, device)
                  for e in engines}
-        scores = {e: gradsign.score(model, x, y, engine=e) for e in engines}
+        times, scores = {e: t for e, (t, _) in timed.items()}, {e: v for e, (_, v) in timed.items()}
         params = sum(p.numel() for p in model.parameters())
         print(f"| {name} | {params:,} | {base:.4f} | " + " | ".join(f"{times[e]:.4f}" for e in engines)
               + " | " + " | ".join(f"{times[e] / base:.2f}x" for e in engines)
