@@ -131,10 +131,14 @@ def score_arrays(space: SearchSpace, found: dict[tuple[str, str], StoredScore]
     values, seconds = np.full(len(space), np.nan), np.full(len(space), np.nan)
     known = np.zeros(len(space), dtype=bool)
     for (arch, _), stored in found.items():
-        i = space.index(arch)
-        values[i], known[i] = stored.value, True
-        seconds[i] = np.nan if stored.seconds is None else stored.seconds
+        _put_score(values, seconds, known, space.index(arch), stored)
     return values, seconds, known
+
+
+def _put_score(values: np.ndarray, seconds: np.ndarray, known: np.ndarray, index: int,
+               stored: StoredScore) -> None:
+    values[index], known[index] = stored.value, True
+    seconds[index] = np.nan if stored.seconds is None else stored.seconds
 
 
 class ProxyScores:
@@ -149,10 +153,6 @@ class ProxyScores:
         self.values, self.seconds, self.known = score_arrays(
             setup.space, known_scores(setup, list(setup.space), store))
 
-    def _keep(self, index: int, stored: StoredScore) -> None:
-        self.values[index], self.known[index] = stored.value, True
-        self.seconds[index] = np.nan if stored.seconds is None else stored.seconds
-
     def __call__(self, indices) -> np.ndarray:
         """Scores of ``indices`` (an int or an array of ints), computing the missing ones."""
         indices = np.asarray(indices, dtype=np.int64)
@@ -161,5 +161,5 @@ class ProxyScores:
             space = self.setup.space
             found, _ = score_archs(self.setup, [space.arch(int(i)) for i in missing], self.store)
             for i in missing:
-                self._keep(int(i), found[space.arch(int(i))][self.proxy])
+                _put_score(self.values, self.seconds, self.known, int(i), found[space.arch(int(i))][self.proxy])
         return self.values[indices]
