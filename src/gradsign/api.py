@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,35 @@ from gradsign.proxies import PROXIES, ProxyInfo, get_proxy
 
 #: options the API itself takes; everything else goes to the proxies that accept it
 API_OPTIONS = ("n_inits", "seed")
+
+OutputFn = Callable[[Any], torch.Tensor]
+
+
+def default_output(output: Any) -> torch.Tensor:
+    """The prediction tensor of a model's output: a tensor as it is; the ``logits`` of an output object or
+    dict (e.g. a ``transformers`` ModelOutput); the first element of a tuple or list."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find the prediction tensor in a model output of type {type(output).__name__}; "
+                    "pass output_fn=... to pick it")
+
+
+class _OutputAdapter(nn.Module):
+    """``output_fn(model(x))``: lets every proxy see the prediction tensor of any model."""
+
+    def __init__(self, model: nn.Module, output_fn: OutputFn):
+        super().__init__()
+        self.model, self.output_fn = model, output_fn
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.output_fn(self.model(*args, **kwargs))
 
 
 def available_proxies() -> list[str]:
@@ -31,21 +61,24 @@ def score(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None =
     """Score an untrained ``model`` on one mini-batch with ``proxy`` (GradSign by default).
 
     ``loss_fn(outputs, targets) -> scalar`` defaults to cross-entropy; options are those of the proxy
-    (see ``proxy_info(name).options``) plus ``n_inits`` and ``seed`` (see ``scores``).
+    (see ``proxy_info(name).options``) plus ``n_inits``, ``seed`` and ``output_fn`` (see ``scores``).
     """
     return scores(model, inputs, targets, [proxy], loss_fn, **options)[proxy]
 
 
 def scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
            proxies: Sequence[str] = ("gradsign",), loss_fn: LossFn | None = None, *,
-           n_inits: int = 1, seed: int = 0, **options) -> dict[str, float]:
+           n_inits: int = 1, seed: int = 0, output_fn: OutputFn = default_output,
+           **options) -> dict[str, float]:
     """Scores of several proxies for one model and batch, each on its own copy of the model.
 
     The caller's model is never changed (parameters, buffers, running statistics, train/eval mode) and
     the global RNG state is restored. With ``n_inits > 1`` every proxy is averaged over ``n_inits``
     fresh initialisations of the model, drawn with seeds ``seed, seed+1, ...`` through each module's
     ``reset_parameters`` (GradSign paper, appendix: averaging over several theta_0); with ``n_inits=1``
-    the model is scored as given. Options are passed to the proxies that accept them; an option no
+    the model is scored as given. ``output_fn`` maps the model's output to the prediction tensor the loss
+    and the proxies see (default: ``default_output``, which takes the ``logits`` of a ModelOutput or dict
+    and the first element of a tuple). Options are passed to the proxies that accept them; an option no
     requested proxy accepts is an error. NaN or infinite scores are returned as they are.
     """
     infos = [get_proxy(name) for name in proxies]
@@ -70,18 +103,20 @@ def scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None 
             if "seed" in info.options:  # proxies that draw their own randomness (zen) re-draw it too
                 proxy_options["seed"] = seed + i
             values.append(_score_once(model, inputs, targets, loss_fn, info, proxy_options,
-                                      seed=seed + i, reinitialise=n_inits > 1))
+                                      seed=seed + i, reinitialise=n_inits > 1, output_fn=output_fn))
         result[info.name] = math.fsum(values) / n_inits
     return result
 
 
 def _score_once(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None, loss_fn: LossFn,
-                info: ProxyInfo, options: dict, *, seed: int, reinitialise: bool) -> float:
+                info: ProxyInfo, options: dict, *, seed: int, reinitialise: bool, output_fn: OutputFn
+                ) -> float:
     with torch.random.fork_rng(devices=_cuda_devices(inputs)):
         torch.manual_seed(seed)
         work = copy.deepcopy(model)
         if reinitialise:
             reinitialise_parameters(work)
+        work = _OutputAdapter(work, output_fn)
         work.train()
         work.requires_grad_(True)
         return float(info.fn(work, inputs, targets, loss_fn, **options))
