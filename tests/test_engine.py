@@ -48,6 +48,24 @@ class TokenMLP(nn.Module):
         return self.head(h.mean(1)).squeeze(-1)
 
 
+def plain_gradsign(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=F.cross_entropy) -> float:
+    """GradSign by its definition, independently of the package: each sample alone, every module in eval
+    mode except normalisation layers, sign(0) = 0, each distinct Conv2d/Linear weight once."""
+    model = copy.deepcopy(model).eval()
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
+                          nn.modules.instancenorm._InstanceNorm)):
+            m.train()
+    weights = list({id(m.weight): m.weight for m in model.modules()
+                    if isinstance(m, (nn.Conv2d, nn.Linear))}.values())
+    total = [torch.zeros_like(w) for w in weights]
+    for i in range(len(x)):
+        out = model(x[i:i + 1])
+        grads = torch.autograd.grad(loss_fn(out, y[i:i + 1]), weights, allow_unused=True)
+        total = [t + (torch.sign(g) if g is not None else 0) for t, g in zip(total, grads)]
+    return float(sum(t.abs().sum() for t in total))
+
+
 MODELS = {
     "bn-running-stats": (lambda: cnn(nn.BatchNorm2d), "image"),
     "bn-no-running-stats": (lambda: cnn(lambda c: nn.BatchNorm2d(c, track_running_stats=False)), "image"),
@@ -147,7 +165,7 @@ def test_multiple_initialisations_average_fresh_draws():
     assert gradsign.score(model, x, y, n_inits=2, seed=3) == pytest.approx(sum(draws) / 2)
 
 
-def test_auto_falls_back_to_loop_when_samples_interact(caplog):
+def test_auto_falls_back_to_an_exact_engine_when_samples_interact(caplog):
     class Centre(nn.Module):
         def forward(self, x):
             return x - x.mean(0, keepdim=True)
@@ -157,8 +175,9 @@ def test_auto_falls_back_to_loop_when_samples_interact(caplog):
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     with caplog.at_level("WARNING", logger="gradsign"):
         auto = gradsign.score(model, x, y, engine="auto")
-    assert "loop engine" in caplog.text
-    assert auto == gradsign.score(model, x, y, engine="loop")
+    assert "samples interact within a batch" in caplog.text and "vmap engine" in caplog.text
+    assert auto == pytest.approx(plain_gradsign(model, x, y), rel=1e-6)
+    assert gradsign.score(model, x, y, engine="batched") != pytest.approx(auto, rel=1e-3)
 
 
 def test_fallback_runs_the_loop_on_the_model_as_it_was():
@@ -258,3 +277,183 @@ def test_per_sample_loss_sum_vectorised_and_fallback_agree():
         assert torch.allclose(total, expected)
         (grad,) = torch.autograd.grad(total, outputs)
         assert torch.allclose(grad, expected_grad)
+
+
+# ---------------------------------------------------------------- exactness on models that defeat hooks
+class TokenTransformer(nn.Module):
+    """Token ids -> Embedding -> TransformerEncoderLayer (its attention uses out_proj.weight without
+    calling out_proj) -> mean -> Linear."""
+
+    def __init__(self, batch_first: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Embedding(20, 16)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, dropout=dropout, batch_first=batch_first)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        if not self.batch_first:
+            return self.head(self.encoder(h.transpose(0, 1)).mean(0))
+        return self.head(self.encoder(h).mean(1))
+
+
+class TiedLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class TiedEmbedding(nn.Module):
+    """A language-model head tied to the embedding: the Linear's weight is also used by F.embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(12, 8)
+        self.mix = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 12, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.mix(self.embed(tokens))).mean(1))
+
+
+class FunctionalReuse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(x))
+        return self.head(torch.tanh(F.linear(h, self.hidden.weight)))
+
+
+class WindowFolding(nn.Module):
+    """Swin-style window partition: each sample's 4 windows become 4 consecutive rows of the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.window_conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.window_mlp = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.norm(self.stem(x)))                         # (B, 8, 8, 8)
+        b, c = h.shape[:2]
+        windows = h.reshape(b, c, 2, 4, 2, 4).permute(0, 2, 4, 1, 3, 5).reshape(b * 4, c, 4, 4)
+        windows = F.relu(self.window_conv(windows))
+        tokens = self.window_mlp(windows.flatten(2).transpose(1, 2))  # (B*4, 16, 8)
+        return self.head(tokens.reshape(b, -1, c).mean(1))
+
+
+class SequenceFirst(nn.Module):
+    """Linear layers on (T, B, F) inputs: the first dimension is not the sample index."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(x.transpose(0, 1))).mean(0))
+
+
+def _tokens(n: int = 8, length: int = 6, vocabulary: int = 20):
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(0, vocabulary, (n, length), generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_transformer_encoder_layer_matches_the_definition(caplog):
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        model = TokenTransformer(batch_first)
+        x, y = _tokens()
+        with caplog.at_level("WARNING", logger="gradsign"):
+            score = gradsign.score(model, x, y)
+        reference = plain_gradsign(model, x, y)
+        assert score == pytest.approx(reference, rel=1e-3)
+        assert score == pytest.approx(gradsign.score(model, x, y, engine="loop"), rel=1e-3)
+    assert "out_proj" in caplog.text and "outside the layer's own call" in caplog.text
+
+
+@pytest.mark.parametrize("make, kind, falls_back", [
+    (TiedLinears, "features", False), (TiedEmbedding, "tokens", True), (FunctionalReuse, "features", True),
+    (WindowFolding, "image", False), (SequenceFirst, "sequence", True)])
+def test_shared_functional_and_folded_weights_match_the_definition(make, kind, falls_back, caplog):
+    torch.manual_seed(0)
+    model = make()
+    g = torch.Generator().manual_seed(3)
+    x = {"features": lambda: torch.randn(8, 6 if make is TiedLinears else 5, generator=g),
+         "tokens": lambda: torch.randint(0, 12, (8, 5), generator=g),
+         "image": lambda: torch.randn(8, 3, 8, 8, generator=g),
+         "sequence": lambda: torch.randn(8, 8, 6, generator=g)}[kind]()
+    y = torch.randint(0, 4 if make is WindowFolding else 3 if make is not TiedEmbedding else 12, (8,),
+                      generator=g)
+    with caplog.at_level("WARNING", logger="gradsign"):
+        score = gradsign.score(model, x, y)
+    assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
+    assert ("not exact" in caplog.text) == falls_back
+    counts = {e: sign_counts(copy.deepcopy(model).double(), x.double() if x.is_floating_point() else x,
+                             y, F.cross_entropy, engine=e) for e in ("auto", "loop")}
+    assert all(torch.equal(counts["auto"][k], counts["loop"][k]) for k in counts["loop"])
+
+
+def test_tied_weights_count_once():
+    torch.manual_seed(0)
+    model = TiedLinears()
+    counts = sign_counts(copy.deepcopy(model), torch.randn(4, 6), torch.tensor([0, 1, 2, 0]),
+                         F.cross_entropy, engine="loop")
+    assert sorted(counts) == ["a", "head"]
+
+
+def test_dropout_of_every_kind_is_off_while_scoring(caplog):
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(4, 8)
+            self.attention = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+            self.drop = nn.Dropout(0.5)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.embed(x)
+            return self.head(self.drop(self.attention(h, h, h)[0]).mean(1))
+
+    torch.manual_seed(0)
+    model = Noisy()
+    x, y = torch.randn(6, 5, 4), torch.randint(0, 3, (6,))
+    with caplog.at_level("WARNING", logger="gradsign"):
+        scores = {gradsign.score(model, x, y, seed=s) for s in (0, 1)}
+    assert len(scores) == 1
+    assert scores.pop() == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
+    assert "interact" not in caplog.text
+
+
+def test_batchnorm_without_single_sample_statistics_is_refused_plainly():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="cannot score this model.*single value per channel"):
+        gradsign.score(model, torch.randn(6, 4), torch.randint(0, 3, (6,)))
+
+
+def test_float32_noise_is_settled_in_float64_without_a_fallback(monkeypatch, caplog):
+    torch.manual_seed(0)
+    model = cnn(nn.BatchNorm2d)
+    x, y, _ = batch("image")
+    expected = gradsign.score(model, x, y, engine="batched")
+    monkeypatch.setattr(engine_module, "FLOAT32_TOLERANCE", -1.0)  # every float32 comparison "fails"
+    with caplog.at_level("WARNING", logger="gradsign"):
+        assert gradsign.score(model, x, y) == expected
+    assert caplog.text == ""
+    monkeypatch.setattr(engine_module, "FLOAT64_TOLERANCE", -1.0)
+    with caplog.at_level("WARNING", logger="gradsign"):
+        assert gradsign.score(model, x, y) == pytest.approx(expected, rel=1e-3)
+    assert "vmap engine" in caplog.text

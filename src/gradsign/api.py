@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradsign.engine import LossFn
+from gradsign.engine import LossFn, scoring_mode
 from gradsign.proxies import PROXIES, ProxyInfo, get_proxy
 
 #: options the API itself takes; everything else goes to the proxies that accept it
@@ -116,8 +116,7 @@ def _score_once(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | 
         work = copy.deepcopy(model)
         if reinitialise:
             reinitialise_parameters(work)
-        work = _OutputAdapter(work, output_fn)
-        work.train()
+        work = scoring_mode(_OutputAdapter(work, output_fn))
         work.requires_grad_(True)
         return float(info.fn(work, inputs, targets, loss_fn, **options))
 

@@ -1,24 +1,36 @@
 """Per-sample gradient engine: sign counts of per-sample weight gradients.
 
-For every Conv2d and Linear layer it returns ``counts[k] = sum_i sign(dL_i/dw_k)`` over the samples ``i``
-of a batch, where ``L_i`` is the loss of sample ``i`` alone and the network runs in train mode on a batch
-of one, so BatchNorm normalises each sample by its own statistics (the official GradSign semantics,
-Zhang & Jia, ICLR 2022). Counts are reduced layer by layer; no samples x all-weights array is built.
+For every counted weight (the weight of an ``nn.Conv2d`` or ``nn.Linear``; a weight shared by several
+modules counts once, with its whole gradient) it returns ``counts[k] = sum_i sign(dL_i/dw_k)`` over the
+samples ``i`` of a batch, where ``L_i`` is the loss of sample ``i`` alone on a batch of one (the official
+GradSign semantics, Zhang & Jia, ICLR 2022). Counts are reduced layer by layer; no samples x all-weights
+array is built.
+
+Scoring mode (``scoring_mode``): every module in eval mode except normalisation layers, which stay in
+train mode, so that dropout of every kind (attention dropout included), drop-path / stochastic depth and
+other train-only randomness are off while BatchNorm normalises each sample by its own statistics.
 
 Engines:
 - ``batched``: one forward/backward per chunk of samples. Train-mode BatchNorm is swapped for instance
   normalisation with the same affine parameters (identical to BatchNorm on one sample), the per-sample
   losses are summed, and each layer's per-sample weight gradients are formed from its input and output
-  gradient (a grouped weight-gradient convolution for Conv2d, an einsum for Linear) inside a gradient
-  hook, then reduced to sign counts (on a CPU in cache-sized slices of samples).
-- ``vmap``: ``torch.func.vmap(grad(...))`` over single-sample calls of the functional model.
+  gradient inside a gradient hook (per layer the faster of a grouped weight-gradient convolution and a
+  batched matrix product for Conv2d, a batched matrix product for Linear), then reduced to sign counts.
+  A layer whose input folds several rows per sample into the batch dimension (patches, windows) is
+  handled when the rows of one sample are consecutive.
+- ``vmap``: ``torch.func.vmap(grad(...))`` over single-sample calls of the functional model: exact
+  whatever the model does inside.
 - ``loop``: the reference; one forward/backward per sample.
-- ``auto``: ``batched``, checked on the first chunk that samples do not interact; falls back to ``loop``
-  (with a logged warning) for models the batched engine cannot handle.
+- ``auto`` (default): ``batched``, verified on the first samples: their batched per-sample gradients
+  must equal single-sample gradients for every counted weight (in float64 where float32 noise leaves a
+  doubt). When they do not (a weight used outside its module's call, a batch dimension that is not the
+  sample index, samples that interact), it warns with the cause and uses ``vmap``, then ``loop``.
 """
 from __future__ import annotations
 
+import copy
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -33,6 +45,16 @@ DEFAULT_ELEMENT_BUDGET = 1 << 25
 #: in cache make the grouped weight-gradient convolution of wide layers several times faster there
 #: (2^17..2^21 measured, docs/performance.md); other devices take the whole chunk in one call
 SLICE_ELEMENTS = 1 << 19
+#: output positions (H x W) up to which the matrix product beats the grouped convolution on a CPU
+MATMUL_MAX_POSITIONS = 256
+#: samples whose batched per-sample gradients ``auto`` compares with single-sample gradients
+VERIFIED_SAMPLES = 2
+#: largest relative difference (per weight tensor, against its largest gradient) accepted as float noise
+FLOAT32_TOLERANCE = 1e-3
+FLOAT64_TOLERANCE = 1e-7
+#: normalisation layers: kept in train mode while scoring (they normalise by single-sample statistics)
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm,
+               nn.LayerNorm)
 
 log = logging.getLogger("gradsign")
 
@@ -41,9 +63,37 @@ class UnsupportedModelError(RuntimeError):
     """The batched engine cannot compute exact per-sample gradients for this model."""
 
 
+class CannotScoreError(ValueError):
+    """The model has no per-sample semantics to score (e.g. BatchNorm over one value per channel)."""
+
+
+def scoring_mode(model: nn.Module) -> nn.Module:
+    """Put ``model`` in the mode proxies score it in: eval mode, except normalisation layers
+    (``NORM_LAYERS``) in train mode. Returns ``model``."""
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, NORM_LAYERS):
+            module.train()
+    return model
+
+
 def counted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Conv2d and Linear layers of ``model``: the layers whose weights GradSign counts."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    """Conv2d and Linear layers of ``model`` whose weights GradSign counts: one layer per distinct
+    weight (the first module that holds it)."""
+    seen: set[int] = set()
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            layers.append((name, module))
+    return layers
+
+
+def _weight_users(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """(counted name, module) for every Conv2d/Linear module, named by the layer that holds its weight."""
+    owner = {id(m.weight): name for name, m in layers}
+    return [(owner[id(m.weight)], m) for _, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m.weight) in owner]
 
 
 def per_sample_loss_sum(outputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
@@ -65,55 +115,109 @@ def per_sample_loss_sum(outputs: torch.Tensor, targets: torch.Tensor, loss_fn: L
 
 def sign_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, *,
                 engine: str = "auto", chunk_size: int | None = None) -> dict[str, torch.Tensor]:
-    """Per-layer ``sum_i sign(dL_i/dW)`` (int32, the weight's shape) for the Conv2d/Linear layers.
+    """Per-layer ``sum_i sign(dL_i/dW)`` (int32, the weight's shape) for the counted weights.
 
-    ``model`` must be a private copy in train mode: the engines modify it (requires_grad flags, norm
-    layers). Dropout is switched off so the counts are a deterministic function of weights and batch.
+    ``model`` must be a private copy: the engines modify it (mode, requires_grad flags, norm layers).
+    It is put in ``scoring_mode`` first.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.eval()
+    scoring_mode(model)
     layers = counted_layers(model)
-    if engine == "loop":
-        return _loop_counts(model, inputs, targets, loss_fn, layers)
-    if engine == "vmap":
-        return _vmap_counts(model, inputs, targets, loss_fn, layers, chunk_size)
-    requires_grad = [p.requires_grad for p in model.parameters()]
-    swapped = _swap_batch_norms(model)
     try:
-        return _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
-                               check_independence=engine == "auto")
+        if engine == "loop":
+            return _loop_counts(model, inputs, targets, loss_fn, layers)
+        if engine == "vmap":
+            return _vmap_counts(model, inputs, targets, loss_fn, layers, chunk_size)
+        return _checked_batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
+                                       verify=engine == "auto")
+    except CannotScoreError:
+        raise
+    except (RuntimeError, ValueError) as error:
+        raise _single_sample_error(model, error) or error
+
+
+def _single_sample_error(model: nn.Module, error: Exception) -> CannotScoreError | None:
+    """A plain explanation for torch's error when a norm layer sees one value per channel."""
+    text = str(error)
+    if "Expected more than 1" not in text:
+        return None
+    return CannotScoreError(
+        "GradSign cannot score this model: a normalisation layer sees a single value per channel for "
+        f"one sample ({text.splitlines()[0].split(', got ')[-1]}), so its single-sample statistics are "
+        "undefined (BatchNorm on (N, C) features or on 1x1 maps); use larger inputs or another norm")
+
+
+def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                            loss_fn: LossFn, layers: list[tuple[str, nn.Module]],
+                            chunk_size: int | None, *, verify: bool) -> dict[str, torch.Tensor]:
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    swap = _PerSampleNorms(model)
+    kept = min(VERIFIED_SAMPLES, len(inputs)) if verify else 0
+    try:
+        counts, batched_prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
+                                                 kept=kept)
+        cause = None
     except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
-        if engine == "batched":
+        if not verify or _single_sample_error(model, error):
             raise
-        log.warning("gradsign: batched engine cannot handle this model (%s); using the loop engine",
-                    str(error).splitlines()[0] if str(error) else type(error).__name__)
-        # the loop sees the model as it was: its own norm layers and gradient flags
-        for parent, name, norm in swapped:
-            setattr(parent, name, norm)
-        for p, flag in zip(model.parameters(), requires_grad):
-            p.requires_grad_(flag)
-        return _loop_counts(model, inputs, targets, loss_fn, layers)
+        counts, batched_prefix = None, None
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+    swap.undo()
+    for p, flag in zip(model.parameters(), requires_grad):
+        p.requires_grad_(flag)
+    if verify and cause is None:
+        cause = _prefix_mismatch(model, inputs, targets, loss_fn, layers, batched_prefix, FLOAT32_TOLERANCE)
+        if cause is not None:
+            # float32 noise (e.g. normalising near-constant maps) or a real difference: decide in float64
+            cause = _float64_mismatch(model, inputs[:kept], targets[:kept], loss_fn)
+    if cause is None:
+        return counts
+    return _exact_fallback(model, inputs, targets, loss_fn, layers, chunk_size, cause)
+
+
+def _exact_fallback(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
+                    layers: list[tuple[str, nn.Module]], chunk_size: int | None, cause: str
+                    ) -> dict[str, torch.Tensor]:
+    try:
+        counts = _vmap_counts(model, inputs, targets, loss_fn, layers, chunk_size)
+        log.warning("gradsign: batched engine is not exact for this model (%s); used the vmap engine", cause)
+        return counts
+    except Exception as error:  # vmap cannot run every model (in-place ops on inputs, .item(), ...)
+        vmap_error = str(error).splitlines()[0] if str(error) else type(error).__name__
+    log.warning("gradsign: batched engine is not exact for this model (%s) and vmap cannot run it (%s); "
+                "used the loop engine", cause, vmap_error)
+    return _loop_counts(model, inputs, targets, loss_fn, layers)
 
 
 def _zero_counts(layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
     return {name: torch.zeros_like(m.weight, dtype=torch.int32) for name, m in layers}
 
 
+def _single_sample_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
+                         layers: list[tuple[str, nn.Module]]) -> Iterator[dict[str, torch.Tensor | None]]:
+    """For each sample alone: the gradient of its loss for every counted weight (None: no gradient)."""
+    flags = [m.weight.requires_grad for _, m in layers]
+    for _, m in layers:
+        m.weight.requires_grad_(True)
+    try:
+        for i in range(len(inputs)):
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(inputs[i:i + 1]), targets[i:i + 1]).backward()
+            yield {name: m.weight.grad for name, m in layers}
+    finally:
+        model.zero_grad(set_to_none=True)
+        for (_, m), flag in zip(layers, flags):
+            m.weight.requires_grad_(flag)
+
+
 def _loop_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
                  layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
     counts = _zero_counts(layers)
-    for _, m in layers:
-        m.weight.requires_grad_(True)
-    for i in range(len(inputs)):
-        model.zero_grad(set_to_none=True)
-        loss_fn(model(inputs[i:i + 1]), targets[i:i + 1]).backward()
-        for name, m in layers:
-            if m.weight.grad is not None:
-                counts[name] += torch.sign(m.weight.grad).to(torch.int32)
-    model.zero_grad(set_to_none=True)
+    for grads in _single_sample_grads(model, inputs, targets, loss_fn, layers):
+        for name, grad in grads.items():
+            if grad is not None:
+                counts[name] += torch.sign(grad).to(torch.int32)
     return counts
 
 
@@ -136,28 +240,30 @@ class _PerSampleNorm(nn.Module):
         self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 3:
-            raise UnsupportedModelError("BatchNorm on (N, C) input has no single-sample statistics")
         return F.instance_norm(x, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
 
 
-def _swap_batch_norms(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Replace every BatchNorm that normalises by batch statistics with ``_PerSampleNorm``; returns
-    (parent, attribute, replaced BatchNorm) for each, so the swap can be undone."""
-    swapped = []
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and (child.training
-                                                                   or not child.track_running_stats):
-            setattr(module, name, _PerSampleNorm(child))
-            swapped.append((module, name, child))
-        else:
-            swapped += _swap_batch_norms(child)
-    return swapped
+class _PerSampleNorms:
+    """Every BatchNorm that normalises by batch statistics replaced with ``_PerSampleNorm``; ``undo``
+    puts the originals back."""
+
+    def __init__(self, model: nn.Module):
+        self.swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        for parent in list(model.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.modules.batchnorm._BatchNorm) and (child.training
+                                                                           or not child.track_running_stats):
+                    setattr(parent, name, _PerSampleNorm(child))
+                    self.swapped.append((parent, name, child))
+
+    def undo(self) -> None:
+        for parent, name, norm in self.swapped:
+            setattr(parent, name, norm)
+        self.swapped = []
 
 
 def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """Per-sample dL/dW of a Conv2d, shape (B, *W.shape), from its input and output gradient: the
-    weight gradient of one convolution whose groups are (sample, group) pairs."""
+    """Per-row dL/dW of a Conv2d, shape (rows, *W.shape), from its input and output gradient."""
     if x.dim() != 4:
         raise UnsupportedModelError("Conv2d called on unbatched input")
     padding = conv.padding
@@ -165,6 +271,8 @@ def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tenso
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
         padding = 0
+    if _use_matmul(conv, x, grad_out):
+        return _conv2d_sample_grads_matmul(conv, x, grad_out, padding)
     batch = x.shape[0]
     out_channels, in_per_group, *kernel = conv.weight.shape
     grads = torch.nn.grad.conv2d_weight(
@@ -174,106 +282,224 @@ def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tenso
     return grads.reshape(batch, *conv.weight.shape)
 
 
-def _linear_sample_grads(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """Per-sample dL/dW of a Linear layer (inputs of any shape (B, ..., in))."""
+def _use_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
+    """Unfold + batched matrix product instead of the grouped weight-gradient convolution: on a CPU for
+    ungrouped convolutions whose output maps are small next to the weight (measured, bench/kernels.py)."""
+    if x.device.type != "cpu" or conv.groups != 1:
+        return False
+    kernel_area = conv.weight.shape[2] * conv.weight.shape[3]
+    positions = grad_out.shape[2] * grad_out.shape[3]
+    return kernel_area == 1 or positions <= MATMUL_MAX_POSITIONS
+
+
+def _conv2d_sample_grads_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
+                                padding) -> torch.Tensor:
+    batch = x.shape[0]
+    kernel = conv.weight.shape[2:]
+    if kernel == (1, 1) and tuple(padding) == (0, 0) and conv.stride == (1, 1):
+        columns = x.reshape(batch, x.shape[1], -1)
+    else:
+        columns = F.unfold(x, kernel, dilation=conv.dilation, padding=padding, stride=conv.stride)
+    grads = torch.bmm(grad_out.reshape(batch, grad_out.shape[1], -1), columns.transpose(1, 2))
+    return grads.reshape(batch, *conv.weight.shape)
+
+
+def _linear_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, samples: int) -> torch.Tensor:
+    """Per-sample dL/dW of a Linear layer; rows of one sample (all dims but the last) are consecutive."""
     if x.dim() < 2:
         raise UnsupportedModelError("Linear called on unbatched input")
-    batch = x.shape[0]
-    x = x.reshape(batch, -1, x.shape[-1])
-    grad_out = grad_out.reshape(batch, -1, grad_out.shape[-1])
-    return torch.einsum("bto,bti->boi", grad_out, x)
+    x = x.reshape(samples, -1, x.shape[-1])
+    grad_out = grad_out.reshape(samples, -1, grad_out.shape[-1])
+    return torch.bmm(grad_out.transpose(1, 2), x)
 
 
-def _sample_grads(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+def _sample_grads(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, samples: int) -> torch.Tensor:
+    """Per-sample weight gradients of ``samples`` samples whose rows fill ``x``'s first dimension."""
     if isinstance(module, nn.Conv2d):
-        return _conv2d_sample_grads(module, x, grad_out)
-    return _linear_sample_grads(x, grad_out)
+        grads = _conv2d_sample_grads(module, x, grad_out)
+        return grads if len(grads) == samples else grads.reshape(samples, -1, *grads.shape[1:]).sum(1)
+    return _linear_sample_grads(x, grad_out, samples)
 
 
 class _SignCountHooks:
-    """Forward hooks that attach, to each counted layer's output, a gradient hook forming the layer's
-    per-sample weight gradients and adding their signs to ``counts``. A layer called several times in
-    one forward has its per-sample gradients summed over the calls before the sign is taken."""
+    """Forward hooks that attach, to each counted module's output, a gradient hook forming the module's
+    per-sample weight gradients and adding their signs to ``counts``. A weight used in several calls in
+    one forward (a reused module, or modules sharing it) has its per-sample gradients summed over the
+    calls before the sign is taken. The per-sample gradients of the first ``kept`` samples of the first
+    chunk are kept in ``prefix`` for verification."""
 
-    def __init__(self, layers: list[tuple[str, nn.Module]], counts: dict[str, torch.Tensor]):
+    def __init__(self, users: list[tuple[str, nn.Module]], counts: dict[str, torch.Tensor], kept: int):
         self.counts = counts
+        self.kept = kept
+        self.prefix: dict[str, torch.Tensor] = {}
+        self.samples = 0
+        self.first_chunk = True
         self.pending_calls: dict[str, int] = {}
         self.partial: dict[str, torch.Tensor] = {}
-        self.handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in layers]
+        self.handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in users]
+
+    def start_chunk(self, samples: int) -> None:
+        self.samples = samples
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             if not isinstance(output, torch.Tensor):
                 raise UnsupportedModelError(f"layer {name} does not return a tensor")
+            x = args[0]
+            if x.dim() == 0 or x.shape[0] % self.samples:
+                raise UnsupportedModelError(
+                    f"layer {name} gets an input of {x.shape[0] if x.dim() else 0} rows for a batch of "
+                    f"{self.samples}: its first dimension is not the sample index")
             if not output.requires_grad:
                 # the input does not depend on the batch (e.g. zeros from a cut-off path): make the
                 # output a leaf so that the gradient arriving at it is still seen
                 output = output.detach().requires_grad_(True)
             self.pending_calls[name] = self.pending_calls.get(name, 0) + 1
-            x = args[0].detach()
+            x = x.detach()
             output.register_hook(lambda grad: self._accumulate(name, module, x, grad))
             return output
         return hook
 
     def _accumulate(self, name: str, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         self.pending_calls[name] -= 1
+        rows = len(x) // self.samples
         if not self.pending_calls[name] and name not in self.partial:
             # the layer's only call: reduce to sign counts slice by slice
-            step = max(1, SLICE_ELEMENTS // module.weight.numel()) if x.device.type == "cpu" else len(x)
-            for part in _chunks(len(x), step):
-                self._add_signs(name, _sample_grads(module, x[part], grad_out[part]))
+            per_sample = module.weight.numel() * (rows if isinstance(module, nn.Conv2d) else 1)
+            step = max(1, SLICE_ELEMENTS // per_sample) if x.device.type == "cpu" else self.samples
+            for part in _chunks(self.samples, step):
+                rows_part = slice(part.start * rows, part.stop * rows)
+                grads = _sample_grads(module, x[rows_part], grad_out[rows_part], part.stop - part.start)
+                self._add_signs(name, grads, part.start)
             return
-        sample_grads = _sample_grads(module, x, grad_out)
+        sample_grads = _sample_grads(module, x, grad_out, self.samples)
         if name in self.partial:
             sample_grads = sample_grads + self.partial.pop(name)
         if self.pending_calls[name]:
             self.partial[name] = sample_grads
         else:
-            self._add_signs(name, sample_grads)
+            self._add_signs(name, sample_grads, 0)
 
-    def _add_signs(self, name: str, sample_grads: torch.Tensor) -> None:
-        self.counts[name] += torch.sign(sample_grads).sum(0).to(torch.int32)
+    def _add_signs(self, name: str, sample_grads: torch.Tensor, first: int) -> None:
+        if self.first_chunk and first < self.kept:
+            kept = sample_grads[:self.kept - first].detach().clone()
+            self.prefix[name] = torch.cat([self.prefix[name], kept]) if name in self.prefix else kept
+        self.counts[name] += torch.sign(sample_grads).sum(0, dtype=torch.int32)
 
     def finish_chunk(self) -> None:
         """Close the chunk: calls whose output got no gradient contribute zero."""
         for name, sample_grads in self.partial.items():
-            self._add_signs(name, sample_grads)
+            self._add_signs(name, sample_grads, 0)
         self.partial.clear()
         self.pending_calls.clear()
+        self.first_chunk = False
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
 
 
-def _assert_samples_independent(model: nn.Module, x: torch.Tensor) -> None:
-    """Raise if a sample's output depends on the other samples of its batch."""
-    if len(x) < 2:
-        return
-    with torch.no_grad():
-        together = model(x[:2])
-        alone = torch.cat([model(x[:1]), model(x[1:2])])
-    if not torch.allclose(together, alone, rtol=1e-3, atol=1e-5 * float(alone.abs().max()) + 1e-12):
-        raise UnsupportedModelError("samples interact within a batch")
+def _make_leaves_hooks(model: nn.Module) -> list:
+    """Forward hooks making every floating output that needs no gradient a leaf that takes one, so that
+    a graph reaches every counted layer when the inputs themselves cannot require grad (token ids)."""
+    def hook(module: nn.Module, args: tuple, output):
+        if isinstance(output, torch.Tensor) and output.is_floating_point() and not output.requires_grad:
+            return output.detach().requires_grad_(True)
+        return output
+    return [m.register_forward_hook(hook) for m in model.modules() if not any(True for _ in m.children())]
 
 
 def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
-                    layers: list[tuple[str, nn.Module]], chunk_size: int | None, *,
-                    check_independence: bool) -> dict[str, torch.Tensor]:
+                    layers: list[tuple[str, nn.Module]], chunk_size: int | None, *, kept: int = 0
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Sign counts from batched passes, and the per-sample gradients of the first ``kept`` samples."""
     model.requires_grad_(False)
     counts = _zero_counts(layers)
     chunk_size = chunk_size or _default_chunk(layers, len(inputs), DEFAULT_ELEMENT_BUDGET)
-    if check_independence:
-        _assert_samples_independent(model, inputs)
-    hooks = _SignCountHooks(layers, counts)
+    hooks = _SignCountHooks(_weight_users(model, layers), counts, kept)
+    floating = inputs.is_floating_point()
+    leaf_hooks = [] if floating else _make_leaves_hooks(model)
     try:
         for part in _chunks(len(inputs), chunk_size):
-            x = inputs[part].detach().requires_grad_(True)
-            per_sample_loss_sum(model(x), targets[part], loss_fn).backward()
+            x = inputs[part].detach().requires_grad_(True) if floating else inputs[part]
+            hooks.start_chunk(len(x))
+            loss = per_sample_loss_sum(model(x), targets[part], loss_fn)
+            if loss.requires_grad:
+                loss.backward()
             hooks.finish_chunk()
     finally:
         hooks.remove()
-    return counts
+        for handle in leaf_hooks:
+            handle.remove()
+    return counts, hooks.prefix
+
+
+def _prefix_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
+                     layers: list[tuple[str, nn.Module]], batched: dict[str, torch.Tensor],
+                     tolerance: float) -> str | None:
+    """Why the batched per-sample gradients of the first samples differ from single-sample gradients
+    of the model as it is (its own norm layers), or None when they agree within ``tolerance``."""
+    kept = len(next(iter(batched.values()))) if batched else min(VERIFIED_SAMPLES, len(inputs))
+    for i, single in enumerate(_single_sample_grads(model, inputs[:kept], targets[:kept], loss_fn, layers)):
+        for name, reference in single.items():
+            mismatch = _difference(batched[name][i] if name in batched else None, reference, tolerance)
+            if mismatch is None:
+                continue
+            if name not in batched:
+                return (f"weight of layer {name} gets its gradient outside the layer's own call "
+                        "(a shared weight or a functional use of it)")
+            return f"per-sample gradients of layer {name} differ from single-sample ones ({mismatch})"
+    return None
+
+
+def _difference(batched: torch.Tensor | None, single: torch.Tensor | None, tolerance: float) -> str | None:
+    if single is None:
+        single = torch.zeros(()) if batched is None else torch.zeros_like(batched)
+    if batched is None:
+        batched = torch.zeros_like(single)
+    scale = float(single.abs().max())
+    error = float((batched.to(single.dtype) - single).abs().max())
+    if error <= tolerance * scale or (scale == 0 and error == 0):
+        return None
+    return f"largest difference {error:.3g} of {scale:.3g}"
+
+
+def _float64_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn
+                      ) -> str | None:
+    """The batched-vs-single verification on a float64 copy, where float noise is far below the
+    tolerance; None when the batched engine is exact for this model."""
+    twin = copy.deepcopy(model).double()
+    if inputs.is_floating_point():
+        inputs = inputs.double()
+    if targets.is_floating_point():
+        targets = targets.double()
+    layers = counted_layers(twin)
+    swap = _PerSampleNorms(twin)
+    try:
+        _, prefix = _batched_counts(twin, inputs, targets, loss_fn, layers, len(inputs), kept=len(inputs))
+    except UnsupportedModelError as error:
+        return str(error)
+    finally:
+        swap.undo()
+    twin.requires_grad_(True)
+    cause = _prefix_mismatch(twin, inputs, targets, loss_fn, layers, prefix, FLOAT64_TOLERANCE)
+    if cause is not None and _samples_interact(twin, inputs):
+        return "samples interact within a batch"
+    return cause
+
+
+def _samples_interact(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a sample's output depends on the other samples of its batch (float64 model)."""
+    if len(x) < 2:
+        return False
+    swap = _PerSampleNorms(model)
+    try:
+        with torch.no_grad():
+            together = model(x)
+            alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+    finally:
+        swap.undo()
+    return not torch.allclose(together, alone, rtol=max(FLOAT64_TOLERANCE, 0.0), atol=0)
 
 
 def _vmap_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
@@ -281,7 +507,8 @@ def _vmap_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
     replace_all_batch_norm_modules_(model)
-    keys = {name: f"{name}.weight" if name else "weight" for name, _ in layers}
+    names = {id(p): n for n, p in model.named_parameters()}
+    keys = {name: names[id(m.weight)] for name, m in layers}
     weights = {keys[name]: m.weight.detach() for name, m in layers}
     fixed = {k: v.detach() for k, v in model.named_parameters() if k not in weights}
     fixed.update({k: v.detach() for k, v in model.named_buffers()})
@@ -291,10 +518,12 @@ def _vmap_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
 
     total = sum(w.numel() for w in weights.values()) or 1
     chunk_size = chunk_size or max(1, min(len(inputs), DEFAULT_ELEMENT_BUDGET // total))
-    sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="error")
     counts = _zero_counts(layers)
     for part in _chunks(len(inputs), chunk_size):
-        grads = sample_grads(weights, inputs[part], targets[part])
+        with warnings.catch_warnings():  # torch's notes on ops without a batching rule (slower, exact)
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            grads = sample_grads(weights, inputs[part], targets[part])
         for name, _ in layers:
-            counts[name] += torch.sign(grads[keys[name]]).sum(0).to(torch.int32)
+            counts[name] += torch.sign(grads[keys[name]]).sum(0, dtype=torch.int32)
     return counts
