@@ -1,0 +1,134 @@
+"""effective_params: how many Conv2d/Linear weights receive any gradient at initialisation.
+
+GradSign (sum_k |sum_i sign(dL_i/dw_k)|) gives 0 to every weight no sample's gradient reaches, and at a
+random initialisation the signs of the weights that are reached agree little more than fair coins would
+(docs/what_gradsign_measures.md). This proxy counts the reached weights directly, with one batched
+forward/backward instead of per-sample gradients.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradsign.engine import counted_layers, per_sample_loss_sum
+from gradsign.proxies.registry import LossFn, register
+
+log = logging.getLogger("gradsign")
+
+
+class _SingleSampleNorm(nn.Module):
+    """A train-mode BatchNorm as it acts on a batch of one, for every sample of a batch at once:
+    instance normalisation (statistics over the dims after the channel dim) with the BatchNorm's eps
+    and affine parameters."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3:
+            raise ValueError("BatchNorm on (N, C) input has no single-sample statistics")
+        return F.instance_norm(x, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
+
+
+def _use_single_sample_norms(module: nn.Module) -> int:
+    """Replace, in place, every BatchNorm that normalises by batch statistics; returns how many."""
+    swapped = 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and (child.training
+                                                                   or not child.track_running_stats):
+            setattr(module, name, _SingleSampleNorm(child))
+            swapped += 1
+        else:
+            swapped += _use_single_sample_norms(child)
+    return swapped
+
+
+def _samples_independent(model: nn.Module, inputs: torch.Tensor) -> bool:
+    """Whether the first two samples' outputs are the same alone as together (to float noise)."""
+    if len(inputs) < 2:
+        return True
+    with torch.no_grad():
+        together = model(inputs[:2])
+        alone = torch.cat([model(inputs[:1]), model(inputs[1:2])])
+    scale = float(alone.abs().max()) if alone.numel() else 0.0
+    return bool(torch.allclose(together, alone, rtol=1e-3, atol=1e-3 * scale + 1e-12))
+
+
+def reached_weights_batched(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                            loss_fn: LossFn) -> dict[str, torch.Tensor]:
+    """Per Conv2d/Linear layer, a bool mask of the weights with d(sum_i L_i)/dw != 0, from one batched
+    forward/backward; train-mode BatchNorm is replaced by its single-sample form first, so L_i is sample
+    i's loss alone (GradSign's semantics). Modifies ``model`` (a private copy). Raises ValueError when the
+    samples still interact after the replacement."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    _use_single_sample_norms(model)
+    layers = counted_layers(model)
+    if not _samples_independent(model, inputs):
+        raise ValueError("samples interact within a batch")
+    model.requires_grad_(False)
+    weights = [m.weight for _, m in layers]
+    for w in weights:
+        w.requires_grad_(True)
+    x = inputs.detach().requires_grad_(True)  # keeps a graph even when no weight is on the path
+    loss = per_sample_loss_sum(model(x), targets, loss_fn)
+    grads = torch.autograd.grad(loss, weights, allow_unused=True) if weights else []
+    return {name: (torch.zeros_like(m.weight, dtype=torch.bool) if g is None else g != 0)
+            for (name, m), g in zip(layers, grads)}
+
+
+def reached_weights_loop(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                         loss_fn: LossFn) -> dict[str, torch.Tensor]:
+    """Per Conv2d/Linear layer, a bool mask of the weights with dL_i/dw != 0 for at least one sample i,
+    one forward/backward per sample (train mode, batch of one). Modifies ``model`` (a private copy)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    layers = counted_layers(model)
+    reached = {name: torch.zeros_like(m.weight, dtype=torch.bool) for name, m in layers}
+    for _, m in layers:
+        m.weight.requires_grad_(True)
+    for i in range(len(inputs)):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(inputs[i:i + 1]), targets[i:i + 1]).backward()
+        for name, m in layers:
+            if m.weight.grad is not None:
+                reached[name] |= m.weight.grad != 0
+    model.zero_grad(set_to_none=True)
+    return reached
+
+
+@register(
+    "effective_params",
+    formula="#{Conv2d/Linear weights w_k : sum_i dL_i/dw_k != 0}, L_i the loss of sample i alone (train "
+            "mode, BatchNorm with single-sample statistics), one batched forward/backward",
+    source="this package (docs/what_gradsign_measures.md): the weights GradSign can count at all",
+    higher_is_better=True,
+    uses_targets=True,
+)
+def effective_params(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn) -> float:
+    """Score = #{k : sum_i dL_i/dw_k != 0} over the Conv2d/Linear weights w_k at initialisation.
+
+    L_i is the loss of sample i of the batch alone, with the network in train mode and BatchNorm
+    normalising each sample by its own statistics: GradSign's semantics (Zhang & Jia, ICLR 2022), so a
+    weight is counted exactly when it can contribute to GradSign (up to an exact cancellation of non-zero
+    per-sample gradients, which has probability zero). The gradient of sum_i L_i comes from one batched
+    forward/backward after replacing train-mode BatchNorm by instance normalisation (identical on one
+    sample); when samples still interact (a norm on (N, C) inputs, any other batch-level layer) it falls
+    back, with a logged warning, to one forward/backward per sample, counting the weights with a non-zero
+    gradient for at least one sample. Biases and norm parameters are not counted. Dropout is switched off.
+    """
+    spare = copy.deepcopy(model)
+    try:
+        reached = reached_weights_batched(model, inputs, targets, loss_fn)
+    except ValueError as error:
+        log.warning("effective_params: batched backward cannot keep samples apart (%s); using the loop",
+                    error)
+        reached = reached_weights_loop(spare, inputs, targets, loss_fn)
+    return float(sum(int(mask.sum()) for mask in reached.values()))
