@@ -3,6 +3,7 @@ from gradsign.proxies.registry import PROXIES, ProxyInfo, UnknownProxyError, get
 
 # Importing a proxy module registers it.
 from gradsign.proxies import gradsign as _gradsign  # noqa: F401,E402
+from gradsign.proxies import effective_params as _effective_params  # noqa: F401,E402
 from gradsign.proxies import fisher as _fisher  # noqa: F401,E402
 from gradsign.proxies import flops as _flops  # noqa: F401,E402
 from gradsign.proxies import grad_norm as _grad_norm  # noqa: F401,E402
