@@ -9,10 +9,10 @@ from itertools import product
 import numpy as np
 import pytest
 
-from gradsign.search import (Assist, BenchmarkArrays, BOHBSampler, CategoricalKDE, CategoricalPolicy,
-                             MovingAverage, SearchContext, Simulator, bohb, hyperband, hyperband_brackets,
-                             regularized_evolution, run_once, run_search, validation_pass_epochs)
-from gradsign.search.bohb import loo_bandwidth
+from gradsign.search import (Assist, BenchmarkArrays, BOHBSampler, CategoricalPolicy, MovingAverage, SearchContext,
+                             Simulator, bohb, fit_kde, hpbandster_bracket, hpbandster_budgets, hyperband,
+                             hyperband_brackets, kde_split, regularized_evolution, run_once, run_search,
+                             validation_pass_epochs)
 from gradsign.search.simulator import BudgetExhausted
 from gradsign.spaces import get_space
 
@@ -48,15 +48,15 @@ def test_cost_is_training_plus_one_validation_pass(space, tables):
 
 @pytest.mark.parametrize("algo", ALGOS)
 def test_deterministic_given_seed(space, tables, algo):
-    a = run_search(space, algo, runs=3, seed=7, tables=tables)
-    b = run_search(space, algo, runs=3, seed=7, tables=tables)
-    c = run_search(space, algo, runs=3, seed=8, tables=tables)
+    a = run_search(space, algo, runs=2, seed=7, tables=tables, budget=6_000.0)
+    b = run_search(space, algo, runs=2, seed=7, tables=tables, budget=6_000.0)
+    c = run_search(space, algo, runs=2, seed=8, tables=tables, budget=6_000.0)
     assert a["per_run"] == b["per_run"]
     assert [r["trace"] for r in a["per_run"]] != [r["trace"] for r in c["per_run"]]
     # run r alone, from its own generator, reproduces the record
-    sim = run_once(space, algo, tables, np.random.default_rng([7, 2]))
-    assert sim.incumbent == a["per_run"][2]["best_index"]
-    assert sim.elapsed == a["per_run"][2]["simulated_seconds"]
+    sim = run_once(space, algo, tables, np.random.default_rng([7, 1]), budget=6_000.0)
+    assert sim.incumbent == a["per_run"][1]["best_index"]
+    assert sim.elapsed == a["per_run"][1]["simulated_seconds"]
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -97,14 +97,31 @@ def test_proxy_time_is_charged_once_per_arch_and_run(space, tables):
     assert charged["proxy_seconds_mean"] > 0 and plain["proxy_seconds_mean"] == 0
 
 
-@pytest.mark.parametrize("algo", ALGOS)
-def test_algorithms_beat_a_random_pick(space, tables, algo):
-    result = run_search(space, algo, runs=15, seed=3, tables=tables)
-    random_pick = space.benchmark_table("cifar10", "test", 200).mean()
-    assert result["results"]["cifar10"]["test"]["mean"] > random_pick + 3.0
+#: runs 0-2 of seed 0 (default settings, 12,000 s): (incumbent index, evaluations, simulated seconds), computed
+#: once with this implementation; each incumbent is in the top 15% of the space by CIFAR-10 test accuracy,
+#: most in the top 1%, as the published means (93.6-93.9) imply
+PINNED = {
+    "rs": [(4141, 103, 11960.87), (4385, 100, 11909.45), (11174, 105, 11887.56)],
+    "rea": [(9586, 97, 11903.04), (13714, 99, 11945.67), (14861, 103, 11958.69)],
+    "reinforce": [(13325, 90, 11969.79), (8288, 104, 11958.08), (81, 77, 11877.75)],
+    "hb": [(541, 103, 11976.51), (9689, 100, 11973.88), (11174, 100, 11945.67)],
+    "bohb": [(541, 107, 11899.73), (9663, 104, 11914.96), (7579, 109, 11853.9)],
+}
 
 
 @pytest.mark.parametrize("algo", ALGOS)
+def test_search_results_are_pinned(space, tables, algo):
+    result = run_search(space, algo, runs=3, seed=0, tables=tables)
+    got = [(r["best_index"], sum(r["evaluations"].values()), r["simulated_seconds"]) for r in result["per_run"]]
+    assert [g[:2] for g in got] == [p[:2] for p in PINNED[algo]]
+    assert [g[2] for g in got] == pytest.approx([p[2] for p in PINNED[algo]], abs=0.01)
+    test = space.benchmark_table("cifar10", "test", 200)
+    for r in result["per_run"]:
+        assert r["results"]["cifar10"]["test"] == test[r["best_index"]]
+        assert (test < test[r["best_index"]]).mean() > 0.85
+
+
+@pytest.mark.parametrize("algo", ("rs", "rea", "reinforce", "hb"))  # G-BOHB is G-HB (see bohb.py)
 def test_oracle_assisted_variant_beats_its_twin(space, tables, algo):
     plain = run_search(space, algo, runs=30, seed=4, tables=tables)
     assisted = run_search(space, algo, assist=oracle(space), runs=30, seed=4, tables=tables)
@@ -173,7 +190,7 @@ def test_reinforce_policy_samples_follow_its_probabilities():
 
 
 def test_hyperband_brackets_for_eta_3():
-    # Li et al. (2018), Table 1: R = 81, eta = 3 -> five rungs
+    # Li et al. (2018), Table 1: R = 81, eta = 3 -> five rungs (the two-fidelity protocol's formula)
     assert hyperband_brackets(5, 3) == [
         [(81, 0), (27, 1), (9, 2), (3, 3), (1, 4)],
         [(34, 1), (11, 2), (3, 3), (1, 4)],
@@ -185,57 +202,166 @@ def test_hyperband_brackets_for_eta_3():
     assert hyperband_brackets(1, 3) == [[(1, 0)]]
 
 
-def test_hyperband_promotes_the_best_of_each_rung(space, tables):
-    sim = Simulator(space, tables, 1e9)
-    ctx = SearchContext(space, sim, np.random.default_rng(2))
-    brackets_done = []
+def test_hpbandster_rungs_and_brackets():
+    # the benchmark scripts' setting: eta 3, budgets 12..200 -> rungs 200/9, 200/3, 200
+    assert hpbandster_budgets(12, 200, 3) == pytest.approx([200 / 9, 200 / 3, 200])
+    cycle = [hpbandster_bracket(i, 3, 3) for i in range(6)]
+    assert cycle[:3] == [[(9, 0), (3, 1), (1, 2)], [(3, 1), (1, 2)], [(3, 2)]]
+    assert cycle[3:] == cycle[:3]  # the brackets repeat
+    # HpBandSter's n0 = floor(S / (s + 1)) * eta^s differs from Li et al.'s ceil for S = 5 (81 -> 1)
+    assert hpbandster_budgets(1, 81, 3) == pytest.approx([1, 3, 9, 27, 81])
+    assert [hpbandster_bracket(i, 5, 3) for i in range(5)] == [
+        [(81, 0), (27, 1), (9, 2), (3, 3), (1, 4)],
+        [(27, 1), (9, 2), (3, 3), (1, 4)],
+        [(9, 2), (3, 3), (1, 4)],
+        [(6, 3), (2, 4)],
+        [(5, 4)],
+    ]
 
-    def observe(arch, epochs, accuracy):
-        brackets_done.append((space.index(arch), epochs, accuracy))
-        if len(brackets_done) == 2 * (3 + 1 + 2):
+
+def _first_evaluations(space, tables, n, algo=hyperband, seed=2, **kwargs):
+    """The first ``n`` evaluations of one run (observed, then stopped)."""
+    sim = Simulator(space, tables, 1e9)
+    ctx = SearchContext(space, sim, np.random.default_rng(seed))
+    seen = []
+
+    def observe(arch, budget, accuracy):
+        seen.append((space.index(arch), budget, accuracy))
+        if len(seen) == n:
             raise BudgetExhausted
 
-    with pytest.raises(BudgetExhausted):
-        hyperband(ctx, eta=3, observe=observe)
-    epochs = [e for _, e, _ in brackets_done]
-    assert epochs == [12, 12, 12, 200, 200, 200] * 2
+    sampler = kwargs.pop("sampler", None)
+    if sampler is not None:
+        def observe_both(arch, budget, accuracy):
+            sampler.observe(arch, budget, accuracy)
+            observe(arch, budget, accuracy)
+        with pytest.raises(BudgetExhausted):
+            hyperband(ctx, sampler=sampler, observe=observe_both, **kwargs)
+    else:
+        with pytest.raises(BudgetExhausted):
+            algo(ctx, observe=observe, **kwargs)
+    return sim, seen
+
+
+def test_benchmark_protocol_evaluates_every_rung_for_12_epochs_and_charges_promotions_again(space, tables):
+    sim, seen = _first_evaluations(space, tables, 20)
+    r1, r2, r3 = 200 / 9, 200 / 3, 200.0
+    assert [b for _, b, _ in seen] == pytest.approx([r1] * 9 + [r2] * 3 + [r3] + [r2] * 3 + [r3] + [r3] * 3)
+    for (i, _, acc), ev in zip(seen, sim.history):
+        assert ev.index == i and ev.epochs == 12 and acc == ev.accuracy == tables.accuracy[12][i]
+    # every evaluation, a promoted one included, is charged 12 epochs + one validation pass
+    assert sim.elapsed == pytest.approx(sum(tables.cost[12][i] for i, _, _ in seen))
+    first = [i for i, _, _ in seen[:9]]
+    top3 = sorted(sorted(range(9), key=lambda j: -seen[j][2])[:3])  # best three, run in sampling order
+    assert [i for i, _, _ in seen[9:12]] == [first[j] for j in top3]
+    assert seen[12][0] == max(seen[9:12], key=lambda t: t[2])[0]
+    assert [ev.index for ev in sim.history].count(seen[12][0]) >= 3  # looked up and charged at each rung
+    # bracket [3, 1] starts at 66.7, bracket [3] at 200; the incumbent is the best at the top rung
+    assert seen[16][0] == max(seen[13:16], key=lambda t: t[2])[0]
+    top = [(i, a) for i, b, a in seen if b == r3]
+    assert sim.incumbent == max(top, key=lambda t: t[1])[0] and sim.incumbent_rung == r3
+
+
+def test_two_fidelity_protocol_promotes_to_200_epochs(space, tables):
+    sim, seen = _first_evaluations(space, tables, 10, protocol="two-fidelity")
+    assert [b for _, b, _ in seen] == [12, 12, 12, 200, 200, 200] + [12, 12, 12, 200]
+    assert [ev.epochs for ev in sim.history] == [12, 12, 12, 200, 200, 200, 12, 12, 12, 200]
     for start in (0, 6):
-        screened = brackets_done[start:start + 3]
-        best = max(screened, key=lambda t: t[2])[0]
-        assert brackets_done[start + 3][0] == best
-    # the incumbent is the best 200-epoch result, although 12-epoch results are lower
-    full = [(i, a) for i, e, a in brackets_done if e == 200]
+        assert seen[start + 3][0] == max(seen[start:start + 3], key=lambda t: t[2])[0]
+    assert seen[3][2] == tables.accuracy[200][seen[3][0]]
+    full = [(i, a) for i, e, a in seen if e == 200]
     assert sim.incumbent == max(full, key=lambda t: t[1])[0]
 
 
-def test_categorical_kde_is_a_density_and_samples_near_good_points():
-    data = np.array([[0, 1], [0, 1], [0, 2], [1, 1]])
-    kde = CategoricalKDE.fit(data, (3, 3), min_bandwidth=0.05)
-    grid = np.array(list(product(range(3), range(3))))
-    assert kde.pdf(grid).sum() == pytest.approx(1.0)
-    assert np.argmax(kde.pdf(grid)) == 1  # (0, 1)
-    # sampling with factor 1 draws from the density itself
-    draws = kde.sample(np.random.default_rng(0), 20_000, factor=1.0)
-    freq = np.bincount(draws[:, 0] * 3 + draws[:, 1], minlength=9) / len(draws)
-    assert np.allclose(freq, kde.pdf(grid), atol=0.012)
-    # widening moves mass away from the data, but never past uniform
-    wide = kde.sample(np.random.default_rng(1), 20_000, factor=3.0)
-    assert np.mean((wide == [0, 1]).all(axis=1)) < kde.pdf(np.array([[0, 1]]))[0]
-    huge = kde.sample(np.random.default_rng(2), 20_000, factor=100.0)
-    assert np.allclose(np.bincount(huge[:, 1], minlength=3) / len(huge), 1 / 3, atol=0.015)
-    assert loo_bandwidth(np.array([2, 2, 2, 2]), 5, 0.05) == pytest.approx(0.05)
-    assert loo_bandwidth(np.array([0, 1, 2, 3, 4]), 5, 0.05) == pytest.approx(0.8)
+def test_kde_split_follows_hpbandster_thresholds():
+    def sizes(n):
+        good, bad = kde_split(np.arange(n, dtype=float)[::-1], 7, 15)
+        return len(good), len(bad)
+
+    # good = max(7, 15% N), bad = the next max(7, 85% N); a model needs more than d = 6 rows in each
+    assert [sizes(n) for n in (7, 13, 14, 20, 46, 47, 48, 60, 100)] == [
+        (7, 0), (7, 6), (7, 7), (7, 13), (7, 39), (7, 39), (7, 40), (9, 51), (15, 85)]
+    good, bad = kde_split(np.array([5.0, 1.0, 3.0, 1.0, 9.0, 2.0, 8.0, 0.5, 4.0, 7.0]), 3, 15)
+    assert good.tolist() == [7, 1, 3] and bad.tolist() == [5, 2, 8, 0, 9, 6, 4]  # ties: the earlier first
 
 
-def test_bohb_uses_its_model_once_enough_results_exist(space, tables):
-    sim = Simulator(space, tables, 60_000.0)
-    ctx = SearchContext(space, sim, np.random.default_rng(5))
-    sampler = BOHBSampler(ctx)
-    with pytest.raises(BudgetExhausted):
-        bohb(ctx, sampler=sampler)
-    assert sampler.random_picks >= 1 and sampler.model_picks >= 1
-    n12 = sum(ev.epochs == 12 for ev in sim.history)
-    assert n12 >= sampler.min_points + 2
+def _aitchison_aitken_pdf(data: np.ndarray, bw: np.ndarray, x: np.ndarray) -> float:
+    """A plain loop over the product kernel (Aitchison & Aitken 1976; levels counted in each column)."""
+    total = 0.0
+    for row in data:
+        k = 1.0
+        for j, (v, h) in enumerate(zip(row, bw)):
+            levels = len(set(data[:, j]))
+            k *= (1 - h) if v == x[j] else h / (levels - 1)
+        total += k
+    return total / len(data)
+
+
+def test_kde_bandwidths_are_normal_reference_clipped_and_pdf_is_the_product_kernel():
+    data = np.array([[0, 1, 2, 3, 4, 0], [1, 1, 2, 0, 4, 0], [2, 1, 3, 0, 4, 0], [3, 1, 2, 1, 0, 0],
+                     [4, 1, 2, 2, 4, 0], [0, 2, 2, 3, 1, 0], [1, 1, 4, 0, 4, 0], [2, 1, 2, 0, 2, 1]])
+    kde = fit_kde(data, 0.3)
+    n, d = data.shape
+    expected = np.maximum(1.06 * data.std(axis=0) * n ** (-1 / (4 + d)), 0.3)  # Scott's rule, clipped
+    assert np.allclose(kde.bw, expected)
+    assert kde.bw[0] > 1  # five evenly used options: wider than uniform, as in HpBandSter
+    for x in ([0, 1, 2, 0, 4, 0], [2, 2, 2, 3, 4, 1], [4, 0, 0, 4, 3, 0]):
+        assert float(kde.pdf(np.array(x, dtype=float))) == pytest.approx(_aitchison_aitken_pdf(data, kde.bw, x))
+
+
+def _bohb_ctx(space, tables, seed=0):
+    return SearchContext(space, Simulator(space, tables, 1e9), np.random.default_rng(seed))
+
+
+def test_bohb_models_need_14_results_and_lower_budgets_stop_being_recorded(space, tables):
+    sampler = BOHBSampler(_bohb_ctx(space, tables))
+    rng = np.random.default_rng(3)
+    archs = [space.arch(int(i)) for i in rng.choice(len(space), 40, replace=False)]
+    for k, arch in enumerate(archs[:13]):
+        sampler.observe(arch, 22.2, 80.0 + k)
+    assert sampler.models == {}
+    sampler.observe(archs[13], 22.2, 50.0)
+    assert set(sampler.models) == {22.2}
+    good, bad = sampler.models[22.2]
+    losses = 100.0 - np.array([80.0 + k for k in range(13)] + [50.0])
+    codes = np.array([space.encode(a) for a in archs[:14]], dtype=float)
+    order = np.argsort(losses, kind="stable")
+    assert np.array_equal(good.data, codes[order[:7]]) and np.array_equal(bad.data, codes[order[7:14]])
+    for k, arch in enumerate(archs[14:28]):
+        sampler.observe(arch, 66.7, 70.0 + k)
+    assert set(sampler.models) == {22.2, 66.7}
+    n_low = len(sampler.configs[22.2])
+    sampler.observe(archs[30], 22.2, 99.0)  # below a budget with a model: not recorded
+    assert len(sampler.configs[22.2]) == n_low
+    sampler.observe(archs[31], 66.7, 99.0)
+    sampler.observe(archs[32], 200.0, 99.0)
+    assert len(sampler.configs[66.7]) == 15 and len(sampler.configs[200.0]) == 1
+
+
+def test_bohb_candidates_keep_a_value_with_probability_one_minus_bandwidth(space, tables):
+    ctx = _bohb_ctx(space, tables, seed=4)
+    sampler = BOHBSampler(ctx, n_samples=1)
+    rng = np.random.default_rng(5)
+    for k in range(7):  # good: one arch (every bandwidth 0, clipped to 0.3)
+        sampler.observe(space.decode([0, 1, 2, 3, 4, 0]), 200.0, 90.0)
+    for k in range(7):  # bad: varied archs
+        sampler.observe(space.decode([int(v) for v in rng.integers(5, size=6)]), 200.0, 40.0 + k)
+    good, _ = sampler.models[200.0]
+    assert np.allclose(good.bw, 0.3)
+    picks = np.array([sampler.model_pick() for _ in range(2000)])
+    kept = (picks == np.array([0, 1, 2, 3, 4, 0])).mean(axis=0)
+    assert np.allclose(kept, 0.7 + 0.3 / 5, atol=0.035)  # kept, or redrawn uniformly (possibly the same value)
+
+
+def test_bohb_uses_its_model_and_g_bohb_replaces_every_pick(space, tables):
+    sim = run_once(space, "bohb", tables, np.random.default_rng([0, 1]))
+    assert sim.counters["model_picks"] > 20 and sim.counters["model_fits"] > 0
+    assisted = run_once(space, "bohb", tables, np.random.default_rng([0, 1]), assist=oracle(space))
+    assert assisted.counters["model_picks"] > 0
+    # every configuration is a best-of-10 by the oracle: far better at 200 epochs than BOHB's own picks
+    table = space.benchmark_table("cifar10", "valid", 200)
+    first_seen = lambda s: [ev.index for ev in s.history if ev.rung == s.history[0].rung]  # noqa: E731
+    assert table[first_seen(assisted)].mean() > table[first_seen(sim)].mean() + 5
 
 
 def test_result_schema_and_json(space, tables):
@@ -274,6 +400,14 @@ def test_bad_arguments_raise_value_error(space, tables):
             run_search(space, algo, runs=1, tables=tables, **bad)
     with pytest.raises(ValueError, match="charge_proxy_time"):
         run_search(space, "rs", runs=1, tables=tables, charge_proxy_time=True)
+    with pytest.raises(ValueError, match="protocol"):
+        run_search(space, "rea", runs=1, tables=tables, protocol="two-fidelity")
+    with pytest.raises(ValueError, match="protocol"):
+        run_search(space, "hb", runs=1, tables=tables, protocol="hpbandster")
+    with pytest.raises(ValueError, match="benchmark protocol only"):
+        run_search(space, "hb", runs=1, tables=tables, protocol="two-fidelity", max_budget=108)
+    with pytest.raises(ValueError, match="min_points"):
+        run_search(space, "bohb", runs=1, tables=tables, min_points=3)
     with pytest.raises(ValueError, match="seconds"):
         run_search(space, "rs", assist=oracle(space), runs=1, tables=tables, charge_proxy_time=True)
 
@@ -309,6 +443,17 @@ def test_cli_search_with_stored_scores(tmp_path, space, capsys):
     assert result["name"] == "G-RS" and result["scores"]["archs_with_scores"] == len(space)
     assert result["proxy_seconds_mean"] > 0
     assert (tmp_path / "out" / "search_nb201_cifar10_G-RS.png").stat().st_size > 0
+
+
+def test_cli_search_protocols(tmp_path, capsys):
+    for protocol, rungs in ((None, {"22.2222", "66.6667", "200"}), ("two-fidelity", {"12", "200"})):
+        argv = ["search", "--algo", "hb", "--runs", "2", "--json", str(tmp_path / "r.json")]
+        args = _parser().parse_args(argv + ([] if protocol is None else ["--protocol", protocol]))
+        args.run(args)
+        assert f"{protocol or 'benchmark'} protocol" in capsys.readouterr().out
+        result = json.loads((tmp_path / "r.json").read_text())
+        assert result["protocol_name"] == (protocol or "benchmark")
+        assert set(result["per_run"][0]["rungs"]) == rungs
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
@@ -348,6 +493,7 @@ def test_cli_errors_when_scores_are_missing_and_cannot_be_computed(tmp_path, mon
     (["--charge-proxy-time"], "needs --assist"),
     (["--search-dataset", "mnist"], "--search-dataset"),
     (["--set", "nonsense=1"], "unknown option"),
+    (["--protocol", "two-fidelity"], "--protocol applies to hb and bohb only"),
 ])
 def test_cli_bad_input(argv, message):
     from gradsign.cli import CliError

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from gradsign.search.hyperband import PROTOCOLS
 from gradsign.search.run import ALGORITHMS
 
 
@@ -27,11 +28,17 @@ def add_search_command(subparsers) -> argparse.ArgumentParser:
     """Add the ``search`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     p = subparsers.add_parser(
         "search", help="simulated NAS on a benchmark, optionally assisted by a proxy (GradSign paper, Table 6)",
-        description="Repeat a simulated search: each evaluation returns the 12-epoch (Hyperband/BOHB also "
-                    "200-epoch) validation accuracy and is charged its benchmark training time plus one "
-                    "validation pass; reports the 200-epoch accuracies of the best arch found.")
+        description="Repeat a simulated search: each evaluation returns the 12-epoch validation accuracy and "
+                    "is charged its benchmark training time plus one validation pass; reports the 200-epoch "
+                    "accuracies of the best arch found. Hyperband/BOHB follow the benchmark's scripts "
+                    "(HpBandSter, eta 3, rungs 22.2/66.7/200, every rung a 12-epoch look-up) unless "
+                    "--protocol two-fidelity asks for real 200-epoch evaluations.")
     p.add_argument("--space", default="nb201", help="search space (default nb201)")
     p.add_argument("--algo", required=True, choices=sorted(ALGORITHMS), help="search algorithm")
+    p.add_argument("--protocol", default=None, choices=PROTOCOLS,
+                   help="hb/bohb only: 'benchmark' (default; HpBandSter as the NAS-Bench-201 and GradSign scripts "
+                   "ran it, budget ignored: every rung is the 12-epoch result, charged again when promoted) or "
+                   "'two-fidelity' (this project's variant: 12- and 200-epoch evaluations)")
     p.add_argument("--assist", default=None, metavar="PROXY",
                    help="replace each random proposal by the best-scoring of --pool candidates by this proxy")
     p.add_argument("--pool", type=int, default=10, help="candidates per assisted proposal (default 10)")
@@ -44,7 +51,7 @@ def add_search_command(subparsers) -> argparse.ArgumentParser:
                    help="dataset searched on and scored on (cifar10 = cifar10-valid; cifar100: paper Table 9)")
     p.add_argument("--set", dest="options", action="append", default=[], type=_parse_option,
                    metavar="KEY=VALUE", help="algorithm option, e.g. learning_rate=0.001, population_size=20, "
-                   "eta=3, random_fraction=0.33 (repeatable)")
+                   "eta=3, random_fraction=0.33, n_samples=64, min_bandwidth=0.001 (repeatable)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size of the proxy scores (default 64)")
     p.add_argument("--score-seed", type=int, default=0, help="seed of the proxy scores' batch and init (default 0)")
     p.add_argument("--cache", default=None, help="score store file (default: the gradsign score store)")
@@ -59,8 +66,12 @@ def _proxy_scores(args: argparse.Namespace, space, store):
     """ProxyScores of ``args.assist`` on the search dataset; CliError when scores are missing and cannot be
     computed here."""
     from gradsign.cli import CliError
+    from gradsign.ensemble import ensemble_assist, is_ensemble_name
     from gradsign.evaluate import ProxyScores, ScoringSetup
 
+    if is_ensemble_name(args.assist):  # ranks within each pool; needs every component for every arch
+        return ensemble_assist(args.assist, lambda proxy: ScoringSetup(
+            space, args.search_dataset, (proxy,), args.batch_size, args.score_seed, {}), store)
     setup = ScoringSetup(space, args.search_dataset, (args.assist,), args.batch_size, args.score_seed, {})
     scores = ProxyScores(setup, store)
     known = int(scores.known.sum())
@@ -91,6 +102,8 @@ def cmd_search(args: argparse.Namespace) -> None:
         raise CliError(f"--budget must be > 0 seconds, got {args.budget}")
     if args.charge_proxy_time and not args.assist:
         raise CliError("--charge-proxy-time needs --assist")
+    if args.protocol is not None and args.algo not in ("hb", "bohb"):
+        raise CliError(f"--protocol applies to hb and bohb only, not {args.algo}")
     space = get_space(args.space)
     if args.search_dataset not in space.datasets:
         raise CliError(f"--search-dataset must be one of {', '.join(space.datasets)}, got {args.search_dataset!r}")
@@ -102,7 +115,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         result = run_search(space, args.algo, assist, pool=args.pool, runs=args.runs, budget=args.budget,
                             seed=args.seed, search_dataset=args.search_dataset,
                             charge_proxy_time=args.charge_proxy_time, progress=progress_bar(f"{name} runs"),
-                            **options)
+                            protocol=args.protocol, **options)
     finally:
         if store is not None:
             store.close()
@@ -110,12 +123,16 @@ def cmd_search(args: argparse.Namespace) -> None:
         "proxy": args.assist, "dataset": args.search_dataset, "batch_size": args.batch_size,
         "seed": args.score_seed, "archs_with_scores": int(assist.known.sum())}
     proxy_note = f", proxy {args.assist} (pool {args.pool})" if assist is not None else ""
-    print(f"{name} on {space.name}, search on {args.search_dataset}{proxy_note}, {args.runs} runs, budget "
-          f"{args.budget:g} s{', proxy time charged' if args.charge_proxy_time else ''}, seed {args.seed}; "
+    protocol_note = f", {result['protocol_name']} protocol" if args.algo in ("hb", "bohb") else ""
+    print(f"{name} on {space.name}, search on {args.search_dataset}{protocol_note}{proxy_note}, {args.runs} runs, "
+          f"budget {args.budget:g} s{', proxy time charged' if args.charge_proxy_time else ''}, seed {args.seed}; "
           "200-epoch accuracy of the best arch found, mean +- std over runs")
     print(format_results([result]))
     print(f"evaluations per run {result['evaluations_mean']:.1f}, simulated seconds per run "
           f"{result['simulated_seconds_mean']:.0f}, wall time {result['wall_seconds']:.1f} s")
+    if result["incumbents_below_top_rung"]:
+        print(f"gradsign: {result['incumbents_below_top_rung']} of {args.runs} runs ended before any evaluation at "
+              "the top rung; their incumbent is the best at the highest rung they reached", file=sys.stderr)
     if args.out:
         path = Path(args.out) / f"search_{space.name}_{args.search_dataset}_{name}.png"
         plot_best_so_far([result], space, path, dataset=args.search_dataset)

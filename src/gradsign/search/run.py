@@ -2,9 +2,12 @@
 
 Run ``r`` of a call with seed ``s`` draws every random number from ``np.random.default_rng([s, r])``, so a
 result depends only on (space, algorithm, options, assist scores, budget, seed) and any subset of runs can
-be reproduced alone. The reported accuracies are the 200-epoch validation and test accuracies (benchmark
-seed means) of each run's incumbent on cifar10 (valid = cifar10-valid x-valid, test = cifar10 ori-test),
-cifar100 and imagenet16-120 (x-valid / x-test); mean and std (ddof 1) over runs.
+be reproduced alone. Hyperband and BOHB run under a named protocol (``gradsign.search.hyperband``):
+``benchmark`` (default; the benchmark's own scripts: every rung a 12-epoch look-up) or ``two-fidelity``
+(this project's variant with real 200-epoch evaluations). The reported accuracies are the 200-epoch
+validation and test accuracies (benchmark seed means) of each run's incumbent on cifar10 (valid =
+cifar10-valid x-valid, test = cifar10 ori-test), cifar100 and imagenet16-120 (x-valid / x-test); mean and
+std (ddof 1) over runs.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import numpy as np
 
 from gradsign.search.bohb import bohb
 from gradsign.search.evolution import regularized_evolution
-from gradsign.search.hyperband import hyperband
+from gradsign.search.hyperband import PROTOCOLS, hyperband
 from gradsign.search.random_search import random_search
 from gradsign.search.reinforce import reinforce
 from gradsign.search.simulator import (BenchmarkArrays, BudgetExhausted, SearchContext, Simulator,
@@ -36,9 +39,11 @@ ALGORITHMS: dict[str, tuple[Callable[..., None], str]] = {
 
 
 #: options of an algorithm that only tests and callers inside Python pass (objects to observe or replace)
-_INTERNAL_OPTIONS = ("population", "policy", "sampler", "observe")
-_BOHB_SAMPLER_OPTIONS = ("random_fraction", "top_fraction", "n_samples", "bandwidth_factor", "min_bandwidth",
+_INTERNAL_OPTIONS = ("population", "policy", "sampler", "observe", "protocol")
+_BOHB_SAMPLER_OPTIONS = ("random_fraction", "top_n_percent", "n_samples", "bandwidth_factor", "min_bandwidth",
                          "min_points")
+#: algorithms that take a ``protocol`` (Hyperband's rungs); the others follow the benchmark's protocol only
+MULTI_FIDELITY = ("hb", "bohb")
 
 
 def algorithm_options(algo: str) -> tuple[str, ...]:
@@ -50,6 +55,18 @@ def algorithm_options(algo: str) -> tuple[str, ...]:
     return tuple(names) + (_BOHB_SAMPLER_OPTIONS if algo == "bohb" else ())
 
 
+def resolve_protocol(algo: str, protocol: str | None) -> str:
+    """The protocol ``algo`` runs under: ``protocol``, or ``benchmark`` when None. Only Hyperband and BOHB
+    have an alternative (``two-fidelity``); the others accept ``benchmark`` alone."""
+    if algo not in ALGORITHMS:
+        raise ValueError(f"unknown search algorithm {algo!r}; known: {', '.join(ALGORITHMS)}")
+    protocol = "benchmark" if protocol is None else protocol
+    known = PROTOCOLS if algo in MULTI_FIDELITY else ("benchmark",)
+    if protocol not in known:
+        raise ValueError(f"protocol {protocol!r} is not available for {algo}; known: {', '.join(known)}")
+    return protocol
+
+
 def display_name(algo: str, assisted: bool) -> str:
     """'REA' or 'G-REA' (any assisting proxy gets the paper's 'G-' prefix)."""
     return ("G-" if assisted else "") + ALGORITHMS[algo][1]
@@ -57,10 +74,11 @@ def display_name(algo: str, assisted: bool) -> str:
 
 def run_once(space: SearchSpace, algo: str, tables: BenchmarkArrays, rng: np.random.Generator, *,
              assist=None, pool: int = 10, budget: float = 12_000.0, charge_proxy_time: bool = False,
-             **options) -> Simulator:
-    """One simulated search; returns its finished simulator (history, trace, incumbent)."""
-    if algo not in ALGORITHMS:
-        raise ValueError(f"unknown search algorithm {algo!r}; known: {', '.join(ALGORITHMS)}")
+             protocol: str | None = None, **options) -> Simulator:
+    """One simulated search; returns its finished simulator (history, trace, incumbent, counters)."""
+    protocol = resolve_protocol(algo, protocol)
+    if algo in MULTI_FIDELITY:
+        options = {**options, "protocol": protocol}
     sim = Simulator(space, tables, float(budget), resolve_assist(assist), charge_proxy_time)
     try:
         ALGORITHMS[algo][0](SearchContext(space, sim, rng, pool), **options)
@@ -72,15 +90,18 @@ def run_once(space: SearchSpace, algo: str, tables: BenchmarkArrays, rng: np.ran
 def _run_record(r: int, sim: Simulator, tables: BenchmarkArrays, space: SearchSpace) -> dict:
     best = sim.incumbent
     counts: dict[str, int] = {}
+    rungs: dict[str, int] = {}
     for ev in sim.history:
         counts[str(ev.epochs)] = counts.get(str(ev.epochs), 0) + 1
+        rungs[f"{ev.rung:g}"] = rungs.get(f"{ev.rung:g}", 0) + 1
     record = {"run": r, "best_index": best, "best_arch": None if best is None else space.arch(best),
-              "search_accuracy": None, "search_epochs": None, "evaluations": counts,
+              "search_accuracy": None, "search_epochs": None, "search_rung": sim.incumbent_rung,
+              "evaluations": counts, "rungs": rungs, "counters": dict(sim.counters),
               "simulated_seconds": sim.elapsed, "proxy_seconds": sim.proxy_seconds,
               "proxy_evaluations": sim.proxy_evaluations,
               "results": {}, "trace": [[t, i] for t, i in sim.trace]}
     if best is not None:
-        last = max((ev for ev in sim.history if ev.index == best), key=lambda ev: (ev.epochs, ev.accuracy))
+        last = max((ev for ev in sim.history if ev.index == best), key=lambda ev: (ev.rung, ev.accuracy))
         record["search_accuracy"], record["search_epochs"] = last.accuracy, last.epochs
         for (dataset, metric), table in tables.final.items():
             record["results"].setdefault(dataset, {})[metric] = float(table[best])
@@ -89,19 +110,19 @@ def _run_record(r: int, sim: Simulator, tables: BenchmarkArrays, space: SearchSp
 
 def run_search(space: SearchSpace, algo: str, assist=None, pool: int = 10, runs: int = 500,
                budget: float = 12_000.0, seed: int = 0, *, search_dataset: str = "cifar10",
-               charge_proxy_time: bool = False, assist_name: str | None = None,
+               charge_proxy_time: bool = False, assist_name: str | None = None, protocol: str | None = None,
                tables: BenchmarkArrays | None = None,
                progress: Callable[[Iterable, int], Iterable] | None = None, **options) -> dict:
     """Run ``algo`` (``rs``, ``rea``, ``reinforce``, ``hb``, ``bohb``) ``runs`` times on ``space``.
 
     ``assist`` (a callable from index arrays to proxy scores, e.g. ``evaluate.ProxyScores``) makes every
     random proposal the best of ``pool`` candidates; ``charge_proxy_time`` also charges the proxy's measured
-    seconds (``assist.seconds``) once per arch and run. ``options`` go to the algorithm (e.g. ``eta``,
+    seconds (``assist.seconds``) once per arch and run. ``protocol`` (Hyperband/BOHB: ``benchmark``, the
+    default, or ``two-fidelity``) names how rungs are evaluated. ``options`` go to the algorithm (e.g. ``eta``,
     ``population_size``, ``learning_rate``). Returns ``{"algo", "name", "assist", "runs", "budget", "seed",
     "results": {dataset: {"valid": {"mean", "std"}, "test": {"mean", "std"}}}, "per_run": [...], ...}``.
     """
-    if algo not in ALGORITHMS:
-        raise ValueError(f"unknown search algorithm {algo!r}; known: {', '.join(ALGORITHMS)}")
+    protocol = resolve_protocol(algo, protocol)
     if isinstance(runs, bool) or int(runs) != runs or runs < 1:
         raise ValueError(f"runs must be a positive integer, got {runs!r}")
     if not np.isfinite(budget) or budget <= 0:
@@ -128,7 +149,8 @@ def run_search(space: SearchSpace, algo: str, assist=None, pool: int = 10, runs:
         iterator = progress(iterator, int(runs))
     for r in iterator:
         sim = run_once(space, algo, tables, np.random.default_rng([int(seed), r]), assist=resolved,
-                       pool=int(pool), budget=budget, charge_proxy_time=charge_proxy_time, **options)
+                       pool=int(pool), budget=budget, charge_proxy_time=charge_proxy_time, protocol=protocol,
+                       **options)
         per_run.append(_run_record(r, sim, tables, space))
     results: dict[str, dict] = {}
     for dataset, metric in tables.final:
@@ -137,6 +159,11 @@ def run_search(space: SearchSpace, algo: str, assist=None, pool: int = 10, runs:
             "mean": float(values.mean()) if len(values) else None,
             "std": float(values.std(ddof=1)) if len(values) > 1 else None}
     n_evals = [sum(rec["evaluations"].values()) for rec in per_run]
+    top_rung = max((ev_rung for rec in per_run for ev_rung in map(float, rec["rungs"])), default=None)
+    counters: dict[str, int] = {}
+    for rec in per_run:
+        for key, value in rec["counters"].items():
+            counters[key] = counters.get(key, 0) + value
     return {
         "algo": algo, "name": display_name(algo, resolved is not None),
         "assist": None if resolved is None else (assist_name or resolved.name),
@@ -144,15 +171,30 @@ def run_search(space: SearchSpace, algo: str, assist=None, pool: int = 10, runs:
         "runs": int(runs), "budget": float(budget), "seed": int(seed),
         "space": space.name, "search_dataset": search_dataset, "charge_proxy_time": bool(charge_proxy_time),
         "options": {k: v for k, v in options.items()},
-        "protocol": (f"search on {search_dataset} validation accuracy after {tables.fidelities} epochs, charged "
-                     "training + one validation pass; report 200-epoch accuracies (seed means) of the "
-                     "incumbent; std with ddof 1"),
+        "protocol_name": protocol,
+        "protocol": _protocol_text(algo, protocol, search_dataset, tables),
+        "incumbents_below_top_rung": sum(rec["search_rung"] is not None and rec["search_rung"] < top_rung
+                                         for rec in per_run),
+        "counters": counters,
         "evaluations_mean": float(np.mean(n_evals)),
         "simulated_seconds_mean": float(np.mean([rec["simulated_seconds"] for rec in per_run])),
         "proxy_seconds_mean": float(np.mean([rec["proxy_seconds"] for rec in per_run])),
         "wall_seconds": time.perf_counter() - start,
         "results": results, "per_run": per_run,
     }
+
+
+def _protocol_text(algo: str, protocol: str, search_dataset: str, tables: BenchmarkArrays) -> str:
+    if algo in MULTI_FIDELITY and protocol == "benchmark":
+        evaluations = (f"HpBandSter rungs 22.2/66.7/200 (eta 3), every rung the {search_dataset} validation "
+                       "accuracy after 12 epochs (the budget is ignored, as in the benchmark's scripts)")
+    elif algo in MULTI_FIDELITY:
+        evaluations = (f"two-fidelity Hyperband over {tables.fidelities} epochs, each the {search_dataset} "
+                       "validation accuracy after that many epochs")
+    else:
+        evaluations = f"the {search_dataset} validation accuracy after 12 epochs (or the epochs option)"
+    return (f"{protocol} protocol: {evaluations}, each charged training + one validation pass; report "
+            "200-epoch accuracies (seed means) of the incumbent (best at the top rung); std with ddof 1")
 
 
 def best_so_far(per_run: list[dict], table: np.ndarray, times: np.ndarray) -> np.ndarray:

@@ -11,7 +11,10 @@ Protocol (NAS-Bench-201 paper, section 6; FIELD-NOTES section 5; SOURCES 6d):
 * a search stops at the first evaluation (or, with ``charge_proxy_time``, the first proxy scoring)
   whose charge would take the total past the budget: the budget is never exceeded;
 * the arch a search returns is the incumbent: the best validation accuracy seen among the evaluations
-  at the highest fidelity evaluated so far (HpBandSter's rule; with one fidelity, simply the best).
+  at the highest rung evaluated so far (HpBandSter's rule: lowest loss at the largest budget; ties go to the
+  earlier evaluation; with one rung, simply the best). An evaluation's rung is its fidelity in epochs unless
+  the algorithm names another: Hyperband/BOHB under the benchmark protocol evaluate every rung (nominal
+  budgets 22.2, 66.7, 200) with the same 12-epoch look-up, as the benchmark's scripts did.
 
 Assisted proposals (GradSign paper, Appendix A.5): a random proposal is replaced by the best-scoring of
 ``pool`` independent draws of the same proposal (NaN scores rank last, ties go to the earlier draw).
@@ -127,6 +130,8 @@ class Evaluation:
     index: int
     epochs: int
     accuracy: float
+    #: the rung the algorithm evaluated it for (its nominal budget); equals ``epochs`` unless named
+    rung: float
 
 
 @dataclass
@@ -144,12 +149,15 @@ class Simulator:
     history: list[Evaluation] = field(default_factory=list)
     #: (time, index) each time the incumbent changes
     trace: list[tuple[float, int]] = field(default_factory=list)
-    _incumbent: tuple[int, float, int] | None = None
+    #: counts an algorithm keeps about its own choices (e.g. BOHB's model-based and random picks)
+    counters: dict[str, int] = field(default_factory=dict)
+    _incumbent: tuple[float, float, int] | None = None
     _scored: set[int] = field(default_factory=set)
 
-    def evaluate(self, arch: str, epochs: int = 12) -> float:
+    def evaluate(self, arch: str, epochs: int = 12, rung: float | None = None) -> float:
         """Validation accuracy of ``arch`` after ``epochs`` epochs, charged to the clock; raises
-        ``BudgetExhausted`` (charging nothing) when the charge would pass the budget."""
+        ``BudgetExhausted`` (charging nothing) when the charge would pass the budget. ``rung`` (default
+        ``epochs``) is the budget the algorithm evaluated it for; the incumbent is chosen at the highest."""
         index = self.space.index(arch)
         if epochs not in self.tables.cost:
             raise ValueError(f"no {epochs}-epoch results; fidelities: {self.tables.fidelities}")
@@ -158,17 +166,23 @@ class Simulator:
             raise BudgetExhausted
         self.elapsed += cost
         accuracy = float(self.tables.accuracy[epochs][index])
-        self.history.append(Evaluation(self.elapsed, index, epochs, accuracy))
-        key = (epochs, accuracy)
+        rung = float(epochs if rung is None else rung)
+        self.history.append(Evaluation(self.elapsed, index, epochs, accuracy, rung))
+        key = (rung, accuracy)
         if self._incumbent is None or key > self._incumbent[:2]:
-            self._incumbent = (epochs, accuracy, index)
+            self._incumbent = (rung, accuracy, index)
             self.trace.append((self.elapsed, index))
         return accuracy
 
     @property
     def incumbent(self) -> int | None:
-        """Index of the best arch seen at the highest fidelity evaluated; None before any evaluation."""
+        """Index of the best arch seen at the highest rung evaluated; None before any evaluation."""
         return None if self._incumbent is None else self._incumbent[2]
+
+    @property
+    def incumbent_rung(self) -> float | None:
+        """The rung at which the incumbent was chosen; None before any evaluation."""
+        return None if self._incumbent is None else self._incumbent[0]
 
     def rank_scores(self, indices: np.ndarray) -> np.ndarray:
         """Proxy scores of ``indices`` oriented so that larger is better, NaN as -inf; charges the proxy
