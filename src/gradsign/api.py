@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -84,6 +85,8 @@ def scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None 
     infos = [get_proxy(name) for name in proxies]
     if n_inits < 1:
         raise ValueError(f"n_inits must be >= 1, got {n_inits}")
+    if targets is not None and len(targets) != len(inputs):
+        raise ValueError(f"inputs and targets differ in length: {len(inputs)} samples, {len(targets)} targets")
     accepted = {option for info in infos for option in info.options}
     unknown = sorted(set(options) - accepted)
     if unknown:
@@ -105,6 +108,11 @@ def scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None 
             values.append(_score_once(model, inputs, targets, loss_fn, info, proxy_options,
                                       seed=seed + i, reinitialise=n_inits > 1, output_fn=output_fn))
         result[info.name] = math.fsum(values) / n_inits
+        if info.uses_targets and result[info.name] == 0:
+            warnings.warn(f"{info.name} scored 0: no weight got a nonzero gradient of the loss. A constant "
+                          "loss gives 0 for every network (e.g. cross-entropy over a single output: give the "
+                          "model >= 2 outputs or pass another loss_fn); so does a network whose output does "
+                          "not depend on its weights", stacklevel=2)
     return result
 
 

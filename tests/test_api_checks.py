@@ -1,0 +1,35 @@
+"""The public API refuses a batch whose inputs and targets differ in length, and says why a loss-based
+proxy scored exactly 0 instead of returning the 0 silently."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gradsign
+
+
+def tiny(outputs: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, outputs))
+
+
+def test_inputs_and_targets_of_different_lengths_are_refused():
+    x, y = torch.randn(4, 3, 2, 2), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="4 samples, 3 targets"):
+        gradsign.score(tiny(2), x, y)
+
+
+@pytest.mark.parametrize("proxy", ["gradsign", "grad_norm", "snip"])
+def test_a_constant_loss_scores_zero_with_a_warning(proxy):
+    # cross-entropy over one output is log(1) = 0 whatever the weights: every gradient is exactly 0
+    x, y = torch.randn(6, 3, 2, 2), torch.zeros(6, dtype=torch.long)
+    with pytest.warns(UserWarning, match=f"{proxy} scored 0: .*constant loss"):
+        assert gradsign.score(tiny(1), x, y, proxy=proxy) == 0
+
+
+def test_no_warning_for_a_loss_that_depends_on_the_weights():
+    x, y = torch.randn(6, 3, 2, 2), torch.tensor([0, 1, 0, 1, 1, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gradsign.score(tiny(2), x, y) > 0
