@@ -7,7 +7,6 @@ forward/backward instead of per-sample gradients.
 """
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
@@ -35,14 +34,15 @@ class _SingleSampleNorm(nn.Module):
         return F.instance_norm(x, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
 
 
-def _use_single_sample_norms(module: nn.Module) -> int:
-    """Replace, in place, every BatchNorm that normalises by batch statistics; returns how many."""
-    swapped = 0
+def _use_single_sample_norms(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Replace, in place, every BatchNorm that normalises by batch statistics; returns (parent,
+    attribute, replaced BatchNorm) for each, so that the swap can be undone."""
+    swapped = []
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and (child.training
                                                                    or not child.track_running_stats):
             setattr(module, name, _SingleSampleNorm(child))
-            swapped += 1
+            swapped.append((module, name, child))
         else:
             swapped += _use_single_sample_norms(child)
     return swapped
@@ -68,10 +68,15 @@ def reached_weights_batched(model: nn.Module, inputs: torch.Tensor, targets: tor
     for m in model.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.eval()
-    _use_single_sample_norms(model)
+    swapped = _use_single_sample_norms(model)
     layers = counted_layers(model)
-    if not _samples_independent(model, inputs):
-        raise ValueError("samples interact within a batch")
+    try:
+        if not _samples_independent(model, inputs):
+            raise ValueError("samples interact within a batch")
+    except ValueError:
+        for parent, name, norm in swapped:
+            setattr(parent, name, norm)
+        raise
     model.requires_grad_(False)
     weights = [m.weight for _, m in layers]
     for w in weights:
@@ -124,11 +129,10 @@ def effective_params(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     back, with a logged warning, to one forward/backward per sample, counting the weights with a non-zero
     gradient for at least one sample. Biases and norm parameters are not counted. Dropout is switched off.
     """
-    spare = copy.deepcopy(model)
     try:
         reached = reached_weights_batched(model, inputs, targets, loss_fn)
     except ValueError as error:
         log.warning("effective_params: batched backward cannot keep samples apart (%s); using the loop",
                     error)
-        reached = reached_weights_loop(spare, inputs, targets, loss_fn)
+        reached = reached_weights_loop(model, inputs, targets, loss_fn)
     return float(sum(int(mask.sum()) for mask in reached.values()))
