@@ -8,7 +8,7 @@ class UnknownSpaceError(ValueError):
     """Raised for a search-space name that does not exist."""
 
 
-SPACES = ("nb201",)
+SPACES = ("nb201", "nb101")
 
 
 def get_space(name: str) -> SearchSpace:
@@ -17,6 +17,10 @@ def get_space(name: str) -> SearchSpace:
         from gradsign.spaces.nb201 import NasBench201
 
         return NasBench201()
+    if name == "nb101":
+        from gradsign.spaces.nb101 import NasBench101
+
+        return NasBench101()
     raise UnknownSpaceError(f"unknown search space {name!r}; known spaces: {', '.join(SPACES)}")
 
 

@@ -1,7 +1,8 @@
 """The interface every search space implements; search algorithms and experiments use only this.
 
 An architecture is identified by its arch string (the space's canonical text form) and by an index in
-the benchmark's order. Internally it is a tuple of choice indices, one per decision
+the benchmark's order (in a partly tabulated space such as NAS-Bench-101, only the tabulated archs have
+an index: ``has_table`` says which). Internally it is a tuple of choice indices, one per decision
 (``space.choices[d]`` lists the options of decision ``d``), which is what REINFORCE-style policies and
 mutation work on.
 """
@@ -59,6 +60,28 @@ class SearchSpace(ABC):
     def query(self, arch: str, dataset: str, metric: str = "test", epochs: int = 200) -> float:
         """Benchmark result of ``arch`` on ``dataset``: ``metric`` is "test" or "valid" accuracy in %,
         or "train_time" (seconds for ``epochs`` epochs); seed means where the benchmark has several."""
+
+    #: the accuracy field reports use unless told otherwise: (metric, epochs)
+    default_field: tuple[str, int] = ("test", 200)
+    #: the final-accuracy fields that architecture selection reports: (metric, epochs) pairs
+    final_fields: tuple[tuple[str, int], ...] = (("valid", 200), ("test", 200))
+    #: how reports name ``final_fields``
+    final_fields_name: str = "200-epoch accuracy, seed mean; valid = x-valid (cifar10-valid for cifar10)"
+
+    def has_table(self, arch: str | int) -> bool:
+        """Whether the benchmark has results for ``arch`` (every arch of a fully tabulated space)."""
+        self.index(arch)
+        return True
+
+    def resolve(self, arch: str | int) -> str:
+        """The canonical arch string of any accepted form of ``arch`` (an index, a spec, ...)."""
+        return self.arch(self.index(arch))
+
+    def accuracy_field(self, dataset: str, metric: str, epochs: int) -> str:
+        """The name of a benchmark column, as reports print it, e.g. "cifar10 test accuracy, 200 epochs,
+        seed mean"."""
+        seeds = "seed mean" if epochs == 200 else "seed mean where several"
+        return f"{dataset} {metric} accuracy, {epochs} epochs, {seeds}"
 
     def num_classes(self, dataset: str) -> int:
         """Number of classes of ``dataset``."""
