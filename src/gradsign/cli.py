@@ -140,7 +140,7 @@ def choose_archs(args: argparse.Namespace, space) -> list[str]:
     if args.all:
         return list(space)
     if args.archs:
-        return [space.arch(space.index(a)) for a in read_arch_file(args.archs)]
+        return [space.resolve(a) for a in read_arch_file(args.archs)]
     if not 1 <= args.sample <= len(space):
         raise CliError(f"--sample must be between 1 and {len(space)}, got {args.sample}")
     rng = np.random.default_rng(args.seed)
@@ -172,16 +172,20 @@ def cmd_score(args: argparse.Namespace) -> None:
     from gradsign.evaluate import score_archs
 
     setup = scoring_setup(args)
-    arch = setup.space.arch(setup.space.index(args.arch))
+    arch = setup.space.resolve(args.arch)
     store = open_store(args)
     try:
         found, _ = score_archs(setup, [arch], store)
     finally:
         if store:
             store.close()
-    print(f"{setup.space.name} arch {setup.space.index(arch)} {arch}")
-    print(f"{setup.dataset} test accuracy, 200 epochs, seed mean: "
-          f"{setup.space.query(arch, setup.dataset, 'test', 200):.2f}")
+    space, (metric, epochs) = setup.space, setup.space.default_field
+    if space.has_table(arch):
+        print(f"{space.name} arch {space.index(arch)} {arch}")
+        print(f"{space.accuracy_field(setup.dataset, metric, epochs)}: "
+              f"{space.query(arch, setup.dataset, metric, epochs):.2f}")
+    else:
+        print(f"{space.name} arch {arch} (no benchmark results: not among the tabulated archs)")
     for proxy, result in found[arch].items():
         print(f"{proxy}: {result.value!r}" + (f"  (error: {result.error})" if result.error else ""))
 
@@ -195,7 +199,9 @@ def cmd_correlate(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     store = open_store(args)
     try:
-        result = correlate(setup, archs, metric=args.metric, epochs=args.epochs, store=store,
+        metric, epochs = setup.space.default_field
+        result = correlate(setup, archs, metric=args.metric or metric,
+                           epochs=epochs if args.epochs is None else args.epochs, store=store,
                            n_boot=args.bootstrap, executor=executor_for(args),
                            progress=progress_bar(f"scoring {setup.dataset}"))
     finally:
@@ -298,8 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--sample", type=int, help="this many random archs (drawn with --seed)")
     which.add_argument("--archs", help="file with one arch string or index per line")
     which.add_argument("--all", action="store_true", help="every arch of the space")
-    p.add_argument("--metric", choices=("test", "valid"), default="test", help="accuracy field")
-    p.add_argument("--epochs", type=int, choices=(12, 200), default=200, help="accuracy after epochs")
+    p.add_argument("--metric", choices=("test", "valid"), default=None,
+                   help="accuracy field (default: the space's, test for nb201, valid for nb101)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="accuracy after epochs (nb201: 12 or 200, default 200; nb101: 4, 12, 36 or 108, default 108)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("--out", default="gradsign-out", help="folder for the CSV and plot")
     p.add_argument("--json", help="write the full result as JSON here")

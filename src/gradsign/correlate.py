@@ -85,7 +85,7 @@ def correlate(setup: ScoringSetup, archs: Iterable[str], *, metric: str = "test"
             for a, acc in zip(archs, accuracy)]
     table = {p: signed_correlations([r["scores"][p] for r in rows], accuracy, n_boot=n_boot, seed=setup.seed)
              for p in setup.proxies}
-    return CorrelationResult(space.name, setup.dataset, accuracy_field(setup.dataset, metric, epochs),
+    return CorrelationResult(space.name, setup.dataset, space.accuracy_field(setup.dataset, metric, epochs),
                              setup.seed, setup.batch_size, rows, table, computed, len(archs) - computed)
 
 

@@ -49,15 +49,15 @@ def select(setup: ScoringSetup, candidates: int = 100, runs: int = 500, *, store
     randoms = draws[np.arange(runs), random_pick]
     results: dict[str, dict] = {}
     for dataset in space.datasets:
-        for metric in METRICS:
-            table = space.benchmark_table(dataset, metric, 200)
+        for metric, epochs in space.final_fields:
+            table = space.benchmark_table(dataset, metric, epochs)
             optimal = table[draws].max(axis=1)
             for name, picked in ((proxy, table[chosen]), ("random", table[randoms]), ("optimal", optimal)):
                 results.setdefault(name, {}).setdefault(dataset, {})[metric] = {
                     "mean": float(np.mean(picked)), "std": float(np.std(picked))}
     return {"space": space.name, "proxy": proxy, "score_dataset": setup.dataset,
             "batch_size": setup.batch_size, "seed": setup.seed, "candidates": candidates, "runs": runs,
-            "accuracy_field": "200-epoch accuracy, seed mean; valid = x-valid (cifar10-valid for cifar10)",
+            "accuracy_field": space.final_fields_name,
             "drawn_from": len(universe), "computed": computed, "results": results}
 
 
@@ -69,13 +69,14 @@ def _higher_is_better(proxy: str) -> bool:
 def format_selection(result: dict) -> str:
     """A Markdown table: one row per selector, valid and test mean +- std per dataset."""
     datasets = list(next(iter(result["results"].values())))
-    head = " | ".join(f"{d} {m}" for d in datasets for m in METRICS)
+    metrics = list(next(iter(result["results"].values()))[datasets[0]])
+    head = " | ".join(f"{d} {m}" for d in datasets for m in metrics)
     lines = [f"best of {result['candidates']} by {result['proxy']} (scored on {result['score_dataset']}, "
              f"batch {result['batch_size']}), candidates drawn from {result['drawn_from']} archs, "
              f"{result['runs']} runs, seed {result['seed']}; {result['accuracy_field']}",
-             f"| selector | {head} |", "|---" * (1 + len(datasets) * len(METRICS)) + "|"]
+             f"| selector | {head} |", "|---" * (1 + len(datasets) * len(metrics)) + "|"]
     for name, per_dataset in result["results"].items():
         cells = " | ".join(f"{per_dataset[d][m]['mean']:.2f} +- {per_dataset[d][m]['std']:.2f}"
-                           for d in datasets for m in METRICS)
+                           for d in datasets for m in metrics)
         lines.append(f"| {name} | {cells} |")
     return "\n".join(lines)
