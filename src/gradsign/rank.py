@@ -97,7 +97,7 @@ class RankRow:
     candidate: str
     scores: dict[str, float]
     ranks: dict[str, int | None]
-    params: int | None = None
+    n_params: int | None = None
     flops_mmac: float | None = None
     seconds: float = 0.0
     error: str | None = None
@@ -123,37 +123,39 @@ class RankResult:
         """The result as JSON-ready data (NaN scores stay float NaN: the CLI writes them as null)."""
         return {"batch": self.batch, "loss": self.loss, "seed": self.seed, "n_inits": self.n_inits,
                 "ranked_by": self.primary,
-                "proxies": {p: {"higher_is_better": get_proxy(p).higher_is_better} for p in self.proxies},
+                "proxies": {p: {"higher_is_better": _higher_is_better(p)} for p in self.proxies},
                 "candidates": [_json_row(r, self.primary) for r in self.rows]}
 
     def format_table(self) -> str:
-        direction = "higher" if get_proxy(self.primary).higher_is_better else "lower"
+        direction = "higher" if _higher_is_better(self.primary) else "lower"
         lines = [f"data: {self.batch}",
                  f"loss {self.loss}, seed {self.seed}, n_inits {self.n_inits}; ranked by {self.primary} "
                  f"({direction} is better); score (rank) per proxy; MMACs: multiply-accumulates per sample / 1e6",
-                 "| rank | candidate | " + " | ".join(self.proxies) + " | params | MMACs | seconds | error |",
+                 "| rank | candidate | " + " | ".join(self.proxies) + " | #params | MMACs | seconds | error |",
                  "|---" * (len(self.proxies) + 6) + "|"]
         for row in self.rows:
             cells = [str(row.ranks.get(self.primary) or "-"), row.candidate]
             cells += [f"{_number(row.scores.get(p, math.nan))} ({row.ranks.get(p) or '-'})" for p in self.proxies]
-            cells += [f"{row.params:,}" if row.params is not None else "-",
+            cells += [f"{row.n_params:,}" if row.n_params is not None else "-",
                       _number(row.flops_mmac) if row.flops_mmac is not None else "-",
                       f"{row.seconds:.2f}", row.error or ""]
             lines.append("| " + " | ".join(cells) + " |")
         notes = [f"{row.candidate}: {note}" for row in self.rows for note in row.notes]
         lines += [f"note: {n}" for n in notes]
+        lines += [f"note: {e.describe()}: the {sum(r.error is None for r in self.rows)} candidates scored here"
+                  for e in _ensembles(self.proxies)]
         return "\n".join(lines)
 
     def write_csv(self, path: str | Path) -> None:
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["rank", "candidate"] + [c for p in self.proxies for c in (p, f"{p}_rank")]
-                            + ["params", "flops_mmac", "seconds", "error", "notes"])
+                            + ["n_params", "flops_mmac", "seconds", "error", "notes"])
             for row in self.rows:
                 writer.writerow([row.ranks.get(self.primary) or "", row.candidate]
                                 + [c for p in self.proxies for c in (repr(row.scores.get(p, math.nan)),
                                                                     row.ranks.get(p) or "")]
-                                + [row.params if row.params is not None else "",
+                                + [row.n_params if row.n_params is not None else "",
                                    repr(row.flops_mmac) if row.flops_mmac is not None else "",
                                    f"{row.seconds:.3f}", row.error or "", "; ".join(row.notes)])
 
@@ -168,15 +170,15 @@ class RankResult:
         rows = math.ceil(len(self.proxies) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
         for ax, proxy in zip(axes.flat, self.proxies):
-            points = [(r.params, r.scores[proxy], r.candidate) for r in self.rows
-                      if r.params and math.isfinite(r.scores.get(proxy, math.nan))]
+            points = [(r.n_params, r.scores[proxy], r.candidate) for r in self.rows
+                      if r.n_params and math.isfinite(r.scores.get(proxy, math.nan))]
             if points:
                 ax.scatter([p[0] for p in points], [p[1] for p in points], s=18)
                 for x, y, name in points:
                     ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
                 ax.set_xscale("log")
                 values = [p[1] for p in points]
-                if min(values) > 0 and max(values) / min(values) > 1e3:
+                if min(values) > 0 and max(values) / min(values) > 100:
                     ax.set_yscale("log")
             ax.set_xlabel("trainable parameters")
             ax.set_ylabel(f"{proxy} score")
@@ -209,7 +211,10 @@ def rank(candidates: str | Sequence[str] | Mapping[str, Any] | Callable[..., Map
     proxies = tuple(proxies)
     if not proxies:
         raise ValueError("no proxy given")
-    infos = [get_proxy(p) for p in proxies]
+    ensembles = _ensembles(proxies)
+    scored = tuple(dict.fromkeys([p for p in proxies if not _is_ensemble(p)]
+                                 + [c for e in ensembles for c in e.components]))
+    infos = [get_proxy(p) for p in scored]
     accepted = {o for info in infos for o in info.options}
     unknown = sorted(set(options) - accepted)
     if unknown:
@@ -235,7 +240,7 @@ def rank(candidates: str | Sequence[str] | Mapping[str, Any] | Callable[..., Map
             if name in found:
                 raise ValueError(f"two candidates are named {name!r}")
             found[name] = (i, value)
-    job = _Job(proxies, the_loss, seed, n_inits, output_fn, device, options)
+    job = _Job(scored, the_loss, seed, n_inits, output_fn, device, options)
     if workers > 1:
         if not all(isinstance(s, str) for s in specs) or not isinstance(loss, str):
             raise ValueError("workers > 1 need candidates given as files or modules and a loss given by name")
@@ -246,6 +251,14 @@ def rank(candidates: str | Sequence[str] | Mapping[str, Any] | Callable[..., Map
     rows = list(wrap(rows_iter, len(found)))
     order = {name: i for i, name in enumerate(found)}
     rows.sort(key=lambda r: order[r.candidate])
+    for ensemble in ensembles:  # ranked within the candidates scored without error
+        ok = [r for r in rows if r.error is None]
+        values = ensemble.aggregate({c: [r.scores[c] for r in ok] for c in ensemble.components})
+        for row in rows:
+            row.scores[ensemble.name] = math.nan
+        for row, value in zip(ok, values):
+            row.scores[ensemble.name] = float(value)
+    proxies = tuple(dict.fromkeys([e.name if e is not None else p for p, e in _named(proxies)] + list(scored)))
     _assign_ranks(rows, proxies)
     rows.sort(key=lambda r: (r.error is not None, r.ranks[proxies[0]] is None,
                              r.ranks[proxies[0]] or 0, order[r.candidate]))
@@ -279,7 +292,7 @@ def score_candidate(name: str, value: Any, batch: Batch, job: _Job) -> RankRow:
         except Exception as error:
             return RankRow(name, nan, {}, seconds=time.perf_counter() - start, error=_one_line(error),
                            notes=notes)
-    return RankRow(name, values, {}, params=int(round(size["params"] * 1e6)), flops_mmac=size["flops"],
+    return RankRow(name, values, {}, n_params=int(round(size["params"] * 1e6)), flops_mmac=size["flops"],
                    seconds=time.perf_counter() - start, notes=notes)
 
 
@@ -337,7 +350,7 @@ class _ListHandler(logging.Handler):
 
 def _assign_ranks(rows: list[RankRow], proxies: Sequence[str]) -> None:
     for proxy in proxies:
-        sign = 1.0 if get_proxy(proxy).higher_is_better else -1.0
+        sign = 1.0 if _higher_is_better(proxy) else -1.0
         finite = [sign * r.scores[proxy] for r in rows if r.error is None and math.isfinite(r.scores[proxy])]
         for row in rows:
             value = row.scores.get(proxy, math.nan)
@@ -403,6 +416,34 @@ def _as_user_data(data: Any, target: str | None, image_size: tuple[int, int] | N
             raise ValueError(f"x and y differ in length ({len(x)} and {len(y)})")
         return UserData("arrays", "arrays", y, x=x)
     return load_data(data, target=target, image_size=image_size)
+
+
+def _is_ensemble(name: str) -> bool:
+    """An ensemble name (``ensemble``, ``ensemble:...``) of ``gradsign.ensemble``, where that module exists."""
+    try:
+        from gradsign.ensemble import is_ensemble_name
+    except ImportError:
+        return False
+    return is_ensemble_name(name)
+
+
+def _named(names: Sequence[str]) -> list[tuple[str, Any]]:
+    from_names = []
+    for name in names:
+        if _is_ensemble(name):
+            from gradsign.ensemble import parse_ensemble
+            from_names.append((name, parse_ensemble(name)))
+        else:
+            from_names.append((name, None))
+    return from_names
+
+
+def _ensembles(names: Sequence[str]) -> list[Any]:
+    return list(dict.fromkeys(e for _, e in _named(names) if e is not None))
+
+
+def _higher_is_better(name: str) -> bool:
+    return True if _is_ensemble(name) else get_proxy(name).higher_is_better
 
 
 def _number(value: float) -> str:
