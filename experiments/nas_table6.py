@@ -292,7 +292,7 @@ def write_docs(path: Path, results: dict, args, known: int, finite: int, figures
     for fig in figures:
         lines.append(f"![{fig.stem}]({fig.relative_to(path.parent).as_posix()})")
     lr = results["REINFORCE (lr 0.001)"]["results"]["cifar10"]["test"]
-    lines += ["", *hyperband_section(results, uses)]
+    lines += ["", *hyperband_section(results, uses), "", CLI_SECTION]
     lines += ["", NOTES.format(
         evals_hb2=results["HB (two-fidelity)"]["evaluations_mean"],
         reinforce=cell(results["REINFORCE"], "cifar10", "test"),
@@ -300,6 +300,25 @@ def write_docs(path: Path, results: dict, args, known: int, finite: int, figures
         reinforce_lr_gap=lr["mean"] - BENCHMARK["REINFORCE"][0])]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+CLI_SECTION = """## From the command line
+
+The same searches, one row at a time (`--runs`, `--seed`, `--budget` as above; `--json FILE` keeps the
+per-run records, `--out DIR` draws the best-so-far plot):
+
+```
+gradsign search --algo bohb                                # BOHB, benchmark protocol (the default)
+gradsign search --algo bohb --assist gradsign              # G-BOHB
+gradsign search --algo hb --protocol benchmark             # HB, same protocol, named explicitly
+gradsign search --algo hb --protocol two-fidelity          # this project's two-fidelity variant
+gradsign search --algo bohb --set n_samples=64 --set random_fraction=0.33   # HpBandSter's own defaults
+```
+
+`--protocol` applies to `hb` and `bohb` only; RS, REA and REINFORCE always follow the benchmark protocol.
+BOHB's options (`--set KEY=VALUE`): `n_samples`, `random_fraction`, `bandwidth_factor`, `min_bandwidth`,
+`top_n_percent`, `min_points`; Hyperband's and BOHB's: `eta`, and under the benchmark protocol
+`min_budget` and `max_budget` (the nominal rungs; every rung is still a 12-epoch evaluation)."""
 
 
 def hyperband_section(results: dict, uses: dict) -> list[str]:

@@ -186,8 +186,9 @@ def run_search(space: SearchSpace, algo: str, assist=None, pool: int = 10, runs:
 
 def _protocol_text(algo: str, protocol: str, search_dataset: str, tables: BenchmarkArrays) -> str:
     if algo in MULTI_FIDELITY and protocol == "benchmark":
-        evaluations = (f"HpBandSter rungs 22.2/66.7/200 (eta 3), every rung the {search_dataset} validation "
-                       "accuracy after 12 epochs (the budget is ignored, as in the benchmark's scripts)")
+        evaluations = (f"HpBandSter's rungs (by default eta 3, budgets 22.2/66.7/200), every rung the "
+                       f"{search_dataset} validation accuracy after 12 epochs (the budget is ignored, as in the "
+                       "benchmark's scripts)")
     elif algo in MULTI_FIDELITY:
         evaluations = (f"two-fidelity Hyperband over {tables.fidelities} epochs, each the {search_dataset} "
                        "validation accuracy after that many epochs")
