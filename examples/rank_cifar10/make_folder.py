@@ -39,7 +39,8 @@ def write_folder(out: Path, per_class: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--per-class", type=int, default=50, help="images per class (at most 88: the rarest bundled class)")
+    parser.add_argument("--per-class", type=int, default=50,
+                        help="images per class (at most 88: the rarest bundled class)")
     args = parser.parse_args()
     if args.out.exists() and any(args.out.iterdir()):
         print(f"make_folder: error: {args.out} is not empty; choose a new folder", file=sys.stderr)

@@ -86,7 +86,8 @@ def load_candidates(spec: str | Mapping[str, Any] | Callable[..., Mapping[str, A
         return _checked(dict(found), f"{source}:{attr}")
     if not callable(found):
         raise CandidateError(f"{source}:{attr} is neither a dict nor a function")
-    return _checked(_call_candidates(found, num_classes, input_shape, seed, f"{source}:{attr}"), f"{source}:{attr}")
+    where = f"{source}:{attr}"
+    return _checked(_call_candidates(found, num_classes, input_shape, seed, where), where)
 
 
 def build_model(value: Any, num_classes: int, *, seed: int) -> nn.Module:
@@ -163,9 +164,10 @@ def _import_module(name: str):
         raise CandidateError(f"module {name} raised {_one_line(error)}") from None
 
 
-def _load_file(path: Path):
+def _load_file(path: Path, what: str = "candidates file"):
+    """Import a Python file as a fresh module; CandidateError (one line) when it is missing or raises."""
     if not path.is_file():
-        raise CandidateError(f"no candidates file {path}")
+        raise CandidateError(f"no {what} {path}")
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
     name = f"gradsign_candidates_{path.stem}_{digest}"
     spec = importlib.util.spec_from_file_location(name, path)
@@ -177,7 +179,7 @@ def _load_file(path: Path):
         spec.loader.exec_module(module)
     except (Exception, SystemExit) as error:
         sys.modules.pop(name, None)
-        raise CandidateError(f"candidates file {path} raised {_one_line(error)}") from None
+        raise CandidateError(f"{what} {path} raised {_one_line(error)}") from None
     return module
 
 

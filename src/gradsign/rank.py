@@ -78,7 +78,7 @@ def resolve_loss(loss: str | LossFn = "cross-entropy", target_kind: str | None =
         raise ValueError(f"unknown loss {loss!r}; choose {', '.join(LOSSES)} or module:function")
     if source.endswith(".py") or "/" in source:
         from gradsign.candidates import _load_file
-        module = _load_file(Path(source))
+        module = _load_file(Path(source), "loss file")
     else:
         try:
             module = importlib.import_module(source)

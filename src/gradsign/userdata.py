@@ -282,7 +282,8 @@ def _values(data: UserData) -> np.ndarray:
     try:
         values = labels.astype(np.float64)
     except ValueError:
-        raise UserDataError(f"targets in {data.source} are not numbers; a value loss (mse) needs numbers") from None
+        raise UserDataError(f"targets in {data.source} are not numbers; a value loss (mse) needs numbers"
+                            ) from None
     if not np.isfinite(values).all():
         raise UserDataError(f"targets in {data.source} hold NaN or infinite values")
     return values
