@@ -164,7 +164,8 @@ def first_hundred(space, dataset: str, ensemble: Ensemble, values: dict, indices
     rows = np.array([where[int(r["index"])] for r in table if int(r["index"]) in where])
     acc = space.benchmark_table(dataset, "test", 200)[np.asarray(indices)[rows]]
     out = {"n": int(len(rows)), "file": str(path), "proxies": {}}
-    out["proxies"]["ensemble"] = signed_correlations(ensemble_values(ensemble, values, rows), acc, n_boot=n_boot, seed=0)
+    out["proxies"]["ensemble"] = signed_correlations(ensemble_values(ensemble, values, rows), acc, n_boot=n_boot,
+                                                     seed=0)
     by_index = {int(r["index"]): r for r in table}
     for p in ALL_PROXIES:
         v = np.array([float(by_index[indices[k]][p]) for k in rows])
@@ -288,7 +289,8 @@ def markdown(summary: dict, command: str) -> str:
                   "| proxy | " + " | ".join(summary["datasets"]) + " |", "|---" * (1 + len(summary["datasets"])) + "|"]
         for p in CANDIDATES:
             lines.append(f"| {p} | " + " | ".join(
-                f"[{r['margin'][p][subset][0]:+.3f}, {r['margin'][p][subset][1]:+.3f}]" for r in summary["datasets"].values())
+                f"[{r['margin'][p][subset][0]:+.3f}, {r['margin'][p][subset][1]:+.3f}]"
+                for r in summary["datasets"].values())
                 + " |")
         lines.append("")
     lines += ["## Cost per arch", "",
@@ -314,6 +316,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default=None, help="score store with the sample's scores")
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--min-archs", type=int, default=50, help="leave out datasets with fewer scored archs")
     parser.add_argument("--search-runs", type=int, default=500)
     parser.add_argument("--search-budget", type=float, default=3000.0)
     parser.add_argument("--out", default="docs")
@@ -329,8 +332,13 @@ def main() -> None:
     for d in DATASETS:
         mask = known_mask(space, d, indices, CANDIDATES, store)
         idx = [i for i, m in zip(indices, mask) if m]
+        if len(idx) < args.min_archs:
+            print(f"{d}: only {len(idx)} archs have every candidate component; left out", file=sys.stderr)
+            continue
         values, seconds = load_scores(space, d, idx, CANDIDATES, store)
         data[d] = (np.asarray(idx), values, seconds)
+    if TUNING_DATASET not in data or "cifar10" not in data:
+        sys.exit(f"error: {TUNING_DATASET} and cifar10 need at least {args.min_archs} archs with every component")
     idx, values, _ = data[TUNING_DATASET]
     ranking = choose(values, space.benchmark_table(TUNING_DATASET, "test", 200)[idx])
     summary["ranking"], summary["tried"] = ranking, len(ranking)
@@ -340,9 +348,10 @@ def main() -> None:
         print(f"warning: the protocol chooses {chosen}, but the package default is {DEFAULT_COMPONENTS}, "
               f"{DEFAULT_METHOD}: update gradsign/ensemble.py", file=sys.stderr)
     ensemble = Ensemble(tuple(chosen["components"]), chosen["method"])
-    for d in DATASETS:
+    for d in data:
         idx, values, seconds = data[d]
-        summary["datasets"][d] = report_dataset(space, d, ensemble, values, seconds, idx, clean_all[idx], args.bootstrap)
+        summary["datasets"][d] = report_dataset(space, d, ensemble, values, seconds, idx, clean_all[idx],
+                                                args.bootstrap)
         summary["first100"][d] = first_hundred(space, d, ensemble, values, list(idx), args.bootstrap)
     cache = ["--cache", args.cache] if args.cache else []
     name = "ensemble" if (tuple(chosen["components"]), chosen["method"]) == (DEFAULT_COMPONENTS, DEFAULT_METHOD) \

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 import gradsign
+from gradsign.ensemble import correlation_note, is_ensemble_name, parse_ensemble, split_proxy_names
 
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
@@ -89,8 +90,17 @@ def parse_proxies(text: str) -> tuple[str, ...]:
     if not names:
         raise CliError("no proxy given")
     for name in names:
-        gradsign.proxy_info(name)
+        if is_ensemble_name(name):
+            parse_ensemble(name)
+        else:
+            gradsign.proxy_info(name)
     return tuple(names)
+
+
+def _first_ensemble(text: str):
+    """The ensemble named first in ``--proxies`` (what ``select`` ranks by), else None."""
+    first = parse_proxies(text)[0]
+    return parse_ensemble(first) if is_ensemble_name(first) else None
 
 
 def scoring_setup(args: argparse.Namespace):
@@ -101,7 +111,7 @@ def scoring_setup(args: argparse.Namespace):
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
     options = {k: v for k, v in (("aggregation", args.aggregation), ("n_inits", args.n_inits),
                                  ("engine", args.engine)) if v is not None}
-    proxies = parse_proxies(args.proxies)
+    proxies, _ = split_proxy_names(parse_proxies(args.proxies))  # an ensemble's components are scored
     if "gradsign" not in proxies:
         options = {k: v for k, v in options.items() if k == "n_inits"}
     return ScoringSetup(get_space(args.space), args.dataset, proxies, args.batch_size, args.seed, options,
@@ -203,7 +213,8 @@ def cmd_correlate(args: argparse.Namespace) -> None:
         result = correlate(setup, archs, metric=args.metric or metric,
                            epochs=epochs if args.epochs is None else args.epochs, store=store,
                            n_boot=args.bootstrap, executor=executor_for(args),
-                           progress=progress_bar(f"scoring {setup.dataset}"))
+                           progress=progress_bar(f"scoring {setup.dataset}"),
+                           ensembles=split_proxy_names(parse_proxies(args.proxies))[1])
     finally:
         if store:
             store.close()
@@ -212,6 +223,8 @@ def cmd_correlate(args: argparse.Namespace) -> None:
     plot_scatter(result, out / f"{stem}.png")
     print(format_table(result))
     print(f"computed {result.computed}, from the store {result.from_cache}")
+    if note := correlation_note(result.proxies):
+        print(note)
     print(f"per-arch scores: {out / (stem + '.csv')}\nscatter plot: {out / (stem + '.png')}")
     if args.json:
         write_json(args.json, result.to_json())
@@ -224,11 +237,14 @@ def cmd_select(args: argparse.Namespace) -> None:
     store = open_store(args)
     try:
         result = select(setup, args.candidates, args.runs, store=store, executor=executor_for(args),
-                        progress=progress_bar(f"scoring {setup.dataset}"), scored_only=args.scored_only)
+                        progress=progress_bar(f"scoring {setup.dataset}"), scored_only=args.scored_only,
+                        ensemble=_first_ensemble(args.proxies))
     finally:
         if store:
             store.close()
     print(format_selection(result))
+    if ensemble := _first_ensemble(args.proxies):
+        print(f"{ensemble.describe()}: each run's {args.candidates} candidates")
     if args.json:
         write_json(args.json, result)
 

@@ -73,8 +73,11 @@ class CorrelationResult:
 
 def correlate(setup: ScoringSetup, archs: Iterable[str], *, metric: str = "test", epochs: int = 200,
               store: ScoreStore | None = None, n_boot: int = 1000,
-              executor=None, progress: Callable[..., Iterable] | None = None) -> CorrelationResult:
-    """Score ``archs`` (through ``store``) and correlate each proxy with the benchmark accuracy."""
+              executor=None, progress: Callable[..., Iterable] | None = None,
+              ensembles: Sequence = ()) -> CorrelationResult:
+    """Score ``archs`` (through ``store``) and correlate each proxy with the benchmark accuracy. Each of
+    ``ensembles`` (``ensemble.Ensemble``, components among ``setup.proxies``) is ranked within these archs
+    and correlated too."""
     space = setup.space
     archs = list(dict.fromkeys(space.arch(space.index(a)) for a in archs))
     accuracy = [space.query(a, setup.dataset, metric, epochs) for a in archs]
@@ -85,6 +88,9 @@ def correlate(setup: ScoringSetup, archs: Iterable[str], *, metric: str = "test"
             for a, acc in zip(archs, accuracy)]
     table = {p: signed_correlations([r["scores"][p] for r in rows], accuracy, n_boot=n_boot, seed=setup.seed)
              for p in setup.proxies}
+    if ensembles:
+        from gradsign.ensemble import add_to_correlation
+        add_to_correlation(rows, table, found, ensembles, accuracy, n_boot=n_boot, seed=setup.seed)
     return CorrelationResult(space.name, setup.dataset, space.accuracy_field(setup.dataset, metric, epochs),
                              setup.seed, setup.batch_size, rows, table, computed, len(archs) - computed)
 

@@ -13,8 +13,8 @@ registered direction decides which is best; +-inf are ordinary extreme values; t
 rank). Aggregations over the components m:
 
 * ``rank_sum``: s = sum_m r_m (Borda count);
-* ``log_rank_product``: s = sum_m log(r_m / n), the aggregation of AZ-NAS (Lee & Ham, CVPR 2024, eq. 9),
-  i.e. the log of the product of normalised ranks: one bad rank costs more than in a plain sum.
+* ``log_rank_product``: s = sum_m log(r_m / n), the non-linear ranking aggregation of AZ-NAS (Lee & Ham,
+  CVPR 2024), i.e. the log of the product of normalised ranks: one bad rank costs more than in a plain sum.
 
 A candidate with a NaN (unknown or failed) component score gets a NaN ensemble score and is left out
 of the ranking of the others. An ensemble's cost per arch is the sum of its components' measured seconds.
@@ -203,7 +203,7 @@ def correlation_note(table: Mapping[str, dict]) -> str:
     for name, entry in table.items():
         if "components" in entry:
             lines.append(f"{name}: {entry['method']} of the ranks of {', '.join(entry['components'])} within "
-                         f"the {entry['candidates']} archs with all components known (scores depend on this "
+                         f"the {entry['candidates']} archs with no NaN component score (scores depend on this "
                          f"set); cost {entry['seconds_per_arch']:.2f} s per arch (sum of the components' "
                          f"measured seconds, {entry['timed_archs']} archs timed)")
     return "\n".join(lines)

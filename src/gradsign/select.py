@@ -18,17 +18,21 @@ METRICS = ("valid", "test")
 
 
 def select(setup: ScoringSetup, candidates: int = 100, runs: int = 500, *, store: ScoreStore | None = None,
-           executor=None, progress: Callable[..., Iterable] | None = None, scored_only: bool = False) -> dict:
+           executor=None, progress: Callable[..., Iterable] | None = None, scored_only: bool = False,
+           ensemble=None) -> dict:
     """Run the selection protocol with the first proxy of ``setup``; scores come through ``store``.
 
     With ``scored_only`` the candidates are drawn from the archs whose scores are already known (bundled
     or stored) instead of the whole space, and nothing is computed; the result says how many there were.
+    With ``ensemble`` (``ensemble.Ensemble``, components among ``setup.proxies``) each run picks the
+    candidate with the best ensemble score ranked within that run's draw.
     """
-    space, proxy = setup.space, setup.proxies[0]
+    space, proxy = setup.space, (setup.proxies[0] if ensemble is None else ensemble.name)
     universe = np.arange(len(space))
     if scored_only:
         known = known_scores(setup, list(space), store)
-        universe = np.array(sorted(space.index(arch) for arch, _ in known), dtype=np.int64)
+        universe = np.array(sorted(space.index(arch) for arch in dict.fromkeys(a for a, _ in known)
+                                   if all((arch, p) in known for p in setup.proxies)), dtype=np.int64)
     if not 1 <= candidates <= len(universe):
         raise ValueError(f"candidates must be between 1 and {len(universe)} (archs to draw from), "
                          f"got {candidates}")
@@ -40,12 +44,16 @@ def select(setup: ScoringSetup, candidates: int = 100, runs: int = 500, *, store
     needed = np.unique(draws)
     found, computed = score_archs(setup, [space.arch(int(i)) for i in needed], store, executor=executor,
                                    progress=progress)
-    direction = 1.0 if _higher_is_better(proxy) else -1.0
-    score = np.full(len(space), np.nan)
-    for i in needed:
-        score[i] = direction * found[space.arch(int(i))][proxy].value
-    ranked = np.where(np.isfinite(score[draws]), score[draws], -np.inf)
-    chosen = draws[np.arange(runs), np.argmax(ranked, axis=1)]
+    if ensemble is not None:
+        from gradsign.ensemble import best_in_draws, values_by_index
+        chosen = best_in_draws(ensemble, draws, values_by_index(space, found, ensemble.components))
+    else:
+        direction = 1.0 if _higher_is_better(proxy) else -1.0
+        score = np.full(len(space), np.nan)
+        for i in needed:
+            score[i] = direction * found[space.arch(int(i))][proxy].value
+        ranked = np.where(np.isfinite(score[draws]), score[draws], -np.inf)
+        chosen = draws[np.arange(runs), np.argmax(ranked, axis=1)]
     randoms = draws[np.arange(runs), random_pick]
     results: dict[str, dict] = {}
     for dataset in space.datasets:
