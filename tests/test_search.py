@@ -501,3 +501,46 @@ def test_cli_bad_input(argv, message):
     args = _parser().parse_args(["search", "--algo", "rea", *argv])
     with pytest.raises(ValueError if message == "unknown option" else CliError, match=message):
         args.run(args)
+
+
+# ------------------------------------------------------------------ cross-check with HpBandSter itself
+def test_matches_hpbandster_when_installed(space, tables):
+    """HpBandSter 0.7.4's bracket sizes and BOHB model against ours (skipped unless HpBandSter is installed;
+    see experiments/hpbandster_check.py)."""
+    cs_module = pytest.importorskip("ConfigSpace")
+    pytest.importorskip("hpbandster")
+    from hpbandster.core.dispatcher import Job
+    from hpbandster.optimizers.bohb import BOHB as Master
+    from hpbandster.optimizers.config_generators.bohb import BOHB as Generator
+
+    ops = ["none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3"]
+    edges = ["1<-0", "2<-0", "2<-1", "3<-0", "3<-1", "3<-2"]
+    cs = cs_module.ConfigurationSpace(seed=0)
+    for name in edges:
+        hp = cs_module.CategoricalHyperparameter(name, ops)
+        cs.add(hp) if hasattr(cs, "add") else cs.add_hyperparameter(hp)
+    generator = Generator(cs, num_samples=4, random_fraction=0.0, bandwidth_factor=3, min_bandwidth=0.3)
+    master = argparse.Namespace(eta=3, config_generator=generator, max_SH_iter=3,
+                                budgets=np.array(hpbandster_budgets(12, 200, 3)))
+    for i in range(6):
+        it = Master.get_next_iteration(master, i)
+        assert list(zip(it.num_configs, it.budgets)) == \
+            [(n, master.budgets[k]) for n, k in hpbandster_bracket(i, 3, 3)]
+    ours = BOHBSampler(_bohb_ctx(space, tables))
+    rng = np.random.default_rng(8)
+    for step in range(60):
+        index = int(rng.integers(len(space)))
+        budget = float(master.budgets[[0, 0, 1, 2][step % 4]])
+        accuracy = float(tables.accuracy[12][index])
+        config = dict(zip(edges, (ops[o] for o in space.encode(index))))
+        job = Job((step, 0, 0), config=config, budget=budget)
+        job.result = {"loss": 100.0 - accuracy, "info": None}
+        generator.new_result(job)
+        ours.observe(space.arch(index), budget, accuracy)
+        assert set(ours.models) == set(generator.kde_models)
+        for b, (good, bad) in ours.models.items():
+            theirs = generator.kde_models[b]
+            for mine, other in ((good, theirs["good"]), (bad, theirs["bad"])):
+                assert sorted(map(tuple, mine.data.tolist())) == sorted(map(tuple, other.data.tolist()))
+                assert np.allclose(mine.bw, other.bw, rtol=1e-12)
+    assert len(ours.models) == 3  # models at every rung; lower rungs stopped recording on the way
