@@ -125,6 +125,24 @@ def model_use(result: dict) -> dict:
             "runs": result["runs"]}
 
 
+def reusable(path: Path, args, algo: str, protocol: str | None, options: dict, charge: bool) -> dict | None:
+    """The result stored at ``path`` if it was made by this gradsign version with these settings, else None."""
+    if not path.is_file():
+        return None
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = (result.get("gradsign_version") == gradsign.__version__ and result.get("algo") == algo
+            and result.get("runs") == args.runs and result.get("seed") == args.seed
+            and result.get("budget") == float(args.budget) and result.get("options") == options
+            and result.get("protocol_name") == (protocol or "benchmark")
+            and result.get("charge_proxy_time") == charge
+            and (result.get("pool") in (None, args.pool)))
+    return result if same else None
+
+
 def search_experiment_parser(description: str, docs: str, figures: str) -> argparse.ArgumentParser:
     """The options every simulated-search experiment takes."""
     parser = argparse.ArgumentParser(description=description)
@@ -143,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = search_experiment_parser(__doc__.splitlines()[0], "docs/search.md", "docs/search")
     parser.add_argument("--json-dir", default="runs/nas_table6")
     parser.add_argument("--no-charged", action="store_true", help="skip the rows with proxy time charged")
+    parser.add_argument("--reuse-json", action="store_true",
+                        help="take a row from its per-run JSON in --json-dir when that was written by this gradsign "
+                             "version with the same runs, seed, budget, pool, protocol and options (rewrites the "
+                             "page without searching again)")
     parser.add_argument("--allow-incomplete", action="store_true",
                         help="when some archs have no stored score, write the page without the proxy rows")
     args = parser.parse_args(argv)
@@ -176,16 +198,21 @@ def main(argv: list[str] | None = None) -> int:
         options = dict(options)
         charge = options.pop("charge_proxy_time", False)
         start = time.perf_counter()
-        result = run_search(space, algo, assists[assist], pool=args.pool, runs=args.runs,
-                            budget=args.budget, seed=args.seed, tables=tables, charge_proxy_time=charge, **options)
-        result["label"] = label
+        name = label.replace(" ", "_").replace("(", "").replace(")", "").replace(".", "")
+        protocol = options.pop("protocol", None)
+        result = reusable(json_dir / f"{name}.json", args, algo, protocol, options, charge) \
+            if args.reuse_json else None
+        if result is None:
+            result = run_search(space, algo, assists[assist], pool=args.pool, runs=args.runs, budget=args.budget,
+                                seed=args.seed, tables=tables, charge_proxy_time=charge, protocol=protocol,
+                                **options)
+            result["label"], result["gradsign_version"] = label, gradsign.__version__
+            with open(json_dir / f"{name}.json", "w") as f:
+                json.dump(result, f)
         results[label] = result
         c10 = result["results"]["cifar10"]["test"]
         print(f"{label:40s} {time.perf_counter() - start:6.1f} s  evaluations {result['evaluations_mean']:6.1f}  "
               f"cifar10 test {c10['mean']:.2f} ± {c10['std']:.2f}", flush=True)
-        name = label.replace(" ", "_").replace("(", "").replace(")", "").replace(".", "")
-        with open(json_dir / f"{name}.json", "w") as f:
-            json.dump(result, f)
 
     uses = {label: model_use(results[label]) for label in ("BOHB", "G-BOHB", "BOHB (two-fidelity)")
             if label in results}
@@ -292,7 +319,13 @@ def write_docs(path: Path, results: dict, args, known: int, finite: int, figures
     for fig in figures:
         lines.append(f"![{fig.stem}]({fig.relative_to(path.parent).as_posix()})")
     lr = results["REINFORCE (lr 0.001)"]["results"]["cifar10"]["test"]
-    lines += ["", *hyperband_section(results, uses), "", CLI_SECTION]
+    lines += ["", *hyperband_section(results, uses)]
+    check = Path(args.figures) / "hpbandster.md"
+    if check.is_file():
+        lines += [f"* HpBandSter 0.7.4 itself on the same tables and protocol, and a result-by-result replay of its "
+                  f"BOHB model into ours: [{check.name}]({check.relative_to(path.parent).as_posix()}) (written by "
+                  "`experiments/hpbandster_check.py`)."]
+    lines += ["", CLI_SECTION]
     lines += ["", NOTES.format(
         evals_hb2=results["HB (two-fidelity)"]["evaluations_mean"],
         reinforce=cell(results["REINFORCE"], "cifar10", "test"),
