@@ -27,6 +27,16 @@ NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
 BATCH = {"mobilenet_v2": 4, "mobilevit": 4, "resnet16_narrow": 4}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for this file: tiny models gain nothing from more, and on a shared machine extra
+    threads cost several times the CPU time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def zoo_params() -> list:
     """Every zoo model; the transformers ones are skipped where transformers is not installed."""
     skip = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed (extra 'zoo')")
