@@ -287,3 +287,38 @@ def _float64_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 def _clear_weights(grads: dict[str, torch.Tensor]) -> int:
     """Weights whose gradient is above 1e-5 in magnitude for every sample (float32 gets their signs right)."""
     return sum(int((g.abs() > 1e-5).all(0).sum()) for g in grads.values())
+
+
+# ------------------------------------------------------------------ command line
+def test_cli_correlates_with_the_files_final_test_accuracy(tmp_path, capsys):
+    from scipy import stats
+
+    from gradsign.cli import main
+
+    space = NDSSpace("nds-amoeba")
+    rng = np.random.default_rng(2)
+    archs = [space.sample(rng).rsplit(" width=", 1)[0] + " width=4 depth=3 aux=0" for _ in range(5)]
+    finals = [9.0, 7.5, 12.0, 8.25, 10.0]
+    entries = [_entry(space, a, [50.0, e], k) for k, (a, e) in enumerate(zip(archs, finals))]
+    (tmp_path / "Amoeba.json").write_text(json.dumps(entries))
+    out = tmp_path / "result.json"
+    common = ["--space", "nds-amoeba", "--nds-dir", str(tmp_path), "--batch-size", "4", "--no-cache"]
+    assert main(["correlate", *common, "--all", "--bootstrap", "0", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "final test accuracy (last epoch)" in printed and "Amoeba.json" in printed
+    result = json.loads(out.read_text())
+    scores = [row["scores"]["gradsign"] for row in result["archs"]]
+    assert [row["accuracy"] for row in result["archs"]] == [100 - e for e in finals]
+    expected = stats.kendalltau(scores, [100 - e for e in finals]).statistic
+    assert result["proxies"]["gradsign"]["kendall"] == pytest.approx(expected)
+    assert main(["score", *common, "--arch", "3"]) == 0
+    assert "91.75" in capsys.readouterr().out
+
+
+def test_cli_without_files_is_one_line_with_status_2(monkeypatch, capsys):
+    from gradsign.cli import main
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert main(["correlate", "--space", "nds-darts", "--sample", "5", "--no-cache"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "DARTS.json" in err and ENV_VAR in err

@@ -59,6 +59,8 @@ def add_scoring_args(p: argparse.ArgumentParser, *, proxies_default: str) -> Non
     p.add_argument("--seed", type=int, default=0, help="seed of the batch, the init and the sample")
     p.add_argument("--data-dir", default=None, help="folder with the official dataset files "
                    "(default: the images bundled with the package)")
+    p.add_argument("--nds-dir", default=None, help="folder with the NDS result files (DARTS.json, ENAS.json, "
+                   "...) for the nds-* spaces (default: $GRADSIGN_NDS_DIR)")
     p.add_argument("--aggregation", choices=("sum", "mean"), default=None, help="GradSign aggregation")
     p.add_argument("--n-inits", type=int, default=None, help="average over this many initialisations")
     p.add_argument("--engine", choices=("auto", "batched", "vmap", "loop"), default=None,
@@ -114,8 +116,8 @@ def scoring_setup(args: argparse.Namespace):
     proxies, _ = split_proxy_names(parse_proxies(args.proxies))  # an ensemble's components are scored
     if "gradsign" not in proxies:
         options = {k: v for k, v in options.items() if k == "n_inits"}
-    return ScoringSetup(get_space(args.space), args.dataset, proxies, args.batch_size, args.seed, options,
-                        args.data_dir)
+    return ScoringSetup(get_space(args.space, nds_dir=args.nds_dir), args.dataset, proxies, args.batch_size,
+                        args.seed, options, args.data_dir)
 
 
 def executor_for(args: argparse.Namespace):

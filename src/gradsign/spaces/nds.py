@@ -355,6 +355,29 @@ class NDSSpace(SearchSpace):
             return False
         return True
 
+    #: reports use the final test accuracy (the last epoch's; ``query``'s ``epochs=None``)
+    default_field = ("test", None)
+    final_fields = (("test", None),)
+    final_fields_name = "final test accuracy (last epoch), one training run, from the NDS result file"
+
+    def has_table(self, arch: str | int) -> bool:
+        """Whether the result file (when present) has ``arch``; False without the file."""
+        if isinstance(arch, str) and not arch.strip().isdigit():
+            self.model(arch)  # an invalid arch string is an error, not a missing table
+        if not self.has_results():
+            return False
+        try:
+            self.index(arch)
+        except UnknownArchError:
+            return False
+        return True
+
+    def resolve(self, arch: str | int) -> str:
+        """The arch string of a file index, or of any accepted spelling of an arch string (needs no file)."""
+        if isinstance(arch, int) or (isinstance(arch, str) and arch.strip().isdigit()):
+            return self.arch(self.index(arch))
+        return self.model(arch).text()
+
     def __len__(self) -> int:
         """Number of distinct models in the result file."""
         return len(self._tables()[0])
