@@ -60,8 +60,12 @@ def per_sample_sign_stats(model: nn.Module, inputs: torch.Tensor, targets: torch
         m.weight.requires_grad_(True)
     for i in range(len(inputs)):
         model.zero_grad(set_to_none=True)
-        x = inputs[i:i + 1].detach().requires_grad_(True)  # a graph even when no weight is on the path
-        loss_fn(model(x), targets[i:i + 1]).backward()
+        x = inputs[i:i + 1].detach()
+        if x.is_floating_point():
+            x.requires_grad_(True)  # a graph even when no weight is on the path
+        loss = loss_fn(model(x), targets[i:i + 1])
+        if loss.requires_grad:
+            loss.backward()
         for name, m in layers:
             if m.weight.grad is not None:
                 signs[name] += torch.sign(m.weight.grad).to(torch.int32)
@@ -122,3 +126,31 @@ def gradsign_vs_chance(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
         work = copy.deepcopy(model)
         stats = per_sample_sign_stats(work, inputs, targets, loss_fn)
     return chance_report(stats, len(inputs))
+
+
+def partial_spearman(x, y, z, *, n_boot: int = 0, seed: int = 0) -> dict:
+    """Signed partial Spearman correlation of ``x`` and ``y`` given ``z``: the Pearson partial
+    correlation of their ranks, r_xy.z = (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2)), over the
+    entries where all three are finite; with ``n_boot`` > 0 a 95% percentile bootstrap interval (entries
+    resampled with replacement, ``default_rng(seed)``). Returns {"n", "partial", "ci95"}."""
+    from scipy.stats import rankdata
+
+    x, y, z = (np.asarray(v, dtype=np.float64) for v in (x, y, z))
+    finite = np.isfinite(x) & np.isfinite(y) & np.isfinite(z)
+    x, y, z = x[finite], y[finite], z[finite]
+
+    def value(pick: np.ndarray) -> float:
+        r = np.corrcoef([rankdata(x[pick]), rankdata(y[pick]), rankdata(z[pick])])
+        denominator = math.sqrt(max(0.0, (1 - r[0, 2] ** 2) * (1 - r[1, 2] ** 2)))
+        return (r[0, 1] - r[0, 2] * r[1, 2]) / denominator if denominator > 0 else math.nan
+
+    result = {"n": int(len(x)), "partial": math.nan, "ci95": [math.nan, math.nan]}
+    if len(x) < 4:
+        return result
+    with np.errstate(invalid="ignore", divide="ignore"):
+        result["partial"] = float(value(np.arange(len(x))))
+        if n_boot:
+            rng = np.random.default_rng(seed)
+            boot = [value(rng.integers(0, len(x), len(x))) for _ in range(n_boot)]
+            result["ci95"] = [float(v) for v in np.nanpercentile(np.asarray(boot, float), [2.5, 97.5])]
+    return result

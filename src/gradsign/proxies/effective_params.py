@@ -81,9 +81,12 @@ def reached_weights_batched(model: nn.Module, inputs: torch.Tensor, targets: tor
     weights = [m.weight for _, m in layers]
     for w in weights:
         w.requires_grad_(True)
-    x = inputs.detach().requires_grad_(True)  # keeps a graph even when no weight is on the path
+    x = inputs.detach()
+    if x.is_floating_point():
+        x.requires_grad_(True)  # keeps a graph even when no weight is on the path
     loss = per_sample_loss_sum(model(x), targets, loss_fn)
-    grads = torch.autograd.grad(loss, weights, allow_unused=True) if weights else []
+    grads = torch.autograd.grad(loss, weights, allow_unused=True) if weights and loss.requires_grad else []
+    grads = list(grads) + [None] * (len(weights) - len(grads))
     return {name: (torch.zeros_like(m.weight, dtype=torch.bool) if g is None else g != 0)
             for (name, m), g in zip(layers, grads)}
 
@@ -101,7 +104,9 @@ def reached_weights_loop(model: nn.Module, inputs: torch.Tensor, targets: torch.
         m.weight.requires_grad_(True)
     for i in range(len(inputs)):
         model.zero_grad(set_to_none=True)
-        loss_fn(model(inputs[i:i + 1]), targets[i:i + 1]).backward()
+        loss = loss_fn(model(inputs[i:i + 1]), targets[i:i + 1])
+        if loss.requires_grad:
+            loss.backward()
         for name, m in layers:
             if m.weight.grad is not None:
                 reached[name] |= m.weight.grad != 0
