@@ -62,7 +62,7 @@ def test_nan_and_inf_stay_visible(tmp_path, capsys):
     by_arch = {r["arch"]: r["scores"]["test_nan"] for r in result.archs}
     assert math.isnan(by_arch[ONE_POOL]) and by_arch[MANY_POOLS] == math.inf
     assert result.proxies["test_nan"]["excluded"] >= 2
-    assert from_store.computed == 0
+    assert from_store.sources == {"bundled": 0, "store": len(from_store.archs), "computed": 0}
     assert math.isnan({r["arch"]: r["scores"]["test_nan"] for r in from_store.archs}[ONE_POOL])
 
 
@@ -136,7 +136,7 @@ def rows(path):
 
 def correlate_args(archs_file, cache, json_path, workers=1):
     return ["correlate", "--archs", archs_file, "--dataset", "imagenet16-120", "--batch-size", 8,
-            "--proxies", "params,test_slow", "--cache", cache, "--out", json_path.parent / "out",
+            "--proxies", "params,test_slow", "--cache", cache, "--out", json_path.with_suffix(".out"),
             "--json", json_path, "--bootstrap", 0, "--workers", workers]
 
 
@@ -150,7 +150,7 @@ def wait_for_rows(path, count, process, limit=90):
 
 def comparable(path):
     report = json.loads(path.read_text())
-    return report["archs"], report["proxies"]
+    return [{k: v for k, v in a.items() if k != "sources"} for a in report["archs"]], report["proxies"]
 
 
 @pytest.fixture
@@ -174,7 +174,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, archs_
     resumed = cli(*correlate_args(archs_file, cache, tmp_path / "resumed.json"))
     assert resumed.wait(timeout=120) == 0, resumed.communicate()
     report = json.loads((tmp_path / "resumed.json").read_text())
-    assert report["from_cache"] >= kept // 2 and report["computed"] + report["from_cache"] == 12
+    sources = report["sources"]  # scores: 12 archs x 2 proxies
+    assert sources["store"] == kept and sources["bundled"] == 0 and sources["store"] + sources["computed"] == 24
     clean = cli(*correlate_args(archs_file, tmp_path / "clean.sqlite", tmp_path / "clean.json"))
     assert clean.wait(timeout=120) == 0
     assert comparable(tmp_path / "resumed.json") == comparable(tmp_path / "clean.json")

@@ -2,12 +2,14 @@
 
 A bundled file holds one proxy's scores for every arch of a space, by benchmark index, with a mask of
 the archs it covers, and the key they were computed under. It answers look-ups whose key equals its
-own except for the package version (scores do not change between versions unless their definition
-does, which bumps the file).
+own, scoring version included (``evaluate.SCORING_VERSION``: it changes only when a score's definition
+or protocol does, not with every package release). A file made by another scoring version is ignored
+with a warning, so its scores are computed afresh instead of being passed off as current ones.
 """
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,9 @@ def save_scores(path: Path, key: ScoreKey, proxy: str, values: np.ndarray, secon
 
 
 def bundled_scores(key: ScoreKey, proxy: str, space) -> dict[str, StoredScore]:
-    """Bundled scores of ``proxy`` under ``key`` (any version), by arch string; empty if none."""
+    """Bundled scores of ``proxy`` under ``key`` (options and scoring version included), by arch string;
+    empty if there are none. A file for this key made by another scoring version is ignored with a
+    ``UserWarning``."""
     path = DATA_DIR / bundled_file_name(key, proxy)
     if not path.is_file():
         return {}
@@ -40,7 +44,11 @@ def bundled_scores(key: ScoreKey, proxy: str, space) -> dict[str, StoredScore]:
         meta = json.loads(str(f["meta"]))
         if meta["options"] != key.options or meta["proxy"] != proxy:
             return {}
+        if meta.get("version") != key.version:
+            warnings.warn(f"bundled scores {path.name} were made by scoring version {meta.get('version')}, "
+                          f"not {key.version}: ignored, their scores are computed instead", stacklevel=2)
+            return {}
         values, seconds, known = f["values"], f["seconds"], f["known"]
     return {space.arch(int(i)): StoredScore(space.arch(int(i)), proxy, float(values[i]), None,
-                                            float(seconds[i]))
+                                            float(seconds[i]), "bundled")
             for i in np.flatnonzero(known)}

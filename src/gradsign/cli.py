@@ -4,9 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
 import signal
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -67,11 +70,16 @@ def add_scoring_args(p: argparse.ArgumentParser, *, proxies_default: str) -> Non
                    help="per-sample gradient engine (same scores up to float noise)")
     p.add_argument("--cache", default=None, help="score store file (default: "
                    f"{_display_path(_default_store())})")
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write the score store")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the score store (the scores bundled with the package are "
+                   "still used, and counted as bundled in the output; add --recompute to compute them)")
+    p.add_argument("--recompute", action="store_true",
+                   help="compute every score, using neither the bundled nor the stored ones (the new scores "
+                   "still go to the score store unless --no-cache)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per scoring process (default: 1 in worker processes, torch's "
                    "choice in this one); scores are bit-identical for equal thread counts")
-    p.add_argument("--workers", type=int, default=1, help="scoring processes (default 1: this one)")
+    p.add_argument("--workers", type=int, default=1, help="scoring processes, >= 1 (default 1: this one)")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local process pool or a Ray cluster (pip install gradsign[ray])")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
@@ -109,8 +117,10 @@ def scoring_setup(args: argparse.Namespace):
     from gradsign.evaluate import ScoringSetup
     from gradsign.spaces import get_space
 
-    if args.batch_size < 1:
-        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag, value in (("--batch-size", args.batch_size), ("--workers", args.workers),
+                        ("--threads", args.threads), ("--n-inits", args.n_inits)):
+        if value is not None and value < 1:
+            raise CliError(f"{flag} must be >= 1, got {value}")
     options = {k: v for k, v in (("aggregation", args.aggregation), ("n_inits", args.n_inits),
                                  ("engine", args.engine)) if v is not None}
     proxies, _ = split_proxy_names(parse_proxies(args.proxies))  # an ensemble's components are scored
@@ -126,6 +136,13 @@ def executor_for(args: argparse.Namespace):
     if args.workers < 1:
         raise CliError(f"--workers must be >= 1, got {args.workers}")
     return make_executor(args.executor, args.workers, address=args.address, threads=args.threads)
+
+
+def parse_arch(space, text: str) -> str:
+    """The arch string of ``text``: an arch string, or a benchmark index (negative ones are out of range,
+    not counted from the end)."""
+    text = text.strip()
+    return space.resolve(int(text) if re.fullmatch(r"[+-]?\d+", text) else text)
 
 
 def open_store(args: argparse.Namespace):
@@ -152,7 +169,7 @@ def choose_archs(args: argparse.Namespace, space) -> list[str]:
     if args.all:
         return list(space)
     if args.archs:
-        return [space.resolve(a) for a in read_arch_file(args.archs)]
+        return [parse_arch(space, a) for a in read_arch_file(args.archs)]
     if not 1 <= args.sample <= len(space):
         raise CliError(f"--sample must be between 1 and {len(space)}, got {args.sample}")
     rng = np.random.default_rng(args.seed)
@@ -160,16 +177,48 @@ def choose_archs(args: argparse.Namespace, space) -> list[str]:
 
 
 def write_json(path: str, payload: dict) -> None:
+    """Write ``payload`` as JSON; NaN and infinite numbers (which JSON lacks) become null."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        json.dump(payload, f, indent=1, default=_json_default)
+        json.dump(_finite_or_null(payload), f, indent=1, default=_json_default, allow_nan=False)
         f.write("\n")
 
 
+def _finite_or_null(value):
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
 def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
+    if isinstance(value, np.integer):
         return value.item()
+    if isinstance(value, np.ndarray):
+        return _finite_or_null(value.tolist())
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def check_new_files(paths: Iterable[Path], force: bool) -> None:
+    """Refuse (CliError) to replace an existing file without ``force``, or to write over a folder; called
+    before any work, so that nothing the user had is overwritten by surprise."""
+    for path in paths:
+        if path.is_dir():
+            raise CliError(f"{path} is a folder; name a file")
+        if path.exists() and not force:
+            raise CliError(f"{path} exists (an earlier run's output?); pass --force to replace it, "
+                           "or choose another path")
+
+
+def output_folder(path: str) -> Path:
+    """``path`` as a folder to write into; CliError when it exists as something else."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise CliError(f"--out {folder} is an existing file, not a folder")
+    return folder
 
 
 # ---------------------------------------------------------------- subcommands
@@ -184,10 +233,10 @@ def cmd_score(args: argparse.Namespace) -> None:
     from gradsign.evaluate import score_archs
 
     setup = scoring_setup(args)
-    arch = setup.space.resolve(args.arch)
+    arch = parse_arch(setup.space, args.arch)
     store = open_store(args)
     try:
-        found, _ = score_archs(setup, [arch], store)
+        found, _ = score_archs(setup, [arch], store, recompute=args.recompute)
     finally:
         if store:
             store.close()
@@ -198,53 +247,67 @@ def cmd_score(args: argparse.Namespace) -> None:
               f"{space.query(arch, setup.dataset, metric, epochs):.2f}")
     else:
         print(f"{space.name} arch {arch} (no benchmark results: not among the tabulated archs)")
-    for proxy, result in found[arch].items():
-        print(f"{proxy}: {result.value!r}" + (f"  (error: {result.error})" if result.error else ""))
+    for proxy in setup.proxies:
+        result = found[arch][proxy]
+        where = {"bundled": "bundled with the package", "store": "from the score store"}.get(result.source,
+                                                                                            "computed")
+        print(f"{proxy}: {result.value!r}  ({where}" + (f"; error: {result.error})" if result.error else ")"))
 
 
 def cmd_correlate(args: argparse.Namespace) -> None:
-    from gradsign.correlate import correlate, format_table, plot_scatter, write_csv
+    from gradsign.correlate import correlate, format_sources, format_table, plot_scatter, write_csv
 
     setup = scoring_setup(args)
+    if args.bootstrap < 0:
+        raise CliError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     archs = choose_archs(args, setup.space)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    stem = f"correlate_{setup.space.name}_{setup.dataset}"
+    out = output_folder(args.out) if args.out else None
+    files = [out / f"{stem}.csv", out / f"{stem}.png"] if out else []
+    check_new_files(files + ([Path(args.json)] if args.json else []), args.force)
+    executor = executor_for(args)
     store = open_store(args)
     try:
         metric, epochs = setup.space.default_field
         result = correlate(setup, archs, metric=args.metric or metric,
                            epochs=epochs if args.epochs is None else args.epochs, store=store,
-                           n_boot=args.bootstrap, executor=executor_for(args),
+                           recompute=args.recompute, n_boot=args.bootstrap, executor=executor,
                            progress=progress_bar(f"scoring {setup.dataset}"),
                            ensembles=split_proxy_names(parse_proxies(args.proxies))[1])
     finally:
         if store:
             store.close()
-    stem = f"correlate_{setup.space.name}_{setup.dataset}"
-    write_csv(result, out / f"{stem}.csv")
-    plot_scatter(result, out / f"{stem}.png")
     print(format_table(result))
-    print(f"computed {result.computed}, from the store {result.from_cache}")
+    print(format_sources(result.sources))
     if note := correlation_note(result.proxies):
         print(note)
-    print(f"per-arch scores: {out / (stem + '.csv')}\nscatter plot: {out / (stem + '.png')}")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(result, files[0])
+        plot_scatter(result, files[1])
+        print(f"per-arch scores: {files[0]}\nscatter plot: {files[1]}")
     if args.json:
         write_json(args.json, result.to_json())
 
 
 def cmd_select(args: argparse.Namespace) -> None:
+    from gradsign.correlate import format_sources
     from gradsign.select import format_selection, select
 
     setup = scoring_setup(args)
+    if args.json:
+        check_new_files([Path(args.json)], args.force)
+    executor = executor_for(args)
     store = open_store(args)
     try:
-        result = select(setup, args.candidates, args.runs, store=store, executor=executor_for(args),
-                        progress=progress_bar(f"scoring {setup.dataset}"), scored_only=args.scored_only,
-                        ensemble=_first_ensemble(args.proxies))
+        result = select(setup, args.candidates, args.runs, store=store, recompute=args.recompute,
+                        executor=executor, progress=progress_bar(f"scoring {setup.dataset}"),
+                        scored_only=args.scored_only, ensemble=_first_ensemble(args.proxies))
     finally:
         if store:
             store.close()
     print(format_selection(result))
+    print(format_sources(result["sources"]))
     if ensemble := _first_ensemble(args.proxies):
         print(f"{ensemble.describe()}: each run's {args.candidates} candidates")
     if args.json:
@@ -265,8 +328,10 @@ def cmd_cache(args: argparse.Namespace) -> None:
             for row in store.summary():
                 print("| " + " | ".join(str(v) for v in row) + " |")
         elif args.action == "prune":
+            from gradsign.evaluate import SCORING_VERSION
+
             removed = store.prune(errors=args.errors, other_versions=args.other_versions,
-                                  version=gradsign.__version__)
+                                  version=SCORING_VERSION)
             print(f"removed {removed} rows from {path}")
         else:
             export_scores(store, args)
@@ -303,7 +368,7 @@ def _space(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradsign", description=gradsign.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="gradsign", description=" ".join(gradsign.__doc__.split()))
     parser.add_argument("--version", action="version", version=f"gradsign {gradsign.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine fallbacks and details")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -326,18 +391,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy field (default: the space's, test for nb201, valid for nb101)")
     p.add_argument("--epochs", type=int, default=None,
                    help="accuracy after epochs (nb201: 12 or 200, default 200; nb101: 4, 12, 36 or 108, default 108)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
-    p.add_argument("--out", default="gradsign-out", help="folder for the CSV and plot")
-    p.add_argument("--json", help="write the full result as JSON here")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the 95%% CIs (default 1000; 0: no intervals)")
+    p.add_argument("--out", default=None, help="write the per-arch CSV and the scatter plot into this folder "
+                   "(default: none written)")
+    p.add_argument("--json", help="write the full result as JSON here (NaN and infinite scores as null)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out and --json files of an earlier run (default: refuse)")
     p.set_defaults(run=cmd_correlate)
 
-    p = sub.add_parser("select", help="best of N random archs by proxy score (GradSign paper, Table 5)")
+    p = sub.add_parser("select", help="best of N random archs by proxy score (GradSign paper, Table 5)",
+                       description="In each run draw --candidates distinct archs uniformly (numpy default_rng"
+                       "(--seed)), pick the one the proxy (the first of --proxies) scores best, and report "
+                       "its 200-epoch accuracies, beside a random and the best candidate of the same draw: "
+                       "mean +- std over runs (std with ddof=1).")
     add_scoring_args(p, proxies_default="gradsign")
-    p.add_argument("--candidates", type=int, default=100)
-    p.add_argument("--runs", type=int, default=500)
+    p.add_argument("--candidates", type=int, default=100, help="archs drawn per run (default 100)")
+    p.add_argument("--runs", type=int, default=500, help="independent runs (default 500)")
     p.add_argument("--scored-only", action="store_true",
                    help="draw candidates only from archs whose scores are already known (computes nothing)")
     p.add_argument("--json", help="write the result as JSON here")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file (default: refuse)")
     p.set_defaults(run=cmd_select)
 
     from gradsign.search.cli import add_search_command
@@ -371,7 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gradsign.proxies.registry import load_plugins
 
         load_plugins()
-        args.run(args)
+        from gradsign.executors import show_warning_line
+
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning_line
+            args.run(args)
     except KeyboardInterrupt:
         print("gradsign: interrupted; every finished architecture is kept in the score store",
               file=sys.stderr)

@@ -2,12 +2,15 @@
 
 Correlations are signed Spearman rho and Kendall tau over the architectures with a finite score, with
 95% percentile bootstrap intervals (archs resampled with replacement). The accuracy field is always
-named: e.g. "cifar10 test accuracy, 200 epochs, seed mean".
+named: e.g. "cifar10 test accuracy, 200 epochs, seed mean". A correlation that is undefined (fewer than
+3 finite scores, or constant scores or accuracies) is NaN, and so is a bootstrap resample that is
+constant; the interval is taken over the defined resamples.
 """
 from __future__ import annotations
 
 import csv
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from gradsign.evaluate import ScoringSetup, score_archs
+from gradsign.evaluate import ScoringSetup, count_sources, score_archs
 from gradsign.store import ScoreStore, StoredScore
 
 
@@ -35,21 +38,33 @@ def signed_correlations(values: Sequence[float], accuracy: Sequence[float], *, n
     result = {"n": int(finite.sum()), "excluded": int((~finite).sum()), "spearman": math.nan,
               "kendall": math.nan, "spearman_ci95": [math.nan, math.nan],
               "kendall_ci95": [math.nan, math.nan]}
-    if len(v) < 3 or np.ptp(v) == 0:
+    if len(v) < 3 or np.ptp(v) == 0 or np.ptp(a) == 0:
         return result
-    result["spearman"] = float(stats.spearmanr(v, a).statistic)
-    result["kendall"] = float(stats.kendalltau(v, a).statistic)
+    result["spearman"], result["kendall"] = _rho_tau(v, a)
     if n_boot:
         rng = np.random.default_rng(seed)
         boot = {"spearman": [], "kendall": []}
         for _ in range(n_boot):
             pick = rng.integers(0, len(v), len(v))
-            boot["spearman"].append(stats.spearmanr(v[pick], a[pick]).statistic)
-            boot["kendall"].append(stats.kendalltau(v[pick], a[pick]).statistic)
+            rho, tau = _rho_tau(v[pick], a[pick])
+            boot["spearman"].append(rho)
+            boot["kendall"].append(tau)
         for name, samples in boot.items():
-            lo, hi = np.nanpercentile(np.asarray(samples, float), [2.5, 97.5])
-            result[f"{name}_ci95"] = [float(lo), float(hi)]
+            samples = np.asarray(samples, float)
+            samples = samples[np.isfinite(samples)]
+            if len(samples):
+                lo, hi = np.percentile(samples, [2.5, 97.5])
+                result[f"{name}_ci95"] = [float(lo), float(hi)]
     return result
+
+
+def _rho_tau(v: np.ndarray, a: np.ndarray) -> tuple[float, float]:
+    """Spearman and Kendall of two arrays; NaN (without SciPy's warning) when either is constant."""
+    if np.ptp(v) == 0 or np.ptp(a) == 0:
+        return math.nan, math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return float(stats.spearmanr(v, a).statistic), float(stats.kendalltau(v, a).statistic)
 
 
 @dataclass
@@ -61,30 +76,33 @@ class CorrelationResult:
     batch_size: int
     archs: list[dict]
     proxies: dict[str, dict]
-    computed: int
-    from_cache: int
+    #: how many scores (arch x proxy) were bundled, read from the store, or computed
+    sources: dict[str, int]
 
     def to_json(self) -> dict:
+        """A JSON-ready dict; non-finite numbers stay floats (``cli.write_json`` writes them as null,
+        and each arch row names its non-finite scores under "nonfinite")."""
         return {"space": self.space, "dataset": self.dataset, "accuracy_field": self.accuracy_field,
                 "n": len(self.archs), "seed": self.seed, "batch_size": self.batch_size,
-                "computed": self.computed, "from_cache": self.from_cache, "proxies": self.proxies,
-                "archs": self.archs}
+                "sources": self.sources, "proxies": self.proxies, "archs": self.archs}
 
 
 def correlate(setup: ScoringSetup, archs: Iterable[str], *, metric: str = "test", epochs: int = 200,
-              store: ScoreStore | None = None, n_boot: int = 1000,
+              store: ScoreStore | None = None, recompute: bool = False, n_boot: int = 1000,
               executor=None, progress: Callable[..., Iterable] | None = None,
               ensembles: Sequence = ()) -> CorrelationResult:
-    """Score ``archs`` (through ``store``) and correlate each proxy with the benchmark accuracy. Each of
-    ``ensembles`` (``ensemble.Ensemble``, components among ``setup.proxies``) is ranked within these archs
-    and correlated too."""
+    """Score ``archs`` (bundled or stored scores unless ``recompute``; see ``evaluate.score_archs``)
+    and correlate each proxy with the benchmark accuracy. Each of ``ensembles`` (``ensemble.Ensemble``,
+    components among ``setup.proxies``) is ranked within these archs and correlated too."""
     space = setup.space
     archs = list(dict.fromkeys(space.arch(space.index(a)) for a in archs))
     accuracy = [space.query(a, setup.dataset, metric, epochs) for a in archs]
-    found, computed = score_archs(setup, archs, store, executor=executor, progress=progress)
+    found, _ = score_archs(setup, archs, store, recompute=recompute, executor=executor, progress=progress)
     rows = [{"index": space.index(a), "arch": a, "accuracy": acc,
              "scores": {p: found[a][p].value for p in setup.proxies},
-             **({"errors": errors} if (errors := _errors(found[a])) else {})}
+             "sources": {p: found[a][p].source for p in setup.proxies},
+             **({"errors": errors} if (errors := _errors(found[a])) else {}),
+             **({"nonfinite": nonfinite} if (nonfinite := _nonfinite(found[a])) else {})}
             for a, acc in zip(archs, accuracy)]
     table = {p: signed_correlations([r["scores"][p] for r in rows], accuracy, n_boot=n_boot, seed=setup.seed)
              for p in setup.proxies}
@@ -92,11 +110,22 @@ def correlate(setup: ScoringSetup, archs: Iterable[str], *, metric: str = "test"
         from gradsign.ensemble import add_to_correlation
         add_to_correlation(rows, table, found, ensembles, accuracy, n_boot=n_boot, seed=setup.seed)
     return CorrelationResult(space.name, setup.dataset, space.accuracy_field(setup.dataset, metric, epochs),
-                             setup.seed, setup.batch_size, rows, table, computed, len(archs) - computed)
+                             setup.seed, setup.batch_size, rows, table, count_sources(found))
 
 
 def _errors(scores: dict[str, StoredScore]) -> dict[str, str]:
     return {p: s.error for p, s in scores.items() if s.error}
+
+
+def _nonfinite(scores: dict[str, StoredScore]) -> dict[str, str]:
+    """The non-finite scores by proxy, as text ("nan", "inf", "-inf"): JSON has no such numbers."""
+    return {p: repr(s.value) for p, s in scores.items() if not math.isfinite(s.value)}
+
+
+def format_sources(sources: dict[str, int]) -> str:
+    """The summary line of where the scores came from."""
+    return (f"scores: {sources['bundled']} bundled with the package, {sources['store']} from the score "
+            f"store, {sources['computed']} computed")
 
 
 def format_table(result: CorrelationResult) -> str:

@@ -2,9 +2,18 @@
 
 Every architecture of a run is built with ``torch.manual_seed(seed)`` and scored on the same images:
 the canonical batch of (dataset, batch size, seed), no augmentation (FIELD-NOTES section 6).
+
+Where a score comes from: the scores bundled with the package, the score store, or computed now. Each
+``StoredScore`` says which (``source``), and ``recompute=True`` ignores the first two. A score is keyed
+(``ScoringSetup.key_for``) by everything that changes its value: space, dataset, batch size, seed, the
+proxy's options that differ from their defaults (an explicitly chosen engine other than "auto" included:
+engines agree only up to float noise, and a user who asks for one must get its value), the data folder
+and ``SCORING_VERSION``. Left out: options that only choose how a value is computed (``chunk_size``)
+and the thread count (which changes at most float rounding).
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -14,15 +23,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import gradsign
 from gradsign.api import API_OPTIONS, scores
 from gradsign.datasets import canonical_batch
 from gradsign.proxies import get_proxy
 from gradsign.spaces import SearchSpace
-from gradsign.store import ScoreKey, ScoreStore, StoredScore
+from gradsign.store import SOURCES, ScoreKey, ScoreStore, StoredScore
 
-#: scoring options that select an algorithm, not a value: left out of the store key
-VALUE_NEUTRAL_OPTIONS = ("engine", "chunk_size")
+#: The package version in which the value of a stored score last changed (a proxy's definition, the
+#: canonical batch, the network initialisation). Store rows and bundled files carry it; rows and files of
+#: another scoring version are not used. Bump it with any change that moves a score.
+SCORING_VERSION = "0.1.0"
+
+#: scoring options that choose how a value is computed, not the value: never part of a score's key
+VALUE_NEUTRAL_OPTIONS = ("chunk_size",)
 
 
 @dataclass(frozen=True)
@@ -46,13 +59,26 @@ class ScoringSetup:
             raise ValueError(f"option {unknown[0]!r} is not accepted by proxies {', '.join(self.proxies)}")
         self.space.num_classes(self.dataset)
 
-    @property
-    def key(self) -> ScoreKey:
-        kept = {k: v for k, v in self.options.items() if k not in VALUE_NEUTRAL_OPTIONS}
+    def key_for(self, proxy: str) -> ScoreKey:
+        """The key of ``proxy``'s scores: the options that proxy takes, less the value-neutral ones and
+        those equal to their defaults (so ``engine="auto"`` or ``n_inits=1`` key as no option)."""
+        defaults = _option_defaults(proxy, self.seed)
+        accepted = set(get_proxy(proxy).options) | set(API_OPTIONS)
+        kept = {k: v for k, v in self.options.items()
+                if k in accepted and k not in VALUE_NEUTRAL_OPTIONS and not (k in defaults and v == defaults[k])}
         if self.data_dir is not None:
             kept["data_dir"] = str(Path(self.data_dir).resolve())
         return ScoreKey(self.space.name, self.dataset, self.batch_size, self.seed,
-                        ScoreKey.options_text(kept), gradsign.__version__)
+                        ScoreKey.options_text(kept), SCORING_VERSION)
+
+    @property
+    def key(self) -> ScoreKey:
+        """The key shared by all proxies of this setup; ValueError when their keys differ (then use
+        ``key_for``)."""
+        keys = {self.key_for(p) for p in self.proxies}
+        if len(keys) != 1:
+            raise ValueError(f"proxies {', '.join(self.proxies)} have different score keys; use key_for")
+        return keys.pop()
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         return canonical_batch(self.dataset, self.batch_size, self.seed, data_dir=self.data_dir)
@@ -81,16 +107,25 @@ def score_arch(setup: ScoringSetup, arch: str, inputs: torch.Tensor, targets: to
     return results
 
 
+def _option_defaults(proxy: str, seed: int) -> dict:
+    """Default values of the options ``proxy`` and the API take (the API's seed defaults to the run's)."""
+    signatures = (inspect.signature(get_proxy(proxy).fn), inspect.signature(scores))
+    defaults = {name: p.default for sig in signatures for name, p in sig.parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
+    return {**defaults, "seed": seed}
+
+
 def score_archs(setup: ScoringSetup, archs: Iterable[str], store: ScoreStore | None = None, *,
-                executor=None, progress: Callable[[Iterable], Iterable] | None = None
+                recompute: bool = False, executor=None, progress: Callable[[Iterable], Iterable] | None = None
                 ) -> tuple[dict[str, dict[str, StoredScore]], int]:
-    """Scores of ``archs`` for every proxy of ``setup``: taken from ``store`` where present, computed by
-    ``executor`` (default: in this process) and written to the store as each arch finishes otherwise.
-    Returns (scores by arch and proxy, number of archs computed)."""
+    """Scores of ``archs`` for every proxy of ``setup``: the bundled or stored ones where known (unless
+    ``recompute``), the others computed by ``executor`` (default: in this process) and written to
+    ``store`` (if any) as each arch finishes. Each score's ``source`` says which; ``count_sources``
+    counts them. Returns (scores by arch and proxy, number of archs computed)."""
     from gradsign.executors import SerialExecutor
 
     archs = list(dict.fromkeys(archs))
-    found = known_scores(setup, archs, store)
+    found = {} if recompute else known_scores(setup, archs, store)
     result: dict[str, dict[str, StoredScore]] = {a: {} for a in archs}
     for (arch, proxy), stored in found.items():
         result[arch][proxy] = stored
@@ -102,21 +137,36 @@ def score_archs(setup: ScoringSetup, archs: Iterable[str], store: ScoreStore | N
         for arch, computed in (progress(finished, len(missing)) if progress else finished):
             computed = [r for r in computed if r.proxy not in result[arch]]
             if store:
-                store.put(setup.key, computed)
+                for proxy in dict.fromkeys(r.proxy for r in computed):
+                    store.put(setup.key_for(proxy), [r for r in computed if r.proxy == proxy])
             result[arch].update({r.proxy: r for r in computed})
     return result, len(missing)
 
 
+def count_sources(found: dict[str, dict[str, StoredScore]]) -> dict[str, int]:
+    """How many of the scores (arch x proxy) in ``found`` came from each source: ``{"bundled": n,
+    "store": n, "computed": n}``."""
+    counts = dict.fromkeys(SOURCES, 0)
+    for per_proxy in found.values():
+        for stored in per_proxy.values():
+            counts[stored.source] += 1
+    return counts
+
+
 def known_scores(setup: ScoringSetup, archs: list[str], store: ScoreStore | None
                  ) -> dict[tuple[str, str], StoredScore]:
-    """Scores already known for ``archs``: the bundled ones, overridden by the store's."""
+    """Scores already known for ``archs``: the bundled ones, overridden by the store's (each proxy
+    under its own key)."""
     from gradsign.bundled import bundled_scores
 
     wanted = set(archs)
-    found = {(arch, proxy): stored for proxy in setup.proxies
-             for arch, stored in bundled_scores(setup.key, proxy, setup.space).items() if arch in wanted}
-    if store is not None:
-        found.update(store.get(setup.key, archs, setup.proxies))
+    found = {}
+    for proxy in setup.proxies:
+        key = setup.key_for(proxy)
+        found.update({(arch, proxy): stored for arch, stored in bundled_scores(key, proxy, setup.space).items()
+                      if arch in wanted})
+        if store is not None:
+            found.update(store.get(key, archs, [proxy]))
     return found
 
 
@@ -142,16 +192,20 @@ def _put_score(values: np.ndarray, seconds: np.ndarray, known: np.ndarray, index
 
 
 class ProxyScores:
-    """Scores of one proxy for the archs of a space, by benchmark index, fetched through the store and
-    computed on demand (in this process) for archs that have none yet. For search algorithms, which
-    ask for a few archs at a time and need array access to the ones already known."""
+    """Scores of one proxy for the archs of a space, by benchmark index: the bundled and stored ones
+    (none with ``recompute``), the others computed on demand in this process and written to ``store``.
+    For search algorithms, which ask for a few archs at a time and need array access to the known ones.
+    ``source_counts()`` says how many known scores came from each source."""
 
-    def __init__(self, setup: ScoringSetup, store: ScoreStore | None = None):
+    def __init__(self, setup: ScoringSetup, store: ScoreStore | None = None, *, recompute: bool = False):
         if len(setup.proxies) != 1:
             raise ValueError("ProxyScores holds exactly one proxy")
-        self.setup, self.store, self.proxy = setup, store, setup.proxies[0]
-        self.values, self.seconds, self.known = score_arrays(
-            setup.space, known_scores(setup, list(setup.space), store))
+        self.setup, self.store, self.proxy, self.recompute = setup, store, setup.proxies[0], recompute
+        found = {} if recompute else known_scores(setup, list(setup.space), store)
+        self.values, self.seconds, self.known = score_arrays(setup.space, found)
+        self.sources = np.full(len(setup.space), -1, dtype=np.int8)  # index into SOURCES, -1: unknown
+        for (arch, _), stored in found.items():
+            self.sources[setup.space.index(arch)] = SOURCES.index(stored.source)
 
     def __call__(self, indices) -> np.ndarray:
         """Scores of ``indices`` (an int or an array of ints), computing the missing ones."""
@@ -159,7 +213,15 @@ class ProxyScores:
         missing = np.unique(indices[~self.known[indices]])
         if len(missing):
             space = self.setup.space
-            found, _ = score_archs(self.setup, [space.arch(int(i)) for i in missing], self.store)
+            found, _ = score_archs(self.setup, [space.arch(int(i)) for i in missing], self.store,
+                                   recompute=self.recompute)
             for i in missing:
-                _put_score(self.values, self.seconds, self.known, int(i), found[space.arch(int(i))][self.proxy])
+                stored = found[space.arch(int(i))][self.proxy]
+                _put_score(self.values, self.seconds, self.known, int(i), stored)
+                self.sources[int(i)] = SOURCES.index(stored.source)
         return self.values[indices]
+
+    def source_counts(self) -> dict[str, int]:
+        """How many of the known scores came from each source: ``{"bundled": n, "store": n,
+        "computed": n}``."""
+        return {name: int((self.sources == i).sum()) for i, name in enumerate(SOURCES)}

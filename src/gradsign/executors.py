@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import multiprocessing
 import signal
+import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -60,9 +62,16 @@ def _init_worker(setup, inputs: torch.Tensor, targets: torch.Tensor, threads: in
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides how a run stops
     _die_with_parent()
+    warnings.showwarning = show_warning_line  # this process is ours alone: warnings as the CLI prints them
     load_plugins()
     torch.set_num_threads(threads)
     _worker_state.update(setup=setup, inputs=inputs, targets=targets)
+
+
+def show_warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Show a warning as one line on stderr, "gradsign: warning: ...", without its source location (a
+    replacement for ``warnings.showwarning``)."""
+    print(f"gradsign: warning: {str(message).splitlines()[0]}", file=sys.stderr)
 
 
 def _die_with_parent() -> None:

@@ -3,32 +3,39 @@
 Protocol: in each of ``runs`` runs draw ``candidates`` distinct archs uniformly, pick the one with the
 highest proxy score, and record its 200-epoch validation and test accuracy (seed means) on every
 dataset of the space. "random" records a uniformly chosen candidate of the same draw, "optimal" the
-candidate with the highest accuracy on that dataset and metric. Reported as mean +- std over runs.
+candidate with the highest accuracy on that dataset and metric. Reported as mean +- std over runs, the
+std with ddof=1 (the sample standard deviation, as the search tables report it; NaN for one run).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import math
+
 import numpy as np
 
-from gradsign.evaluate import ScoringSetup, known_scores, score_archs
+from gradsign.evaluate import ScoringSetup, count_sources, known_scores, score_archs
 from gradsign.store import ScoreStore
 
 METRICS = ("valid", "test")
 
 
 def select(setup: ScoringSetup, candidates: int = 100, runs: int = 500, *, store: ScoreStore | None = None,
-           executor=None, progress: Callable[..., Iterable] | None = None, scored_only: bool = False,
-           ensemble=None) -> dict:
-    """Run the selection protocol with the first proxy of ``setup``; scores come through ``store``.
+           recompute: bool = False, executor=None, progress: Callable[..., Iterable] | None = None,
+           scored_only: bool = False, ensemble=None) -> dict:
+    """Run the selection protocol with the first proxy of ``setup``; scores are the bundled or stored
+    ones where known (unless ``recompute``), the others computed (see ``evaluate.score_archs``).
 
     With ``scored_only`` the candidates are drawn from the archs whose scores are already known (bundled
     or stored) instead of the whole space, and nothing is computed; the result says how many there were.
-    With ``ensemble`` (``ensemble.Ensemble``, components among ``setup.proxies``) each run picks the
-    candidate with the best ensemble score ranked within that run's draw.
+    The result's "sources" counts where the candidates' scores came from. With ``ensemble``
+    (``ensemble.Ensemble``, components among ``setup.proxies``) each run picks the candidate with the best
+    ensemble score ranked within that run's draw.
     """
     space, proxy = setup.space, (setup.proxies[0] if ensemble is None else ensemble.name)
     universe = np.arange(len(space))
+    if scored_only and recompute:
+        raise ValueError("scored-only draws from the scores already known; it cannot be combined with recompute")
     if scored_only:
         known = known_scores(setup, list(space), store)
         universe = np.array(sorted(space.index(arch) for arch in dict.fromkeys(a for a, _ in known)
@@ -42,8 +49,8 @@ def select(setup: ScoringSetup, candidates: int = 100, runs: int = 500, *, store
     draws = np.array([universe[rng.choice(len(universe), candidates, replace=False)] for _ in range(runs)])
     random_pick = rng.integers(0, candidates, runs)
     needed = np.unique(draws)
-    found, computed = score_archs(setup, [space.arch(int(i)) for i in needed], store, executor=executor,
-                                   progress=progress)
+    found, computed = score_archs(setup, [space.arch(int(i)) for i in needed], store, recompute=recompute,
+                                  executor=executor, progress=progress)
     if ensemble is not None:
         from gradsign.ensemble import best_in_draws, values_by_index
         chosen = best_in_draws(ensemble, draws, values_by_index(space, found, ensemble.components))
@@ -62,11 +69,14 @@ def select(setup: ScoringSetup, candidates: int = 100, runs: int = 500, *, store
             optimal = table[draws].max(axis=1)
             for name, picked in ((proxy, table[chosen]), ("random", table[randoms]), ("optimal", optimal)):
                 results.setdefault(name, {}).setdefault(dataset, {})[metric] = {
-                    "mean": float(np.mean(picked)), "std": float(np.std(picked))}
+                    "mean": float(np.mean(picked)),
+                    "std": float(np.std(picked, ddof=1)) if runs > 1 else math.nan}
     return {"space": space.name, "proxy": proxy, "score_dataset": setup.dataset,
             "batch_size": setup.batch_size, "seed": setup.seed, "candidates": candidates, "runs": runs,
             "accuracy_field": space.final_fields_name,
-            "drawn_from": len(universe), "computed": computed, "results": results}
+            "std": "sample standard deviation over runs (ddof=1)",
+            "drawn_from": len(universe), "computed": computed, "sources": count_sources(found),
+            "results": results}
 
 
 def _higher_is_better(proxy: str) -> bool:
@@ -81,7 +91,8 @@ def format_selection(result: dict) -> str:
     head = " | ".join(f"{d} {m}" for d in datasets for m in metrics)
     lines = [f"best of {result['candidates']} by {result['proxy']} (scored on {result['score_dataset']}, "
              f"batch {result['batch_size']}), candidates drawn from {result['drawn_from']} archs, "
-             f"{result['runs']} runs, seed {result['seed']}; {result['accuracy_field']}",
+             f"{result['runs']} runs, seed {result['seed']}; {result['accuracy_field']}; mean +- std over "
+             "runs (ddof=1)",
              f"| selector | {head} |", "|---" * (1 + len(datasets) * len(metrics)) + "|"]
     for name, per_dataset in result["results"].items():
         cells = " | ".join(f"{per_dataset[d][m]['mean']:.2f} +- {per_dataset[d][m]['std']:.2f}"

@@ -54,13 +54,21 @@ class ScoreKey:
         return json.dumps(options, sort_keys=True, separators=(",", ":"))
 
 
+#: where a score came from: the package's bundled files, the score store, or computed in this run
+SOURCES = ("bundled", "store", "computed")
+
+
 @dataclass(frozen=True)
 class StoredScore:
+    """One proxy's score of one arch: value (NaN when the proxy raised: see ``error``), the measured
+    scoring seconds, and where it came from (one of ``SOURCES``; not stored, set when read)."""
+
     arch: str
     proxy: str
     value: float
     error: str | None
     seconds: float | None
+    source: str = "computed"
 
 
 class ScoreStore:
@@ -134,7 +142,7 @@ class ScoreStore:
         found = {}
         for arch, proxy, value, error, seconds in rows:
             if arch in archs:
-                found[(arch, proxy)] = StoredScore(arch, proxy, _read_value(value), error, seconds)
+                found[(arch, proxy)] = StoredScore(arch, proxy, _read_value(value), error, seconds, "store")
         return found
 
     def put(self, key: ScoreKey, results: Iterable[StoredScore]) -> None:
