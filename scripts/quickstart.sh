@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 gradsign correlate --space nb201 --dataset cifar10 --sample 100 --seed 0 \
-    --proxies gradsign,synflow,naswot,params --workers 2 --out gradsign-out --json gradsign-out/correlate.json "$@"
+    --proxies gradsign,synflow,naswot,params --workers 2 --out gradsign-out --json gradsign-out/correlate.json \
+    --force "$@"  # a rerun replaces its own gradsign-out/ files (correlate alone refuses without --force)
