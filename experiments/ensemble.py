@@ -236,8 +236,9 @@ def run_cli(args: list[str]) -> tuple[int, str]:
     return done.returncode, (done.stdout + done.stderr).strip()
 
 
-def _cell(c: dict) -> str:
-    return f"{c['spearman']:+.3f} [{c['spearman_ci95'][0]:+.3f}, {c['spearman_ci95'][1]:+.3f}]"
+def _cell(c: dict, with_n: bool = False) -> str:
+    text = f"{c['spearman']:+.3f} [{c['spearman_ci95'][0]:+.3f}, {c['spearman_ci95'][1]:+.3f}]"
+    return text + (f" ({c['n']})" if with_n else "")
 
 
 def markdown(summary: dict, command: str) -> str:
@@ -273,16 +274,19 @@ def markdown(summary: dict, command: str) -> str:
     lines += ["", f"Chosen: **{' + '.join(chosen['components'])}, {chosen['method']}**: the proxy named `ensemble` "
               "(`gradsign.ensemble.DEFAULT_COMPONENTS`, `DEFAULT_METHOD`). CIFAR-10 and ImageNet16-120 played no "
               "part in the choice; CIFAR-100 numbers below are in-sample for the choice.", "",
-              "## The ensemble beside each component", ""]
+              "## The ensemble beside each component", "",
+              "Cells: signed Spearman rho [95% CI] (archs with a finite score; NASWOT is -inf and jacob_cov NaN "
+              "on some disconnected cells, and an arch with a NaN component gets no ensemble score). Margins: "
+              "over the archs where both scores are finite.", ""]
     for subset, title in (("all", "all archs"), ("clean", "clean cells only")):
         lines += [f"### {title}", "",
                   "| proxy | " + " | ".join(f"{d}{' (chosen here)' if d == TUNING_DATASET else ''}"
                                             for d in summary["datasets"]) + " |",
                   "|---" * (1 + len(summary["datasets"])) + "|"]
         for p in ("ensemble", *CANDIDATES):
-            lines.append(f"| {p} | " + " | ".join(_cell(r["proxies"][p][subset]) for r in summary["datasets"].values())
-                         + " |")
-        lines.append("| AZ-NAS (published, all archs, own sample) | " +
+            lines.append(f"| {p} | " + " | ".join(_cell(r["proxies"][p][subset], True)
+                                                  for r in summary["datasets"].values()) + " |")
+        lines.append("| AZ-NAS (published: its own four proxies and evaluation set) | " +
                      " | ".join(f"{AZ_NAS[d]:.3f}" for d in summary["datasets"]) + " |")
         lines += ["", f"Margin of the ensemble over each component ({title}): rho(ensemble) - rho(proxy), 95% "
                   "paired-bootstrap interval (the proxy's sign oriented by its registered direction):", "",
