@@ -1,5 +1,5 @@
 """A persistent score store: one SQLite row per (space, arch, dataset, proxy, batch size, seed, options,
-package version), written as each architecture finishes so an interrupted run loses nothing finished.
+scoring version), written as each architecture finishes so an interrupted run loses nothing finished.
 
 NaN scores are stored as NULL with no error and read back as NaN; a failed score keeps its error text.
 The file is opened in WAL mode with a busy timeout so several processes can share it.
