@@ -345,8 +345,7 @@ def export_scores(store, args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.suffix not in (".npz", ".csv"):
         raise CliError(f"--out must end in .npz or .csv, got {out.name}")
-    if out.exists() and not args.force:
-        raise CliError(f"{out} exists; pass --force to replace it")
+    check_new_files([out], args.force)
     setup = ScoringSetup(_space(args.space), args.dataset, parse_proxies(args.proxy), args.batch_size,
                          args.seed)
     space, proxy = setup.space, setup.proxies[0]
