@@ -314,6 +314,32 @@ def cmd_select(args: argparse.Namespace) -> None:
         write_json(args.json, result)
 
 
+def cmd_rank(args: argparse.Namespace) -> None:
+    from gradsign.rank import parse_image_size, rank
+
+    out = output_folder(args.out) if args.out else None
+    files = ([out / "rank.csv", out / "rank.png"] if out else []) + ([Path(args.json)] if args.json else [])
+    check_new_files(files, args.force)
+    for flag, value in (("--batch-size", args.batch_size), ("--n-inits", args.n_inits),
+                        ("--workers", args.workers), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise CliError(f"{flag} must be >= 1, got {value}")
+    options = {k: v for k, v in (("aggregation", args.aggregation), ("engine", args.engine)) if v is not None}
+    result = rank(args.candidates, args.data, target=args.target, loss=args.loss, target_kind=args.targets,
+                  proxies=parse_proxies(args.proxies), batch_size=args.batch_size, seed=args.seed,
+                  n_inits=args.n_inits, normalize=args.normalize, image_size=parse_image_size(args.image_size),
+                  device=args.device, workers=args.workers, threads=args.threads,
+                  progress=progress_bar("scoring candidates"), **options)
+    print(result.format_table())
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        result.write_csv(files[0])
+        result.plot(files[1])
+        print(f"table: {files[0]}\nplot: {files[1]}")
+    if args.json:
+        write_json(args.json, result.to_json())
+
+
 def cmd_cache(args: argparse.Namespace) -> None:
     from gradsign.store import ScoreStore
 
@@ -412,6 +438,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--force", action="store_true", help="replace an existing --json file (default: refuse)")
     p.set_defaults(run=cmd_select)
+
+    p = sub.add_parser("rank", help="rank your own candidate models on your own data",
+                       description="Score every candidate on one canonical batch of --data (seeded, classes "
+                       "balanced, built under torch.manual_seed(--seed)) and rank them; a candidate that fails "
+                       "gets its error in its row. Formats and rules: gradsign.rank, gradsign.userdata, "
+                       "gradsign.candidates.")
+    p.add_argument("--candidates", action="append", required=True,
+                   help="FILE.py[:NAME], module[:NAME] (candidates(num_classes) -> {name: model}) or "
+                   "[LABEL=]module:Callable(literals), e.g. transformers:ResNetConfig(depths=[1,1]); repeatable")
+    p.add_argument("--data", required=True, help="image folder (PATH/CLASS/IMAGE), .npz with x and y, or .csv")
+    p.add_argument("--target", help="CSV: the target column")
+    p.add_argument("--loss", default="cross-entropy",
+                   help="cross-entropy, mse, bce (on logits) or module:function (default cross-entropy)")
+    p.add_argument("--targets", choices=("classes", "binary", "values"), default=None,
+                   help="targets a module:function loss takes (default classes)")
+    p.add_argument("--proxies", "--proxy", dest="proxies", default="gradsign",
+                   help="comma-separated proxy names, or 'all'; ranked by the first (default gradsign)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="seed of the batch and of every candidate's init")
+    p.add_argument("--n-inits", type=int, default=1, help="average over this many initialisations")
+    p.add_argument("--normalize", default="batch", help="batch (per-channel batch statistics, default), none, "
+                   "a dataset name such as cifar10, or MEANS/STDS e.g. 0.5,0.5,0.5/0.25,0.25,0.25")
+    p.add_argument("--image-size", default=None, help="image folder: resize every image to N or H,W")
+    p.add_argument("--aggregation", choices=("sum", "mean"), default=None, help="GradSign aggregation")
+    p.add_argument("--engine", choices=("auto", "batched", "vmap", "loop"), default=None,
+                   help="per-sample gradient engine")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--workers", type=int, default=1, help="scoring processes (default 1: this one)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per scoring process")
+    p.add_argument("--out", default=None, help="write rank.csv and rank.png (score vs #params) into this folder")
+    p.add_argument("--json", help="write the result as JSON here (NaN scores as null)")
+    p.add_argument("--force", action="store_true", help="replace --out and --json files of an earlier run")
+    p.set_defaults(run=cmd_rank)
 
     from gradsign.search.cli import add_search_command
     add_search_command(sub)

@@ -120,7 +120,7 @@ class RankResult:
         return self.proxies[0]
 
     def to_json(self) -> dict[str, Any]:
-        """The result as JSON-ready data (NaN scores stay float NaN: the CLI writes them as null)."""
+        """The result as JSON-ready data; NaN and infinite scores (which JSON lacks) become None (null)."""
         return {"batch": self.batch, "loss": self.loss, "seed": self.seed, "n_inits": self.n_inits,
                 "ranked_by": self.primary,
                 "proxies": {p: {"higher_is_better": _higher_is_better(p)} for p in self.proxies},
@@ -455,7 +455,9 @@ def _number(value: float) -> str:
 
 
 def _json_row(row: RankRow, primary: str) -> dict[str, Any]:
-    return {"rank": row.ranks.get(primary), **asdict(row)}
+    out = {"rank": row.ranks.get(primary), **asdict(row)}
+    out["scores"] = {p: (v if math.isfinite(v) else None) for p, v in row.scores.items()}
+    return out
 
 
 def parse_image_size(text: str | None) -> tuple[int, int] | None:
