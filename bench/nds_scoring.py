@@ -1,0 +1,173 @@
+"""Scoring random models of the five NDS design spaces: seconds per model, the default engine against the
+loop, and how many weights have a gradient that is zero in exact arithmetic.
+
+For each space, ``--models`` models drawn with ``space.sample(numpy.random.default_rng(seed))`` (seed 0; the
+space's own width and depth), built under ``torch.manual_seed(0)``, scored on the bundled CIFAR-10 batch of
+``--batch-size`` images (seed 0):
+- seconds of one ``gradsign.score(model, x, y)`` (default engine, including the model copy the API makes)
+  and of one plain batched forward+backward in scoring mode (mean cross-entropy), after one warm-up call;
+- GradSign of the default engine and of ``engine="loop"`` (float32) and their relative difference, and the
+  engine's fallback warning if it gave one;
+- dead weights: the share of counted (Conv2d/Linear) weights whose float64 single-sample gradient is below
+  1e-10 in magnitude for each of the first 4 samples. With single-sample BatchNorm a branch that ends in
+  BatchNorm has the BatchNorm bias as its spatial mean, so where such branches reach the logits only through
+  global average pooling, their weights (and everything feeding only them) get no gradient: float32 turns
+  those exact zeros into noise whose signs GradSign counts.
+
+Rows go to ``--results`` (JSON) as each model finishes; a rerun with the same settings skips finished rows.
+``--write`` puts the table into docs/performance.md between the nds markers.
+
+    python bench/nds_scoring.py [--models 2] [--batch-size 64] [--threads 1] [--write]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import gradsign
+from gradsign.datasets import canonical_batch
+from gradsign.engine import counted_layers, scoring_mode
+from gradsign.spaces import get_space
+from gradsign.spaces.darts_model import param_count
+from gradsign.spaces.nds import SPACES
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- nds:begin (written by bench/nds_scoring.py) -->", "<!-- nds:end -->"
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def dead_share(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, samples: int = 4) -> float:
+    """Share of counted weights whose float64 single-sample gradient is below 1e-10 for every sample."""
+    ref = scoring_mode(copy.deepcopy(model).double())
+    layers = counted_layers(ref)
+    dead = {name: torch.ones_like(m.weight, dtype=torch.bool) for name, m in layers}
+    for i in range(min(samples, len(x))):
+        ref.zero_grad()
+        F.cross_entropy(ref(x[i:i + 1].double()), y[i:i + 1]).backward()
+        for name, m in layers:
+            dead[name] &= m.weight.grad.abs() < 1e-10
+    return sum(int(d.sum()) for d in dead.values()) / sum(d.numel() for d in dead.values())
+
+
+def measure(name: str, arch: str, x: torch.Tensor, y: torch.Tensor) -> dict:
+    space = get_space(name)
+    torch.manual_seed(0)
+    model = space.build(arch, num_classes=10)
+    handler, logger = _Warnings(), logging.getLogger("gradsign")
+    logger.addHandler(handler)
+    try:
+        gradsign.score(model, x[:2], y[:2])  # warm-up
+        handler.messages.clear()
+        start = time.perf_counter()
+        default = gradsign.score(model, x, y)
+        seconds = time.perf_counter() - start
+    finally:
+        logger.removeHandler(handler)
+    fallback = handler.messages[0] if handler.messages else ""
+    plain = scoring_mode(copy.deepcopy(model))
+    F.cross_entropy(plain(x[:2]), y[:2]).backward()
+    start = time.perf_counter()
+    F.cross_entropy(plain(x), y).backward()
+    fwd_bwd = time.perf_counter() - start
+    start = time.perf_counter()
+    loop = gradsign.score(model, x, y, engine="loop")
+    loop_seconds = time.perf_counter() - start
+    m = space.model(arch)
+    return {"space": name, "arch": arch, "width": m.width, "depth": m.depth, "params": param_count(model),
+            "seconds": seconds, "fwd_bwd": fwd_bwd, "loop_seconds": loop_seconds, "gradsign": default,
+            "gradsign_loop": loop, "relative_difference": (default - loop) / loop if loop else float("nan"),
+            "fallback": fallback, "dead_share": dead_share(model, x, y)}
+
+
+def table(rows: list[dict], setup: dict, command: str) -> str:
+    lines = [f"Command: `{command}`", "",
+             f"batch {setup['batch_size']} (bundled CIFAR-10, seed 0), {setup['threads']} torch thread(s), "
+             f"torch {setup['torch']}, {setup['models']} models per space drawn with seed 0, one call each "
+             "after a warm-up; the machine was shared with other jobs, so seconds are indicative.", "",
+             "| space | width | depth | params | default s | fwd+bwd s | loop s | default GradSign | loop GradSign "
+             "| default vs loop | dead weights | fallback |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        used = re.search(r"used the (\w+) engine", r["fallback"])
+        fallback = ("yes, to " + used.group(1) if used else "yes") if r["fallback"] else "no"
+        lines.append(f"| {r['space']} | {r['width']} | {r['depth']} | {r['params']:,} | {r['seconds']:.2f} | "
+                     f"{r['fwd_bwd']:.2f} | {r['loop_seconds']:.2f} | {r['gradsign']:,.0f} | {r['gradsign_loop']:,.0f} "
+                     f"| {r['relative_difference']:+.1e} | {100 * r['dead_share']:.1f}% | {fallback} |")
+    lines += ["", "Seconds per model (default engine), mean per space: " + ", ".join(
+        f"{name} {np.mean([r['seconds'] for r in rows if r['space'] == name]):.1f} s" for name in SPACES
+        if any(r["space"] == name for r in rows)) + "."]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace the text between the nds markers of ``path`` (appending a section with them if absent)."""
+    text = path.read_text()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = f"{head}{BEGIN}\n{body}\n{END}{rest.split(END, 1)[1]}"
+    else:
+        intro = ("## NDS design spaces: seconds per model, default engine against the loop\n\n"
+                 "Random models of the five NDS spaces (`gradsign.spaces.nds`, built by "
+                 "`spaces/darts_model.py`); see `bench/nds_scoring.py` for the protocol and `docs/nds.md` for "
+                 "why many of their weights get float-noise gradients under single-sample BatchNorm.\n\n")
+        text = text.rstrip("\n") + f"\n\n{intro}{BEGIN}\n{body}\n{END}\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=int, default=2, help="models per space")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "nds_scoring.json")
+    parser.add_argument("--write", action="store_true", help="put the table into docs/performance.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    setup = {"models": args.models, "batch_size": args.batch_size, "threads": args.threads,
+             "torch": torch.__version__, "gradsign": gradsign.__version__}
+    done: dict[str, dict] = {}
+    if args.results.exists():
+        saved = json.loads(args.results.read_text())
+        if saved.get("settings") == setup:
+            done = saved["rows"]
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    x, y = canonical_batch("cifar10", args.batch_size, 0)
+    keys = []
+    for name in SPACES:
+        rng = np.random.default_rng(0)
+        for k in range(args.models):
+            arch = get_space(name).sample(rng)
+            key = f"{name} {k}"
+            keys.append(key)
+            if key in done and done[key]["arch"] == arch:
+                continue
+            print(f"{key} ...", file=sys.stderr, flush=True)
+            done[key] = measure(name, arch, x, y)
+            args.results.write_text(json.dumps({"settings": setup, "rows": done}, indent=1) + "\n")
+    command = "python bench/nds_scoring.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    body = table([done[k] for k in keys], setup, command.strip())
+    print(body)
+    if args.write:
+        write_section(ROOT / "docs" / "performance.md", body)
+
+
+if __name__ == "__main__":
+    main()
