@@ -73,6 +73,7 @@ def test_correlate_writes_files_only_where_asked(capsys, tmp_path, monkeypatch):
                            "--proxies", "params", "--no-cache", "--bootstrap", 0)
     assert status == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["archs.txt"]
+    assert "no files written: --out DIR writes the per-arch CSV and the scatter plot" in out
     (tmp_path / "taken").write_text("mine")
     status, out, err = run(capsys, "correlate", "--archs", tmp_path / "archs.txt", "--proxies", "params",
                            "--no-cache", "--out", tmp_path / "taken")

@@ -286,6 +286,8 @@ def cmd_correlate(args: argparse.Namespace) -> None:
         write_csv(result, files[0])
         plot_scatter(result, files[1])
         print(f"per-arch scores: {files[0]}\nscatter plot: {files[1]}")
+    else:
+        print("no files written: --out DIR writes the per-arch CSV and the scatter plot")
     if args.json:
         write_json(args.json, result.to_json())
 
