@@ -217,6 +217,34 @@ def test_rank_takes_dicts_arrays_losses_and_n_inits():
         resolve_loss("hinge")
 
 
+class BatchMixing(nn.Module):
+    """Centres each input on the batch mean: samples interact, so the batched engine must not be used."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(x - x.mean(0, keepdim=True))
+
+
+def test_engine_fallbacks_and_warnings_become_notes_of_the_row(capsys, caplog):
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(12, 4)).astype(np.float32), np.arange(12) % 2)
+    result = rank({"mixing": BatchMixing, "plain": lambda: nn.Linear(4, 2)}, data, batch_size=8)
+    notes = {r.candidate: r.notes for r in result.rows}
+    assert notes["plain"] == [] and notes["mixing"]
+    assert "note: mixing: " in result.format_table()
+    assert capsys.readouterr().err == ""
+    batch = draw_batch(load_data_arrays(*data), 8, 0)
+    torch.manual_seed(0)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gradsign"), pytest.warns(UserWarning) as warned:
+        gradsign.score(BatchMixing(), batch.inputs, batch.targets)  # the same model, scored directly
+    direct = [r.getMessage() for r in caplog.records] + [str(w.message) for w in warned]
+    assert direct and sorted(notes["mixing"]) == sorted(m.splitlines()[0] for m in direct)
+
+
 def load_data_arrays(x, y):
     from gradsign.userdata import UserData
     return UserData("arrays", "arrays", y, x=x)

@@ -22,6 +22,7 @@ import logging
 import math
 import multiprocessing
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
@@ -317,13 +318,15 @@ def _check_fit(model: torch.nn.Module, batch: Batch, loss: Loss, output_fn: Outp
 
 
 class _capture_warnings:
-    """Collect warnings of the ``gradsign`` logger into ``notes`` (lowering its level to WARNING and, then,
-    keeping them off the console for the duration)."""
+    """Collect into ``notes`` the warnings of the ``gradsign`` logger (lowering its level to WARNING and, then,
+    keeping them off the console for the duration) and the ``UserWarning``s raised while scoring; other
+    warnings (deprecations of the libraries a model uses) are shown as usual."""
 
     def __init__(self, notes: list[str]):
         self.notes = notes
         self.logger = logging.getLogger("gradsign")
         self.handler = _ListHandler(notes)
+        self.caught = warnings.catch_warnings(record=True)
 
     def __enter__(self):
         self.saved = (self.logger.level, self.logger.propagate)
@@ -331,12 +334,20 @@ class _capture_warnings:
             self.logger.setLevel(logging.WARNING)
             self.logger.propagate = False
         self.logger.addHandler(self.handler)
+        self.records = self.caught.__enter__()
+        warnings.simplefilter("always")
         return self
 
     def __exit__(self, *exc) -> None:
+        self.caught.__exit__(*exc)
         self.logger.removeHandler(self.handler)
         self.logger.setLevel(self.saved[0])
         self.logger.propagate = self.saved[1]
+        for record in self.records:
+            if record.category is UserWarning:
+                self.notes.append(str(record.message).splitlines()[0])
+            else:
+                warnings.showwarning(record.message, record.category, record.filename, record.lineno)
 
 
 class _ListHandler(logging.Handler):
