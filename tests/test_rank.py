@@ -167,6 +167,8 @@ def test_csv_features_and_target_column(tmp_path):
         assert batch.class_names[int(batch.targets[row])] == lines[1 + i].split(",")[1]
     with pytest.raises(UserDataError, match="--target COLUMN"):
         load_data(tmp_path / "t.csv")
+    (tmp_path / "bom.csv").write_text("\ufeffy,a\n0,1.5\n1,2.5\n", encoding="utf-8")  # as spreadsheets save
+    assert load_data(tmp_path / "bom.csv", target="y").x.tolist() == [[1.5], [2.5]]
     (tmp_path / "u.csv").write_text("a,y\n1,0\nfoo,1\n")
     with pytest.raises(UserDataError, match="line 3: feature 'a' is 'foo'"):
         load_data(tmp_path / "u.csv", target="y")

@@ -205,7 +205,7 @@ def _load_npz(path: Path) -> UserData:
 
 def _load_csv(path: Path, target: str | None) -> UserData:
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM is not part of the first name
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise UserDataError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
