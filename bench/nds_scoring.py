@@ -6,8 +6,9 @@ space's own width and depth), built under ``torch.manual_seed(0)``, scored on th
 ``--batch-size`` images (seed 0):
 - seconds of one ``gradsign.score(model, x, y)`` (default engine, including the model copy the API makes)
   and of one plain batched forward+backward in scoring mode (mean cross-entropy), after one warm-up call;
-- GradSign of the default engine and of ``engine="loop"`` (float32) and their relative difference, and the
-  engine's fallback warning if it gave one;
+- GradSign of the default engine and of ``engine="loop"`` (float32) on the first ``--loop-batch`` images
+  and their relative difference, and the default engine's fallback warning (on the full batch) if it gave
+  one;
 - dead weights: the share of counted (Conv2d/Linear) weights whose float64 single-sample gradient is below
   1e-10 in magnitude for each of the first 4 samples. With single-sample BatchNorm a branch that ends in
   BatchNorm has the BatchNorm bias as its spatial mean, so where such branches reach the logits only through
@@ -17,7 +18,7 @@ space's own width and depth), built under ``torch.manual_seed(0)``, scored on th
 Rows go to ``--results`` (JSON) as each model finishes; a rerun with the same settings skips finished rows.
 ``--write`` puts the table into docs/performance.md between the nds markers.
 
-    python bench/nds_scoring.py [--models 2] [--batch-size 64] [--threads 1] [--write]
+    python bench/nds_scoring.py [--models 2] [--batch-size 64] [--loop-batch 8] [--threads 1] [--write]
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def dead_share(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, samples
     return sum(int(d.sum()) for d in dead.values()) / sum(d.numel() for d in dead.values())
 
 
-def measure(name: str, arch: str, x: torch.Tensor, y: torch.Tensor) -> dict:
+def measure(name: str, arch: str, x: torch.Tensor, y: torch.Tensor, loop_batch: int) -> dict:
     space = get_space(name)
     torch.manual_seed(0)
     model = space.build(arch, num_classes=10)
@@ -88,13 +89,15 @@ def measure(name: str, arch: str, x: torch.Tensor, y: torch.Tensor) -> dict:
     start = time.perf_counter()
     F.cross_entropy(plain(x), y).backward()
     fwd_bwd = time.perf_counter() - start
+    small = gradsign.score(model, x[:loop_batch], y[:loop_batch])
     start = time.perf_counter()
-    loop = gradsign.score(model, x, y, engine="loop")
+    loop = gradsign.score(model, x[:loop_batch], y[:loop_batch], engine="loop")
     loop_seconds = time.perf_counter() - start
     m = space.model(arch)
     return {"space": name, "arch": arch, "width": m.width, "depth": m.depth, "params": param_count(model),
             "seconds": seconds, "fwd_bwd": fwd_bwd, "loop_seconds": loop_seconds, "gradsign": default,
-            "gradsign_loop": loop, "relative_difference": (default - loop) / loop if loop else float("nan"),
+            "gradsign_small": small, "gradsign_loop": loop,
+            "relative_difference": (small - loop) / loop if loop else float("nan"),
             "fallback": fallback, "dead_share": dead_share(model, x, y)}
 
 
@@ -103,13 +106,15 @@ def table(rows: list[dict], setup: dict, command: str) -> str:
              f"batch {setup['batch_size']} (bundled CIFAR-10, seed 0), {setup['threads']} torch thread(s), "
              f"torch {setup['torch']}, {setup['models']} models per space drawn with seed 0, one call each "
              "after a warm-up; the machine was shared with other jobs, so seconds are indicative.", "",
-             "| space | width | depth | params | default s | fwd+bwd s | loop s | default GradSign | loop GradSign "
-             "| default vs loop | dead weights | fallback |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| space | width | depth | params | default s | fwd+bwd s | GradSign | loop s ({setup['loop_batch']}) "
+             f"| default ({setup['loop_batch']}) | loop ({setup['loop_batch']}) | default vs loop | dead weights "
+             "| fallback |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         used = re.search(r"used the (\w+) engine", r["fallback"])
         fallback = ("yes, to " + used.group(1) if used else "yes") if r["fallback"] else "no"
         lines.append(f"| {r['space']} | {r['width']} | {r['depth']} | {r['params']:,} | {r['seconds']:.2f} | "
-                     f"{r['fwd_bwd']:.2f} | {r['loop_seconds']:.2f} | {r['gradsign']:,.0f} | {r['gradsign_loop']:,.0f} "
+                     f"{r['fwd_bwd']:.2f} | {r['gradsign']:,.0f} | {r['loop_seconds']:.2f} | {r['gradsign_small']:,.0f} | "
+                     f"{r['gradsign_loop']:,.0f} "
                      f"| {r['relative_difference']:+.1e} | {100 * r['dead_share']:.1f}% | {fallback} |")
     lines += ["", "Seconds per model (default engine), mean per space: " + ", ".join(
         f"{name} {np.mean([r['seconds'] for r in rows if r['space'] == name]):.1f} s" for name in SPACES
@@ -137,11 +142,13 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=2, help="models per space")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--loop-batch", type=int, default=8, help="images of the loop comparison")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "nds_scoring.json")
     parser.add_argument("--write", action="store_true", help="put the table into docs/performance.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setup = {"models": args.models, "batch_size": args.batch_size, "threads": args.threads,
+             "loop_batch": args.loop_batch,
              "torch": torch.__version__, "gradsign": gradsign.__version__}
     done: dict[str, dict] = {}
     if args.results.exists():
@@ -160,7 +167,7 @@ def main() -> None:
             if key in done and done[key]["arch"] == arch:
                 continue
             print(f"{key} ...", file=sys.stderr, flush=True)
-            done[key] = measure(name, arch, x, y)
+            done[key] = measure(name, arch, x, y, args.loop_batch)
             args.results.write_text(json.dumps({"settings": setup, "rows": done}, indent=1) + "\n")
     command = "python bench/nds_scoring.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     body = table([done[k] for k in keys], setup, command.strip())
