@@ -11,3 +11,12 @@ def shared_dir() -> Path:
     if not (SHARED / "data").is_dir():
         pytest.skip("../shared is not available")
     return SHARED
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tests run torch on one thread: on a shared 2-core machine several threads per process wait on
+    each other far more than they gain, and results do not depend on it."""
+    import torch
+
+    torch.set_num_threads(1)

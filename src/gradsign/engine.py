@@ -45,8 +45,6 @@ DEFAULT_ELEMENT_BUDGET = 1 << 25
 #: in cache make the grouped weight-gradient convolution of wide layers several times faster there
 #: (2^17..2^21 measured, docs/performance.md); other devices take the whole chunk in one call
 SLICE_ELEMENTS = 1 << 19
-#: output positions (H x W) up to which the matrix product beats the grouped convolution on a CPU
-MATMUL_MAX_POSITIONS = 256
 #: samples whose batched per-sample gradients ``auto`` compares with single-sample gradients
 VERIFIED_SAMPLES = 2
 #: largest relative difference (per weight tensor, against its largest gradient) accepted as float noise
@@ -272,7 +270,7 @@ def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tenso
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
         padding = 0
     if _use_matmul(conv, x, grad_out):
-        return _conv2d_sample_grads_matmul(conv, x, grad_out, padding)
+        return _conv2d_sample_grads_matmul(conv, x, grad_out)
     batch = x.shape[0]
     out_channels, in_per_group, *kernel = conv.weight.shape
     grads = torch.nn.grad.conv2d_weight(
@@ -283,24 +281,19 @@ def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tenso
 
 
 def _use_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
-    """Unfold + batched matrix product instead of the grouped weight-gradient convolution: on a CPU for
-    ungrouped convolutions whose output maps are small next to the weight (measured, bench/kernels.py)."""
-    if x.device.type != "cpu" or conv.groups != 1:
-        return False
-    kernel_area = conv.weight.shape[2] * conv.weight.shape[3]
-    positions = grad_out.shape[2] * grad_out.shape[3]
-    return kernel_area == 1 or positions <= MATMUL_MAX_POSITIONS
+    """A batched matrix product instead of the grouped weight-gradient convolution: for ungrouped 1x1
+    convolutions without padding on a CPU, where it needs no unfolding and is faster (bench/kernels.py)."""
+    return (x.device.type == "cpu" and conv.groups == 1 and conv.weight.shape[2:] == (1, 1)
+            and conv.dilation == (1, 1) and tuple(conv.padding) == (0, 0))
 
 
-def _conv2d_sample_grads_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
-                                padding) -> torch.Tensor:
+def _conv2d_sample_grads_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     batch = x.shape[0]
-    kernel = conv.weight.shape[2:]
-    if kernel == (1, 1) and tuple(padding) == (0, 0) and conv.stride == (1, 1):
-        columns = x.reshape(batch, x.shape[1], -1)
-    else:
-        columns = F.unfold(x, kernel, dilation=conv.dilation, padding=padding, stride=conv.stride)
-    grads = torch.bmm(grad_out.reshape(batch, grad_out.shape[1], -1), columns.transpose(1, 2))
+    if conv.stride != (1, 1):
+        x = x[:, :, ::conv.stride[0], ::conv.stride[1]]
+    x = x[:, :, :grad_out.shape[2], :grad_out.shape[3]]
+    columns = x.reshape(batch, x.shape[1], -1).transpose(1, 2)
+    grads = torch.bmm(grad_out.reshape(batch, grad_out.shape[1], -1), columns)
     return grads.reshape(batch, *conv.weight.shape)
 
 
