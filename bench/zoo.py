@@ -35,7 +35,7 @@ from torch import nn
 import gradsign
 from gradsign import zoo
 from gradsign.api import default_output
-from gradsign.engine import scoring_mode
+from gradsign.engine import scoring_mode, sign_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- zoo:begin (written by bench/zoo.py) -->", "<!-- zoo:end -->"
@@ -64,6 +64,35 @@ def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None
     """One batched forward and backward of the mean cross-entropy."""
     model.zero_grad(set_to_none=True)
     F.cross_entropy(default_output(model(x)), y).backward()
+
+
+class _Logits(nn.Module):
+    """The model with its prediction tensor as output (what the API scores)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return default_output(self.model(x))
+
+
+def float64_diagnosis(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
+    """Where the default engine's float64 counts differ from the loop's: per differing layer, the counts
+    that differ, and how many of the first sample's gradients there are non-zero but below 1e-10 of the
+    layer's largest (zero up to rounding: their sign is float noise in any implementation)."""
+    auto = sign_counts(_Logits(copy.deepcopy(model)), x, y, F.cross_entropy, engine="auto")
+    loop = sign_counts(_Logits(copy.deepcopy(model)), x, y, F.cross_entropy, engine="loop")
+    differing = [k for k in loop if not torch.equal(auto[k], loop[k])]
+    plain = scoring_mode(_Logits(copy.deepcopy(model))).requires_grad_(True)
+    weights = [plain.get_submodule(k).weight for k in differing]
+    grads = torch.autograd.grad(F.cross_entropy(plain(x[:1]), y[:1]), weights, allow_unused=True)
+    rows = []
+    for k, g in zip(differing, grads):
+        tiny = 0 if g is None else int(((g != 0) & (g.abs() < 1e-10 * g.abs().max())).sum())
+        rows.append({"layer": k.removeprefix("model."), "differing_counts": int((auto[k] - loop[k]).abs().sum()),
+                     "weights": loop[k].numel(), "near_zero_sample0": tiny})
+    return rows
 
 
 def timed(fn) -> tuple[float, object]:
@@ -95,6 +124,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     x64 = x.double() if x.is_floating_point() else x
     value64, warned64 = score_with_warnings(model64, x64, y)
     loop64 = gradsign.score(model64, x64, y, engine="loop")
+    diagnosis = float64_diagnosis(model64, x64, y) if value64 != loop64 else []
     causes = sorted({m.removeprefix("gradsign: ") for m in warnings + warned64})
     fb, score, loop = (statistics.median(t) for t in (fb_times, score_times, loop_times))
     entry = zoo.info(name)
@@ -104,6 +134,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
             "gradsign": value, "loop_gradsign": loop_value,
             "relative_to_loop": (value - loop_value) / abs(loop_value) if loop_value else float("nan"),
             "float64_equal": value64 == loop64, "gradsign64": value64, "loop_gradsign64": loop64,
+            "float64_differences": diagnosis,
             "fallback": bool(causes), "causes": causes}
 
 
@@ -133,7 +164,7 @@ def table(rows: list[dict], setup: dict, command: str) -> str:
         fallback = "yes: " + cell("; ".join(r["causes"])) if r["fallback"] else "no"
         lines.append(f"| {r['model']} | {r['params']:,} | {r['input']} | {r['default_s']:.3f} | {r['fwd_bwd_s']:.3f} "
                      f"| {r['ratio']:.2f}x | {r['loop_s']:.3f} | {r['loop_s'] / r['fwd_bwd_s']:.2f}x "
-                     f"| {r['relative_to_loop']:+.1e} | {'yes' if r['float64_equal'] else 'NO'} | {fallback} |")
+                     f"| {r['relative_to_loop']:+.1e} | {'yes' if r['float64_equal'] else 'NO (%+.1e)' % ((r['gradsign64'] - r['loop_gradsign64']) / r['loop_gradsign64'])} | {fallback} |")
     errors = sum("error" in r for r in rows)
     rows = [r for r in rows if "error" not in r]
     ratios = [r["ratio"] for r in rows] or [float("nan")]
@@ -142,6 +173,15 @@ def table(rows: list[dict], setup: dict, command: str) -> str:
               f"at or below 1.5x). Fallbacks: {sum(r['fallback'] for r in rows)} of {len(rows)}. Equal to the "
               f"loop in float64: {sum(r['float64_equal'] for r in rows)} of {len(rows)}."
               + (f" Models the default engine failed on: {errors}." if errors else "")]
+    unequal = [r for r in rows if not r["float64_equal"]]
+    if unequal:
+        lines += ["", "Where the float64 counts differ from the loop's (differing counts / weights of the layer; "
+                  "gradients of sample 0 there that are non-zero but below 1e-10 of the layer's largest, i.e. "
+                  "zero up to rounding, whose sign is float noise in any implementation):", ""]
+        for r in unequal:
+            lines.append(f"- {r['model']}: " + "; ".join(
+                f"`{d['layer']}` {d['differing_counts']:,} / {d['weights']:,}, {d['near_zero_sample0']:,} near-zero"
+                for d in r.get("float64_differences", [])))
     return "\n".join(lines)
 
 

@@ -257,7 +257,7 @@ def narrow_residual_cnn(blocks: int = 16, width: int = 16, num_classes: int = 10
 
 
 def _width(size: str) -> int:
-    return 16 if size == "tiny" else 64
+    return 16 if size == "tiny" else 256
 
 
 def _image(tiny: int, bench: int) -> dict[str, tuple[int, ...]]:
@@ -289,11 +289,11 @@ _ENTRIES = [
     ZooModel("encoder_seq_first", "nn.TransformerEncoderLayer(batch_first=False) + Linear on tokens", "torch",
              "sequence", 10, _SEQUENCE, lambda size: EncoderClassifier(_SEQUENCE[size][1], 2, 10, False)),
     ZooModel("tied_linear", "two Linear layers sharing one weight", "torch", "sequence", 10,
-             {"tiny": (16,), "bench": (256,)}, lambda size: TiedLinear(16 if size == "tiny" else 256, 10)),
+             {"tiny": (16,), "bench": (512,)}, lambda size: TiedLinear(16 if size == "tiny" else 512, 10)),
     ZooModel("tied_embedding", "Embedding tied with the output Linear (logits over the vocabulary)", "torch",
              "tokens", 64, {"tiny": (8,), "bench": (64,)}, lambda size: TiedEmbedding(64, _width(size)), vocab=64),
     ZooModel("functional_linear", "a Linear weight reused by F.linear outside its layer", "torch", "sequence",
-             10, {"tiny": (16,), "bench": (256,)}, lambda size: FunctionalReuse(16 if size == "tiny" else 256, 10)),
+             10, {"tiny": (16,), "bench": (512,)}, lambda size: FunctionalReuse(16 if size == "tiny" else 512, 10)),
     ZooModel("mha_dropout", "nn.MultiheadAttention(dropout=0.1) + nn.Dropout", "torch", "sequence", 10,
              _SEQUENCE, lambda size: AttentionDropout(_SEQUENCE[size][1], 2, 10)),
     ZooModel("resnet16_narrow", "16 basic blocks, 16/32/64 channels, BatchNorm", "torch", "image", 10,
