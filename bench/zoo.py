@@ -162,9 +162,11 @@ def table(rows: list[dict], setup: dict, command: str) -> str:
             lines.append(f"| {r['model']} | | | | | | | | | | error: {cell(r['error'])} |")
             continue
         fallback = "yes: " + cell("; ".join(r["causes"])) if r["fallback"] else "no"
+        equal64 = "yes" if r["float64_equal"] else "NO (%+.1e)" % (
+            (r["gradsign64"] - r["loop_gradsign64"]) / r["loop_gradsign64"])
         lines.append(f"| {r['model']} | {r['params']:,} | {r['input']} | {r['default_s']:.3f} | {r['fwd_bwd_s']:.3f} "
                      f"| {r['ratio']:.2f}x | {r['loop_s']:.3f} | {r['loop_s'] / r['fwd_bwd_s']:.2f}x "
-                     f"| {r['relative_to_loop']:+.1e} | {'yes' if r['float64_equal'] else 'NO (%+.1e)' % ((r['gradsign64'] - r['loop_gradsign64']) / r['loop_gradsign64'])} | {fallback} |")
+                     f"| {r['relative_to_loop']:+.1e} | {equal64} | {fallback} |")
     errors = sum("error" in r for r in rows)
     rows = [r for r in rows if "error" not in r]
     ratios = [r["ratio"] for r in rows] or [float("nan")]

@@ -16,8 +16,9 @@ Each entry is a named builder (``build(name, size, seed)``) and a matching batch
 Two sizes: ``"tiny"`` (unit tests: a few hundred to a few hundred thousand weights, 16x16 to 64x64 images, 8
 tokens) and ``"bench"`` (CPU-sized timing: 64x64 images for the ImageNet-style families, 32x32 for the
 residual CNN, 64 tokens). Families that reduce their input 32-fold get 64x64 images even when tiny: at 32x32
-their last BatchNorm would see 1x1 maps, where one sample has no statistics and GradSign is undefined. Every builder draws its weights under ``torch.random.fork_rng`` seeded with ``seed``, so the
-caller's RNG state is untouched and a (name, size, seed) triple always gives the same model.
+their last BatchNorm would see 1x1 maps, where one sample has no statistics and GradSign is undefined.
+Every builder draws its weights under ``torch.random.fork_rng`` seeded with ``seed``, so the caller's RNG
+state is untouched and a (name, size, seed) triple always gives the same model.
 """
 from __future__ import annotations
 
