@@ -208,11 +208,14 @@ def test_rank_takes_dicts_arrays_losses_and_n_inits():
     result = rank(models, (x, y), loss="mse", batch_size=10, seed=1, n_inits=2, proxies=["gradsign", "params"])
     assert [r.error for r in result.rows] == [None, None]
     batch = draw_batch(load_data_arrays(x, y), 10, 1, target_kind="values")
-    torch.manual_seed(1)
-    mlp = models["mlp"]()
-    expected = gradsign.score(mlp, batch.inputs, batch.targets, loss_fn=torch.nn.functional.mse_loss, n_inits=2,
-                              seed=1)
-    assert {r.candidate: r.scores["gradsign"] for r in result.rows}["mlp"] == pytest.approx(expected)
+    expected = []
+    for seed in (1, 2):  # a builder is built once per initialisation, under seeds seed, seed + 1
+        torch.manual_seed(seed)
+        expected.append(gradsign.score(models["mlp"](), batch.inputs, batch.targets,
+                                       loss_fn=torch.nn.functional.mse_loss, seed=seed))
+    rows = {r.candidate: r for r in result.rows}
+    assert rows["mlp"].scores["gradsign"] == pytest.approx(sum(expected) / 2) and rows["mlp"].notes == []
+    assert "reset_parameters" in rows["lin"].notes[0]  # a built model can only be re-drawn
     assert {r.candidate: r.n_params for r in result.rows} == {"mlp": 57, "lin": 6}
     assert resolve_loss("torch.nn.functional:cross_entropy").fn is torch.nn.functional.cross_entropy
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):

@@ -10,6 +10,11 @@ fails gets its error (one line) in its row and the others go on; a NaN or infini
 is and left unranked. Warnings logged while a candidate is scored (e.g. the engine falling back to the
 per-sample loop) are kept in its ``notes``.
 
+With ``n_inits`` > 1 a candidate given as a builder or configuration is built ``n_inits`` times, under seeds
+seed, seed+1, ..., and each proxy is averaged over the builds (the GradSign paper's appendix averages over
+several initialisations); one given as a built model is re-drawn by its layers' ``reset_parameters``
+(``gradsign.scores``), which a note in its row says.
+
 Ranks: per proxy, 1 is the best score in the proxy's direction (``proxy_info(p).higher_is_better``); ties
 share the smallest rank (1, 2, 2, 4). Rows are ordered by the first proxy.
 """
@@ -286,8 +291,14 @@ def score_candidate(name: str, value: Any, batch: Batch, job: _Job) -> RankRow:
         try:
             model = build_model(value, batch.num_outputs, seed=job.seed).to(job.device)
             _check_fit(model, batch, job.loss, job.output_fn)
-            values = scores(model, batch.inputs, batch.targets, job.proxies, job.loss.fn, n_inits=job.n_inits,
-                            seed=job.seed, output_fn=job.output_fn, **job.options)
+            if job.n_inits > 1 and not isinstance(value, torch.nn.Module):
+                values = _mean_over_builds(model, value, batch, job)
+            else:
+                values = scores(model, batch.inputs, batch.targets, job.proxies, job.loss.fn, n_inits=job.n_inits,
+                                seed=job.seed, output_fn=job.output_fn, **job.options)
+                if job.n_inits > 1:
+                    notes.append(f"given as a built model, so its {job.n_inits} initialisations are re-drawn by "
+                                 "each layer's reset_parameters, not by the model's own init; give a builder")
             size = scores(model, batch.inputs, batch.targets, SIZE_PROXIES, job.loss.fn, seed=job.seed,
                           output_fn=job.output_fn)
         except Exception as error:
@@ -295,6 +306,17 @@ def score_candidate(name: str, value: Any, batch: Batch, job: _Job) -> RankRow:
                            notes=notes)
     return RankRow(name, values, {}, n_params=int(round(size["params"] * 1e6)), flops_mmac=size["flops"],
                    seconds=time.perf_counter() - start, notes=notes)
+
+
+def _mean_over_builds(model: torch.nn.Module, value: Any, batch: Batch, job: _Job) -> dict[str, float]:
+    """Each proxy averaged over ``n_inits`` builds of the candidate under seeds seed, seed+1, ... (the model's
+    own initialisation each time); ``model`` is the first build."""
+    runs = []
+    for i in range(job.n_inits):
+        built = model if i == 0 else build_model(value, batch.num_outputs, seed=job.seed + i).to(job.device)
+        runs.append(scores(built, batch.inputs, batch.targets, job.proxies, job.loss.fn, seed=job.seed + i,
+                           output_fn=job.output_fn, **job.options))
+    return {p: math.fsum(run[p] for run in runs) / job.n_inits for p in job.proxies}
 
 
 def _check_fit(model: torch.nn.Module, batch: Batch, loss: Loss, output_fn: OutputFn) -> None:
