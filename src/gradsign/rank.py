@@ -98,7 +98,9 @@ def resolve_loss(loss: str | LossFn = "cross-entropy", target_kind: str | None =
 
 @dataclass
 class RankRow:
-    """One candidate: its scores and ranks per proxy, size, time, and its error if it failed."""
+    """One candidate: its scores and ranks per proxy (rank None: failed or not finite), trainable parameters,
+    multiply-accumulates per sample / 1e6, wall-clock seconds for everything done for it (build, fit check,
+    proxies, size), its one-line error if it failed, and notes (warnings raised while it was scored)."""
 
     candidate: str
     scores: dict[str, float]
