@@ -227,6 +227,8 @@ def cmd_proxies(args: argparse.Namespace) -> None:
         info = gradsign.proxy_info(name)
         direction = "higher is better" if info.higher_is_better else "lower is better"
         print(f"{name}: {info.formula} [{direction}; {info.source}]")
+    print(f"{parse_ensemble('ensemble').describe()} [higher is better; scores depend on the candidate set; "
+          "other compositions: ensemble:P+Q, ensemble:log_rank_product:P+Q; see gradsign.ensemble]")
 
 
 def cmd_score(args: argparse.Namespace) -> None:
