@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import types
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -150,7 +151,7 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
                             loss_fn: LossFn, layers: list[tuple[str, nn.Module]],
                             chunk_size: int | None, *, verify: bool) -> dict[str, torch.Tensor]:
     requires_grad = [p.requires_grad for p in model.parameters()]
-    swap = _PerSampleNorms(model)
+    swap = _BatchedForm(model)
     kept = min(VERIFIED_SAMPLES, len(inputs)) if verify else 0
     try:
         counts, batched_prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
@@ -165,8 +166,7 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
     for p, flag in zip(model.parameters(), requires_grad):
         p.requires_grad_(flag)
     if verify and cause is None:
-        cause = _prefix_mismatch(model, inputs, targets, loss_fn, layers, batched_prefix, FLOAT32_TOLERANCE)
-        if cause is not None:
+        if _first_mismatch(model, inputs, targets, loss_fn, layers, batched_prefix, FLOAT32_TOLERANCE):
             # float32 noise (e.g. normalising near-constant maps) or a real difference: decide in float64
             cause = _float64_mismatch(model, inputs[:kept], targets[:kept], loss_fn)
     if cause is None:
@@ -241,13 +241,42 @@ class _PerSampleNorm(nn.Module):
         return F.instance_norm(x, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
 
 
-class _PerSampleNorms:
-    """Every BatchNorm that normalises by batch statistics replaced with ``_PerSampleNorm``; ``undo``
-    puts the originals back."""
+class _IdentityProjection(nn.Module):
+    """Stands in for an attention's out_proj inside the functional attention: weight I, bias 0."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, projection: nn.Linear):
+        super().__init__()
+        like = projection.weight
+        self.register_buffer("weight", torch.eye(like.shape[1], dtype=like.dtype, device=like.device))
+        self.register_buffer("bias", torch.zeros(like.shape[0], dtype=like.dtype, device=like.device))
+
+
+def _attention_with_modular_out_proj(self: nn.MultiheadAttention, query: torch.Tensor, *args, **kwargs):
+    """``nn.MultiheadAttention.forward`` with the output projection applied by calling ``out_proj`` as a
+    module (exactly the same product) instead of inside the functional attention."""
+    projection = self.out_proj
+    self._modules["out_proj"] = _IdentityProjection(projection)
+    try:
+        output, weights = nn.MultiheadAttention.forward(self, query, *args, **kwargs)
+    finally:
+        self._modules["out_proj"] = projection
+    if self.batch_first or output.dim() < 3:
+        return projection(output), weights
+    return projection(output.transpose(0, 1)).transpose(0, 1), weights
+
+
+class _BatchedForm:
+    """The model rewritten for the batched engine, exactly: every BatchNorm that normalises by batch
+    statistics replaced with ``_PerSampleNorm``, and every ``nn.MultiheadAttention`` calling its out_proj
+    as a module (so that its gradient hook sees it); ``undo`` restores the model."""
+
+    def __init__(self, model: nn.Module, *, attention: bool = True):
         self.swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        self.attentions: list[nn.MultiheadAttention] = []
         for parent in list(model.modules()):
+            if attention and isinstance(parent, nn.MultiheadAttention):
+                parent.forward = types.MethodType(_attention_with_modular_out_proj, parent)
+                self.attentions.append(parent)
             for name, child in parent.named_children():
                 if isinstance(child, nn.modules.batchnorm._BatchNorm) and (child.training
                                                                            or not child.track_running_stats):
@@ -257,7 +286,9 @@ class _PerSampleNorms:
     def undo(self) -> None:
         for parent, name, norm in self.swapped:
             setattr(parent, name, norm)
-        self.swapped = []
+        for attention in self.attentions:
+            del attention.forward
+        self.swapped, self.attentions = [], []
 
 
 def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -427,21 +458,18 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     return counts, hooks.prefix
 
 
-def _prefix_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
-                     layers: list[tuple[str, nn.Module]], batched: dict[str, torch.Tensor],
-                     tolerance: float) -> str | None:
-    """Why the batched per-sample gradients of the first samples differ from single-sample gradients
-    of the model as it is (its own norm layers), or None when they agree within ``tolerance``."""
+def _first_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
+                    layers: list[tuple[str, nn.Module]], batched: dict[str, torch.Tensor], tolerance: float
+                    ) -> tuple[str, str] | None:
+    """(layer, how much) for the first counted weight whose batched per-sample gradients of the first
+    samples differ from single-sample gradients of the model as it is (its own norm layers), or None
+    when all agree within ``tolerance``."""
     kept = len(next(iter(batched.values()))) if batched else min(VERIFIED_SAMPLES, len(inputs))
     for i, single in enumerate(_single_sample_grads(model, inputs[:kept], targets[:kept], loss_fn, layers)):
         for name, reference in single.items():
-            mismatch = _difference(batched[name][i] if name in batched else None, reference, tolerance)
-            if mismatch is None:
-                continue
-            if name not in batched:
-                return (f"weight of layer {name} gets its gradient outside the layer's own call "
-                        "(a shared weight or a functional use of it)")
-            return f"per-sample gradients of layer {name} differ from single-sample ones ({mismatch})"
+            difference = _difference(batched[name][i] if name in batched else None, reference, tolerance)
+            if difference is not None:
+                return name, difference
     return None
 
 
@@ -460,32 +488,49 @@ def _difference(batched: torch.Tensor | None, single: torch.Tensor | None, toler
 def _float64_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn
                       ) -> str | None:
     """The batched-vs-single verification on a float64 copy, where float noise is far below the
-    tolerance; None when the batched engine is exact for this model."""
+    tolerance: None when the batched engine is exact for this model, else the cause."""
     twin = copy.deepcopy(model).double()
     if inputs.is_floating_point():
         inputs = inputs.double()
     if targets.is_floating_point():
         targets = targets.double()
     layers = counted_layers(twin)
-    swap = _PerSampleNorms(twin)
+    swap = _BatchedForm(twin)
     try:
         _, prefix = _batched_counts(twin, inputs, targets, loss_fn, layers, len(inputs), kept=len(inputs))
-    except UnsupportedModelError as error:
-        return str(error)
+    except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
     finally:
         swap.undo()
     twin.requires_grad_(True)
-    cause = _prefix_mismatch(twin, inputs, targets, loss_fn, layers, prefix, FLOAT64_TOLERANCE)
-    if cause is not None and _samples_interact(twin, inputs):
+    mismatch = _first_mismatch(twin, inputs, targets, loss_fn, layers, prefix, FLOAT64_TOLERANCE)
+    if mismatch is None:
+        return None
+    return _mismatch_cause(twin, inputs, targets, loss_fn, layers, *mismatch)
+
+
+def _mismatch_cause(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
+                    layers: list[tuple[str, nn.Module]], name: str, difference: str) -> str:
+    """Why layer ``name``'s batched per-sample gradients are wrong: samples interact; or, on a batch of
+    one, the hooked formula already misses gradient (the weight is used outside the layer's call); or
+    else the layer's batch dimension does not index samples."""
+    if _samples_interact(model, inputs):
         return "samples interact within a batch"
-    return cause
+    _, alone = _batched_counts(model, inputs[:1], targets[:1], loss_fn, layers, 1, kept=1)
+    model.requires_grad_(True)
+    reference = next(iter(_single_sample_grads(model, inputs[:1], targets[:1], loss_fn, layers)))[name]
+    if _difference(alone[name][0] if name in alone else None, reference, FLOAT64_TOLERANCE) is not None:
+        return (f"weight of layer {name} gets gradient outside the layer's own call "
+                "(a shared weight or a functional use of it)")
+    return (f"the first dimension of layer {name}'s input does not index samples (a reshaped or "
+            f"transposed batch dimension; {difference})")
 
 
 def _samples_interact(model: nn.Module, x: torch.Tensor) -> bool:
     """Whether a sample's output depends on the other samples of its batch (float64 model)."""
     if len(x) < 2:
         return False
-    swap = _PerSampleNorms(model)
+    swap = _BatchedForm(model, attention=False)
     try:
         with torch.no_grad():
             together = model(x)
