@@ -102,7 +102,14 @@ def _efficientnet(size: str) -> nn.Module:
     config = t.EfficientNetConfig(image_size=64, width_coefficient=0.25 if tiny else 1.0,
                                   depth_coefficient=0.25 if tiny else 1.0, hidden_dim=320 if tiny else 1280,
                                   dropout_rate=0.2, drop_connect_rate=0.2, num_labels=10)
-    return t.EfficientNetForImageClassification(config)
+    model = t.EfficientNetForImageClassification(config)
+    # transformers draws EfficientNet's BatchNorm scales from N(0, 0.02^2) like its conv weights: activations
+    # then shrink about 50-fold per block and underflow float32 in a deep model (|x| ~ 1e-34 at the tiny
+    # size), so GradSign would count rounding noise. BatchNorm's standard initialisation (scale 1) instead.
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+    return model
 
 
 def _regnet(size: str) -> nn.Module:
