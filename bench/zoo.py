@@ -196,9 +196,9 @@ def write_section(path: Path, body: str) -> None:
         text = f"{head}{BEGIN}\n{body}\n{END}{tail}"
     else:
         intro = ("## Model zoo: default engine against the loop and one forward+backward\n\n"
-                 "Models nobody here wrote (`gradsign.zoo`, size \"bench\": `transformers` families built from "
-                 "their configs with random weights, and plain-torch models that break naive per-sample "
-                 "engines); see `bench/zoo.py` for the protocol.\n\n")
+                 "Models written outside this project (`gradsign.zoo`, size \"bench\": `transformers` families\n"
+                 "built from their configs with random weights, and plain-torch models that break naive\n"
+                 "per-sample engines); the protocol is in the docstring of `bench/zoo.py`.\n\n")
         text = text.rstrip("\n") + f"\n\n{intro}{BEGIN}\n{body}\n{END}\n"
     path.write_text(text)
 
