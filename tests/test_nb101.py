@@ -210,12 +210,12 @@ def test_query_names_its_field_and_refuses_what_is_not_bundled():
 
 # ---------------------------------------------------------------- command line
 def test_correlate_json_carries_hashes_and_the_bundled_accuracies(capsys, tmp_path):
-    status, out, err = run(capsys, "correlate", "--space", "nb101", "--dataset", "cifar10", "--sample", 4,
+    status, out, err = run(capsys, "correlate", "--space", "nb101", "--dataset", "cifar10", "--sample", 2,
                            "--seed", 11, "--proxies", "params", "--no-cache", "--bootstrap", 10,
                            "--json", tmp_path / "r.json")
     assert status == 0, err
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["space"] == "nb101" and report["n"] == 4
+    assert report["space"] == "nb101" and report["n"] == 2
     assert report["accuracy_field"] == "cifar10 validation accuracy, 108 epochs, one run"
     for row in report["archs"]:
         assert SPACE.arch(row["index"]) == row["arch"] and len(row["arch"]) == 32
@@ -266,10 +266,22 @@ def test_score_and_test_metric_refusal_on_the_command_line(capsys, tmp_path):
     status, out, err = run(capsys, "correlate", "--space", "nb101", "--dataset", "cifar10", "--sample", 3,
                            "--metric", "test", "--proxies", "params", "--no-cache")
     assert status == 2 and "test accuracy is not bundled" in err
+    rng = np.random.default_rng(3)
+    while SPACE.has_table((spec := random_spec(rng)).to_json()):
+        pass
+    status, out, err = run(capsys, "score", "--space", "nb101", "--arch", spec.to_json(), "--proxies", "params",
+                           "--no-cache")
+    assert status == 0, err
+    assert "no benchmark results" in out and spec.to_json() in out
+    archs = tmp_path / "archs.txt"
+    archs.write_text(spec.to_json() + "\n")
+    status, out, err = run(capsys, "correlate", "--space", "nb101", "--dataset", "cifar10", "--archs", archs,
+                           "--proxies", "params", "--no-cache")
+    assert status == 2 and "not among the 30,001 bundled models" in err
 
 
 def test_select_runs_on_nb101(capsys):
     status, out, err = run(capsys, "select", "--space", "nb101", "--dataset", "cifar10", "--proxies", "params",
-                           "--candidates", 3, "--runs", 2, "--no-cache")
+                           "--candidates", 2, "--runs", 1, "--no-cache")
     assert status == 0, err
     assert "validation accuracy, 108 epochs, one run" in out and "cifar10 valid" in out
