@@ -118,7 +118,12 @@ def table(rows: list[dict], setup: dict, command: str) -> str:
                      f"| {r['relative_difference']:+.1e} | {100 * r['dead_share']:.1f}% | {fallback} |")
     lines += ["", "Seconds per model (default engine), mean per space: " + ", ".join(
         f"{name} {np.mean([r['seconds'] for r in rows if r['space'] == name]):.1f} s" for name in SPACES
-        if any(r["space"] == name for r in rows)) + "."]
+        if any(r["space"] == name for r in rows)) + ".",
+              f"Default engine against the loop (same {setup['loop_batch']} images): largest difference "
+              f"{max(abs(r['relative_difference']) for r in rows):.1e} relative; weights whose exact gradient is "
+              f"zero (dead) get float-noise signs in both, so the two cannot agree there (`docs/nds.md`). Models "
+              f"whose every counted weight is dead (logits independent of the input): "
+              f"{sum(r['dead_share'] == 1.0 for r in rows)} of {len(rows)}."]
     return "\n".join(lines)
 
 
@@ -130,8 +135,8 @@ def write_section(path: Path, body: str) -> None:
         text = f"{head}{BEGIN}\n{body}\n{END}{rest.split(END, 1)[1]}"
     else:
         intro = ("## NDS design spaces: seconds per model, default engine against the loop\n\n"
-                 "Random models of the five NDS spaces (`gradsign.spaces.nds`, built by "
-                 "`spaces/darts_model.py`); see `bench/nds_scoring.py` for the protocol and `docs/nds.md` for "
+                 "Random models of the five NDS spaces (`gradsign.spaces.nds`, built by\n"
+                 "`spaces/darts_model.py`); see `bench/nds_scoring.py` for the protocol and `docs/nds.md` for\n"
                  "why many of their weights get float-noise gradients under single-sample BatchNorm.\n\n")
         text = text.rstrip("\n") + f"\n\n{intro}{BEGIN}\n{body}\n{END}\n"
     path.write_text(text)
