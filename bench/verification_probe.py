@@ -1,0 +1,81 @@
+"""How the default engine's verification settles NAS-Bench-201 archs: float32 agreement, float64
+agreement after a float32 doubt, or a fallback, and how far the batched score lies from the loop's.
+
+For every ``--step``-th arch (CIFAR-10 canonical batch of 64, network built with ``torch.manual_seed(0)``)
+it scores GradSign with the default engine and records which way its verification went; for up to
+``--compare`` archs that needed the float64 check it also scores the loop and prints the relative
+difference of the two scores.
+
+    python bench/verification_probe.py [--step 25] [--compare 10]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections import Counter
+
+import torch
+
+import gradsign
+from gradsign import engine
+from gradsign.datasets import canonical_batch
+from gradsign.spaces import get_space
+
+
+class Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--step", type=int, default=25, help="score every step-th arch index")
+    parser.add_argument("--compare", type=int, default=10, help="score this many float64-checked archs by the loop")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    space = get_space("nb201")
+    x, y = canonical_batch("cifar10", 64, 0)
+    float64_checks: list[int] = []
+    original = engine._float64_mismatch
+
+    def counted(*call_args, **kwargs):
+        float64_checks.append(1)
+        return original(*call_args, **kwargs)
+
+    engine._float64_mismatch = counted
+    recorder = Recorder()
+    logging.getLogger("gradsign").addHandler(recorder)
+    outcomes, doubted = Counter(), []
+    start = time.perf_counter()
+    indices = range(0, len(space), args.step)
+    for index in indices:
+        torch.manual_seed(0)
+        model = space.build(space.arch(index), num_classes=10)
+        float64_checks.clear()
+        recorder.messages.clear()
+        score = gradsign.score(model, x, y)
+        if recorder.messages:
+            outcomes["fallback"] += 1
+            print(f"arch {index}: {recorder.messages[0]}")
+        elif float64_checks:
+            outcomes["float64 agreement after a float32 doubt"] += 1
+            doubted.append((index, model, score))
+        else:
+            outcomes["float32 agreement"] += 1
+    engine._float64_mismatch = original
+    print(f"{len(indices)} archs (every {args.step}th index), {time.perf_counter() - start:.0f} s: "
+          + ", ".join(f"{n} {what}" for what, n in outcomes.items()))
+    print("| index | arch | default GradSign | loop GradSign | (default - loop) / loop |")
+    print("|---|---|---|---|---|")
+    for index, model, score in doubted[:args.compare]:
+        loop = gradsign.score(model, x, y, engine="loop")
+        print(f"| {index} | {space.arch(index)} | {score:.0f} | {loop:.0f} | {(score - loop) / loop:+.1e} |")
+
+
+if __name__ == "__main__":
+    main()
