@@ -200,6 +200,7 @@ def test_result_file_round_trips(enas_files, monkeypatch):
         space.query(archs[2], "cifar10", "test", 200)
     with pytest.raises(ValueError, match="no validation"):
         space.query(archs[2], "cifar10", "valid")
+    assert list(space.benchmark_table("cifar10")) == [100 - 10.0, 100 - 12.25, 91.5, 89.0]
     for arch in archs:
         assert space.param_check(arch)["match"] is True
     assert space.param_check(archs[3])["params_file"] == space.param_check(archs[3])["params"]

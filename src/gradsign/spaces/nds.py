@@ -32,6 +32,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from gradsign.spaces.base import SearchSpace, UnknownArchError, UnknownDatasetError
 from gradsign.spaces.darts_model import (DartsNetwork, Genotype, build_darts, check_genotype, format_genotype,
                                          genotype_from_lists, param_count, parse_genotype)
@@ -430,6 +432,12 @@ class NDSSpace(SearchSpace):
                              "its final accuracy is the last epoch's")
         values = [e.test_acc if metric == "test" else e.best_test_acc for e in entries]
         return sum(values) / len(values)
+
+    def benchmark_table(self, dataset: str = "cifar10", metric: str = "test", epochs: int | None = None) -> np.ndarray:
+        """``query(·, dataset, metric, epochs)`` of every model, in index order (read-only float64)."""
+        table = np.array([self.query(i, dataset, metric, epochs) for i in range(len(self))], dtype=np.float64)
+        table.flags.writeable = False
+        return table
 
     def accuracy_field(self, dataset: str, metric: str = "test", epochs: int | None = None) -> str:
         """The name of the accuracy ``query`` returns, as reports print it."""
