@@ -280,7 +280,8 @@ def _literal(node: ast.expr, name: str):
         raise ValueError(f"genotype field {name} is not a literal list") from None
 
 
-def genotype_from_lists(normal, normal_concat, reduce, reduce_concat) -> Genotype:
+def genotype_from_lists(normal: Sequence, normal_concat: Sequence, reduce: Sequence, reduce_concat: Sequence
+                        ) -> Genotype:
     """A ``Genotype`` from plain lists, as JSON or Python hold them (pairs may be lists or tuples)."""
     def entries(value, name):
         if not isinstance(value, (list, tuple)) or not value or len(value) % 2:
