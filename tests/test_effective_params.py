@@ -189,3 +189,21 @@ def test_partial_spearman_equals_the_correlation_of_rank_residuals():
     # non-finite entries are left out
     x[0] = np.nan
     assert partial_spearman(x, y, z)["n"] == 299
+
+
+# ---------------------------------------------------------------- command line
+def test_correlate_command_scores_effective_params_beside_gradsign(tmp_path, capsys):
+    import csv
+
+    from gradsign.cli import main
+
+    status = main(["correlate", "--space", "nb201", "--sample", "3", "--proxies", "gradsign,effective_params",
+                   "--batch-size", "2", "--no-cache", "--bootstrap", "0", "--out", str(tmp_path)])
+    assert status == 0
+    with open(tmp_path / "correlate_nb201_cifar10.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+    assert all(float(r["effective_params"]) >= 0 for r in rows)
+    assert main(["correlate", "--sample", "3", "--proxies", "effective_param", "--no-cache",
+                 "--out", str(tmp_path)]) == 2
+    assert "unknown proxy 'effective_param'" in capsys.readouterr().err
