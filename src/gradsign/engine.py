@@ -52,6 +52,9 @@ VERIFIED_SAMPLES = 2
 FLOAT32_TOLERANCE = 1e-3
 FLOAT64_TOLERANCE = 1e-7
 #: normalisation layers: kept in train mode while scoring (they normalise by single-sample statistics)
+#: smallest gradient scale a weight's differences are measured against, relative to the sample's
+#: largest weight gradient (below it, gradients are rounding noise around an exact zero)
+NOISE_FLOOR = 1e-4
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm,
                nn.LayerNorm)
 
@@ -463,22 +466,31 @@ def _first_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
                     ) -> tuple[str, str] | None:
     """(layer, how much) for the first counted weight whose batched per-sample gradients of the first
     samples differ from single-sample gradients of the model as it is (its own norm layers), or None
-    when all agree within ``tolerance``."""
+    when all agree within ``tolerance``.
+
+    A weight's differences are measured against its largest gradient, but never against less than
+    ``NOISE_FLOOR`` of the largest gradient of any weight for that sample: weights whose exact gradient
+    is zero (e.g. a branch ending in BatchNorm right before global pooling, whose pooled output is its
+    bias for every single sample) get rounding noise of that size in any implementation."""
     kept = len(next(iter(batched.values()))) if batched else min(VERIFIED_SAMPLES, len(inputs))
     for i, single in enumerate(_single_sample_grads(model, inputs[:kept], targets[:kept], loss_fn, layers)):
+        largest = max((float(g.abs().max()) for g in single.values() if g is not None and g.numel()),
+                      default=0.0)
         for name, reference in single.items():
-            difference = _difference(batched[name][i] if name in batched else None, reference, tolerance)
+            difference = _difference(batched[name][i] if name in batched else None, reference, tolerance,
+                                     NOISE_FLOOR * largest)
             if difference is not None:
                 return name, difference
     return None
 
 
-def _difference(batched: torch.Tensor | None, single: torch.Tensor | None, tolerance: float) -> str | None:
+def _difference(batched: torch.Tensor | None, single: torch.Tensor | None, tolerance: float,
+                floor: float = 0.0) -> str | None:
     if single is None:
         single = torch.zeros(()) if batched is None else torch.zeros_like(batched)
     if batched is None:
         batched = torch.zeros_like(single)
-    scale = float(single.abs().max())
+    scale = max(float(single.abs().max()), floor)
     error = float((batched.to(single.dtype) - single).abs().max())
     if error <= tolerance * scale or (scale == 0 and error == 0):
         return None
