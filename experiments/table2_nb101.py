@@ -78,8 +78,10 @@ def counted_weights(space, arch: str) -> int:
 def partial_spearman(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> float:
     """Spearman of x and y with z partialled out: the partial Pearson correlation of the ranks."""
     rx, ry, rz = (stats.rankdata(v) for v in (x, y, z))
-    r = np.corrcoef([rx, ry, rz])
-    return float((r[0, 1] - r[0, 2] * r[1, 2]) / math.sqrt((1 - r[0, 2] ** 2) * (1 - r[1, 2] ** 2)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.corrcoef([rx, ry, rz])
+        denominator = (1 - r[0, 2] ** 2) * (1 - r[1, 2] ** 2)
+    return float((r[0, 1] - r[0, 2] * r[1, 2]) / math.sqrt(denominator)) if denominator > 0 else math.nan
 
 
 def bootstrap_ci(fn, arrays: list[np.ndarray], n_boot: int, seed: int) -> list[float]:
@@ -160,7 +162,8 @@ def cmd_table(args) -> None:
     result = {"command": "python experiments/table2_nb101.py " + f"--sample {args.sample} --seed {args.seed}",
               "scoring_command": CORRELATE_COMMAND.format(sample=args.sample, seed=args.seed),
               "accuracy_field": space.accuracy_field("cifar10", "valid", 108), **info,
-              "gradsign_stored": len(per_proxy["gradsign"]["archs"]), "proxies": rows,
+              "gradsign_stored": len(per_proxy["gradsign"]["archs"]),
+              "naswot_stored": len(per_proxy["naswot"]["archs"]), "proxies": rows,
               "gradsign_vs_params": versus, "engine_fallbacks_in_log": fallbacks, "archs": archs}
     (DOCS / "nb101").mkdir(parents=True, exist_ok=True)
     (DOCS / "nb101" / "table2.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -222,6 +225,8 @@ def render(r: dict, params_check: dict | None, published: dict | None) -> str:
                      f"{e[36]:+.3f} | {PAPER.get(p, float('nan')):.3f} | {row['median_seconds']:.1f} |"
                      .replace("| nan |", "| - |"))
     lines += [
+        *(["", f"NASWOT: only {r['naswot_stored']} model(s) scored (in the first run, before NASWOT was dropped "
+              "from it to save time); a row needs at least 3."] if "naswot" not in r["proxies"] else []),
         "", "The paper's values are for about 4,500 models with the official code, which reports |Spearman|;",
         "grasp is not run here (about three forward+backward passes per model). NAS-Bench-Suite-Zero reports",
         "grad_norm, snip, fisher and jacob_cov negative on NB101.", "",
@@ -238,15 +243,15 @@ def render(r: dict, params_check: dict | None, published: dict | None) -> str:
         f"  The excess over chance (GradSign / weights - {v['chance_level']:.4f}) correlates with the accuracy at",
         f"  Spearman {ex['spearman']:+.3f} {fmt_ci(ex['spearman_ci95'])}.",
         "",
-        "On NB101, GradSign ranks models almost exactly as their parameter count does: its correlation with",
-        "accuracy is essentially #params's, and what it adds beyond #params is the partial correlation above.",
+        f"GradSign's Spearman with the 108-epoch accuracy is {r['proxies']['gradsign']['spearman']:+.3f}, #params's "
+        f"{r['proxies']['params']['spearman']:+.3f} on the same models: with a rank correlation of "
+        f"{v['spearman_gradsign_params']:+.4f} between the two, what GradSign adds beyond a parameter count is",
+        "the partial correlation above.",
         "",
     ]
     if r["engine_fallbacks_in_log"] is not None:
-        lines += [f"Engine: in the scoring run's log the default engine fell back to the per-sample loop "
-                  f"{r['engine_fallbacks_in_log']} times (its independence check saw samples interact; on "
-                  "these wide networks float reassociation alone can exceed its tolerance). The loop gives the "
-                  "exact score, only slower.", ""]
+        lines += [f"Engine: the scoring run's `-v` log shows {r['engine_fallbacks_in_log']} fallback(s) of the "
+                  "default engine to the per-sample loop (the loop gives the same exact score, only slower).", ""]
     if published:
         lines += ["## Our baselines against NAS-Bench-Suite-Zero's published values", "",
                   f"`{published['command']}`: {published['n_archs']} distinct pruned specs of "
