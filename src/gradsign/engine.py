@@ -353,14 +353,22 @@ class _SignCountHooks:
     per-sample weight gradients and adding their signs to ``counts``. A weight used in several calls in
     one forward (a reused module, or modules sharing it) has its per-sample gradients summed over the
     calls before the sign is taken. The per-sample gradients of the first ``kept`` samples of the first
-    chunk are kept in ``prefix`` for verification."""
+    chunk are kept in ``prefix`` for verification.
 
-    def __init__(self, users: list[tuple[str, nn.Module]], counts: dict[str, torch.Tensor], kept: int):
+    How a call's input holds the samples is read by comparing its shape with the same call's input shape
+    for a single sample (``single_shapes``): ``samples`` times as many rows (a sample's rows consecutive),
+    or, for a Linear, ``samples`` along the second dimension (sequence-first); the verification checks
+    the reading."""
+
+    def __init__(self, users: list[tuple[str, nn.Module]], counts: dict[str, torch.Tensor], kept: int,
+                 single_shapes: dict[tuple[str, int], torch.Size]):
         self.counts = counts
         self.kept = kept
         self.prefix: dict[str, torch.Tensor] = {}
         self.samples = 0
         self.first_chunk = True
+        self.single_shapes = single_shapes
+        self.calls: dict[str, int] = {}
         self.pending_calls: dict[str, int] = {}
         self.partial: dict[str, torch.Tensor] = {}
         self.handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in users]
@@ -373,19 +381,36 @@ class _SignCountHooks:
             if not isinstance(output, torch.Tensor):
                 raise UnsupportedModelError(f"layer {name} does not return a tensor")
             x = args[0]
-            if x.dim() == 0 or x.shape[0] % self.samples:
-                raise UnsupportedModelError(
-                    f"layer {name} gets an input of {x.shape[0] if x.dim() else 0} rows for a batch of "
-                    f"{self.samples}: its first dimension is not the sample index")
+            sequence_first = self._sequence_first(name, module, x)
             if not output.requires_grad:
                 # the input does not depend on the batch (e.g. zeros from a cut-off path): make the
                 # output a leaf so that the gradient arriving at it is still seen
                 output = output.detach().requires_grad_(True)
             self.pending_calls[name] = self.pending_calls.get(name, 0) + 1
             x = x.detach()
-            output.register_hook(lambda grad: self._accumulate(name, module, x, grad))
+            if sequence_first:  # a Linear acts on each position alone: put the samples first
+                output.register_hook(lambda grad: self._accumulate(name, module, x.transpose(0, 1),
+                                                                   grad.transpose(0, 1)))
+            else:
+                output.register_hook(lambda grad: self._accumulate(name, module, x, grad))
             return output
         return hook
+
+    def _sequence_first(self, name: str, module: nn.Module, x: torch.Tensor) -> bool:
+        call = (name, self.calls.get(name, 0))
+        self.calls[name] = call[1] + 1
+        one = self.single_shapes.get(call)
+        shape = x.shape
+        if one is None or len(one) != len(shape) or not shape:
+            raise UnsupportedModelError(f"layer {name} is called differently for a single sample")
+        if shape[0] == self.samples * one[0] and shape[1:] == one[1:]:
+            return False
+        if (isinstance(module, nn.Linear) and len(shape) >= 3 and one[1] == 1 and shape[1] == self.samples
+                and shape[0] == one[0] and shape[2:] == one[2:]):
+            return True
+        raise UnsupportedModelError(
+            f"layer {name} gets an input of shape {tuple(shape)} for {self.samples} samples and "
+            f"{tuple(one)} for one: its first dimension is not the sample index")
 
     def _accumulate(self, name: str, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         self.pending_calls[name] -= 1
@@ -419,6 +444,7 @@ class _SignCountHooks:
             self._add_signs(name, sample_grads, 0)
         self.partial.clear()
         self.pending_calls.clear()
+        self.calls.clear()
         self.first_chunk = False
 
     def remove(self) -> None:
@@ -443,7 +469,8 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     model.requires_grad_(False)
     counts = _zero_counts(layers)
     chunk_size = chunk_size or _default_chunk(layers, len(inputs), DEFAULT_ELEMENT_BUDGET)
-    hooks = _SignCountHooks(_weight_users(model, layers), counts, kept)
+    users = _weight_users(model, layers)
+    hooks = _SignCountHooks(users, counts, kept, _single_sample_input_shapes(model, inputs[:1], users))
     floating = inputs.is_floating_point()
     leaf_hooks = [] if floating else _make_leaves_hooks(model)
     try:
@@ -459,6 +486,26 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
         for handle in leaf_hooks:
             handle.remove()
     return counts, hooks.prefix
+
+
+def _single_sample_input_shapes(model: nn.Module, x: torch.Tensor, users: list[tuple[str, nn.Module]]
+                                ) -> dict[tuple[str, int], torch.Size]:
+    """The input shape of each call of each counted module in a forward of one sample."""
+    shapes: dict[tuple[str, int], torch.Size] = {}
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            shapes[(name, sum(key[0] == name for key in shapes))] = args[0].shape
+        return hook
+
+    handles = [m.register_forward_hook(recorder(name)) for name, m in users]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
 
 
 def _first_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
