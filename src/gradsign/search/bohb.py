@@ -4,7 +4,8 @@ model of HpBandSter 0.7.4 (``hpbandster.optimizers.config_generators.bohb``), wh
 Every evaluation is recorded as ``(choice indices, loss = 100 - accuracy)`` under its rung budget, except
 that a result at a budget below the largest budget that already has a model is not recorded. Once a
 budget has ``N >= min_points`` results (``min_points = d + 1``, ``d`` decisions; 7 on NAS-Bench-201) the
-model of that budget is refitted after each new result: results sorted by loss (ties: earlier first),
+model of that budget is refitted after each new result: results sorted by loss with numpy's default
+``argsort``, the call HpBandSter makes (so tied losses, e.g. disconnected archs at 10%, split the same way),
 ``good`` = the best ``max(min_points, floor(top_n_percent N / 100))``, ``bad`` = the next
 ``max(min_points, floor((100 - top_n_percent) N / 100))``; the model is kept only if both sets have more
 than ``d`` rows (so ``N >= 14`` on NAS-Bench-201). Each set is a statsmodels ``KDEMultivariate`` over
@@ -37,13 +38,13 @@ from gradsign.search.simulator import SearchContext
 
 
 def kde_split(losses: np.ndarray, min_points: int, top_n_percent: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices of HpBandSter's good and bad sets for ``losses`` (lower is better; ties: earlier first):
-    good = best ``max(min_points, top_n_percent N // 100)``, bad = the next
-    ``max(min_points, (100 - top_n_percent) N // 100)`` (fewer when fewer remain)."""
+    """Row indices of HpBandSter's good and bad sets for ``losses`` (lower is better; ordered by numpy's default
+    ``argsort``, as HpBandSter orders them): good = best ``max(min_points, top_n_percent N // 100)``, bad = the
+    next ``max(min_points, (100 - top_n_percent) N // 100)`` (fewer when fewer remain)."""
     n = len(losses)
     n_good = max(min_points, (top_n_percent * n) // 100)
     n_bad = max(min_points, ((100 - top_n_percent) * n) // 100)
-    order = np.argsort(np.asarray(losses, dtype=np.float64), kind="stable")
+    order = np.argsort(np.asarray(losses, dtype=np.float64))
     return order[:n_good], order[n_good:n_good + n_bad]
 
 

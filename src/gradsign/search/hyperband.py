@@ -12,7 +12,8 @@ HpBandSter's schedule (``hpbandster.optimizers.bohb.BOHB``):
 * iteration ``i`` runs bracket ``s = n_rungs - 1 - (i mod n_rungs)`` with
   ``n0 = floor(n_rungs / (s + 1)) * eta^s`` configurations and stages ``max(int(n0 eta^-j), 1)``,
   ``j = 0..s``, on the last ``s + 1`` budgets (here [9, 3, 1], [3, 1], [3]), cycling until the budget ends;
-* successive halving promotes the lowest losses (loss = 100 - accuracy; ties to the earlier configuration);
+* successive halving promotes the lowest losses (loss = 100 - accuracy), ranked with numpy's default
+  ``argsort`` as HpBandSter ranks them (tied losses, e.g. one arch drawn twice, are split the same way);
   promoted configurations run in the order they were sampled; one sequential worker, so each new
   configuration is sampled right before its evaluation and sees every earlier result.
 
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+
+import numpy as np
 
 from gradsign.search.simulator import SearchContext
 
@@ -82,8 +85,8 @@ def _check_eta(eta) -> int:
 def successive_halving(stages: list[tuple[int, float]], sample: Callable[[], str],
                        run: Callable[[str, float], float]) -> None:
     """One bracket: ``stages[0][0]`` configurations, each sampled right before it runs at budget
-    ``stages[0][1]``; at each later stage the ``n`` most accurate (ties: earlier first) run again at its
-    budget, in the order they were sampled."""
+    ``stages[0][1]``; at each later stage the ``n`` lowest losses ``100 - accuracy`` (HpBandSter's ranks,
+    ``argsort(argsort(losses)) < n``) run again at its budget, in the order they were sampled."""
     n0, budget0 = stages[0]
     configs, scores = [], []
     for _ in range(n0):
@@ -91,7 +94,8 @@ def successive_halving(stages: list[tuple[int, float]], sample: Callable[[], str
         configs.append(arch)
         scores.append(run(arch, budget0))
     for n, budget in stages[1:]:
-        keep = sorted(sorted(range(len(configs)), key=lambda j: -scores[j])[:n])
+        ranks = np.argsort(np.argsort(100.0 - np.array(scores, dtype=np.float64)))
+        keep = [j for j in range(len(configs)) if ranks[j] < n]
         configs = [configs[j] for j in keep]
         scores = [run(arch, budget) for arch in configs]
 
