@@ -402,8 +402,9 @@ NOTES = """## Choices and differences from the published experiments
   published numbers; it is not a published protocol.
 * **Incumbent and ties.** The incumbent is the lowest loss at the 200 rung (HpBandSter's
   `get_incumbent_id`; ties go to the earlier configuration); successive halving promotes the lowest losses
-  (ties to the earlier configuration, as HpBandSter's `argsort` of at most 9 losses does) and runs the
-  promoted ones in the order they were sampled. One sequential worker, as in the scripts: each new
+  and BOHB splits its good and bad sets with numpy's default `argsort`, the call HpBandSter makes, so tied
+  losses (an arch drawn twice, disconnected archs at 10%) are ordered as in HpBandSter; promoted
+  configurations run in the order they were sampled. One sequential worker, as in the scripts: each new
   configuration is drawn right before it runs and its generator has seen every earlier result.
 * **BOHB model.** HpBandSter 0.7.4's, with statsmodels' `KDEMultivariate` over six unordered categorical
   variables (the op indices in NAS-Bench-201's order none, skip_connect, nor_conv_1x1, nor_conv_3x3,

@@ -5,7 +5,8 @@ Every evaluation is recorded as ``(choice indices, loss = 100 - accuracy)`` unde
 that a result at a budget below the largest budget that already has a model is not recorded. Once a
 budget has ``N >= min_points`` results (``min_points = d + 1``, ``d`` decisions; 7 on NAS-Bench-201) the
 model of that budget is refitted after each new result: results sorted by loss with numpy's default
-``argsort``, the call HpBandSter makes (so tied losses, e.g. disconnected archs at 10%, split the same way),
+``argsort``, the call HpBandSter makes (so tied losses, e.g. disconnected archs at 10%, split the same way;
+numpy's SIMD sorts may order ties differently on another CPU, for HpBandSter as for us),
 ``good`` = the best ``max(min_points, floor(top_n_percent N / 100))``, ``bad`` = the next
 ``max(min_points, floor((100 - top_n_percent) N / 100))``; the model is kept only if both sets have more
 than ``d`` rows (so ``N >= 14`` on NAS-Bench-201). Each set is a statsmodels ``KDEMultivariate`` over
