@@ -320,6 +320,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default=None, help="score store with the sample's scores")
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--choose-only", action="store_true", help="print the protocol's choice and stop")
     parser.add_argument("--min-archs", type=int, default=50, help="leave out datasets with fewer scored archs")
     parser.add_argument("--search-runs", type=int, default=500)
     parser.add_argument("--search-budget", type=float, default=3000.0)
@@ -348,6 +349,9 @@ def main() -> None:
     summary["ranking"], summary["tried"] = ranking, len(ranking)
     chosen = ranking[0]
     summary["chosen"] = {"components": chosen["components"], "method": chosen["method"]}
+    if args.choose_only:
+        print(json.dumps(ranking[:10], indent=1))
+        return
     if (tuple(chosen["components"]), chosen["method"]) != (DEFAULT_COMPONENTS, DEFAULT_METHOD):
         print(f"warning: the protocol chooses {chosen}, but the package default is {DEFAULT_COMPONENTS}, "
               f"{DEFAULT_METHOD}: update gradsign/ensemble.py", file=sys.stderr)
