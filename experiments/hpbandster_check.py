@@ -216,9 +216,9 @@ def write_docs(path: Path, rows: dict, args) -> None:
                else "– |"))
     lines += [
         "",
-        f"Model replay: each HpBandSter BOHB run's sequence of results, fed to gradsign's `BOHBSampler`, gives "
-        f"the same KDE pairs at the end of the run (budgets, good and bad rows, bandwidths to 1e-12) in "
-        f"{replay[0]} of {replay[1]} runs.",
+        f"Model replay: each HpBandSter BOHB run's sequence of results, fed one by one to gradsign's "
+        f"`BOHBSampler`, gives the same KDE pairs as HpBandSter's after every result (which budgets have a "
+        f"model, the good and bad rows, the bandwidths to 1e-12) in {replay[0]} of {replay[1]} runs.",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
