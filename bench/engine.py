@@ -1,8 +1,8 @@
 """Time the per-sample gradient engines against one batched forward+backward, in one process.
 
 Prints, per model: seconds per call (median of --repeats) of the engines (``auto`` is the default one:
-``batched`` plus its sample-independence check) and of one plain batched forward+backward of the same
-model and batch, their ratios, each engine's score relative to the loop's, and memory: on CUDA the peak
+``batched`` plus its verification against single-sample gradients) and of one plain batched
+forward+backward of the same model and batch, their ratios, each engine's score relative to the loop's, and memory: on CUDA the peak
 allocated by each engine's call beyond what the model and batch hold; on CPU the largest per-sample
 gradient array the default engine forms at once.
 
@@ -20,36 +20,12 @@ from torch import nn
 
 import gradsign
 from gradsign.engine import SLICE_ELEMENTS, counted_layers
+from gradsign.zoo import narrow_residual_cnn
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
-
-
-def residual_cnn(blocks: int = 16, width: int = 16, num_classes: int = 10) -> nn.Module:
-    """A CIFAR ResNet with ``blocks`` basic blocks in three stages (width, 2x, 4x)."""
-    per_stage = [blocks // 3 + (1 if i < blocks % 3 else 0) for i in range(3)]
-    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-    cin = width
-    for stage, count in enumerate(per_stage):
-        cout = width * 2 ** stage
-        for b in range(count):
-            layers.append(BasicBlock(cin, cout, 2 if (b == 0 and stage > 0) else 1))
-            cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
-    return nn.Sequential(*layers)
+def residual_cnn(blocks: int = 16) -> nn.Module:
+    """The narrow residual CNN of the model zoo (16/32/64 channels, BatchNorm)."""
+    return narrow_residual_cnn(blocks)
 
 
 def nb201_models() -> dict[str, nn.Module]:
