@@ -44,6 +44,8 @@ DATASETS = ("cifar10", "cifar100", "imagenet16-120")
 TUNING_DATASET = "cifar100"
 #: candidate components: GradSign (bundled for every arch) and the proxies scored on the whole sample
 CANDIDATES = ("gradsign", "naswot", "synflow", "jacob_cov", "params", "flops")
+#: the proxies of the bundled per-arch tables
+TABLE_PROXIES = ("gradsign", "naswot", "synflow", "jacob_cov", "params", "flops")
 ALL_PROXIES = ("gradsign", "grad_norm", "snip", "grasp", "fisher", "synflow", "jacob_cov", "naswot", "zen",
                "params", "flops")
 #: AZ-NAS (Lee & Ham, CVPR 2024), NAS-Bench-201 Spearman rho, as quoted in FIELD-NOTES section 3
@@ -231,6 +233,29 @@ def sample_search(space, ensemble: Ensemble, idx: np.ndarray, values: dict, seco
     return table + "\n\nPer run (mean): " + evals
 
 
+def export_tables(space, store, out_dir: Path) -> None:
+    """One compact file per dataset: every arch of the sample with all TABLE_PROXIES in ``store``
+    (GradSign from the bundled file), by benchmark index in sample order."""
+    from gradsign.evaluate import SCORING_VERSION
+
+    indices = sample(space, 1000, 0)
+    for d in DATASETS:
+        mask = known_mask(space, d, indices, TABLE_PROXIES, store)
+        idx = [i for i, m in zip(indices, mask) if m]
+        values, seconds = load_scores(space, d, idx, TABLE_PROXIES, store)
+        meta = {"space": space.name, "dataset": d, "batch_size": 64, "seed": 0, "options": "{}",
+                "version": SCORING_VERSION, "proxies": list(TABLE_PROXIES),
+                "archs": "the first archs of `gradsign correlate --sample 1000 --seed 0` with every proxy scored",
+                "seconds": "measured per arch and proxy, one process, one torch thread, on a loaded 2-core machine"}
+        path = out_dir / f"proxies_{space.name}_{d}_b64_s0.npz"
+        with open(path, "wb") as f:
+            np.savez_compressed(f, index=np.asarray(idx, dtype=np.int32),
+                                values=np.column_stack([values[p] for p in TABLE_PROXIES]).astype(np.float64),
+                                seconds=np.column_stack([seconds[p] for p in TABLE_PROXIES]).astype(np.float32),
+                                meta=np.array(json.dumps(meta, sort_keys=True)))
+        print(f"wrote {len(idx)} archs x {len(TABLE_PROXIES)} proxies to {path}")
+
+
 def run_cli(args: list[str]) -> tuple[int, str]:
     done = subprocess.run([sys.executable, "-m", "gradsign", *args], capture_output=True, text=True)
     return done.returncode, (done.stdout + done.stderr).strip()
@@ -320,6 +345,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default=None, help="score store with the sample's scores")
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--export-tables", action="store_true",
+                        help="write src/gradsign/data/proxies_nb201_<dataset>_b64_s0.npz from --cache and stop")
     parser.add_argument("--choose-only", action="store_true", help="print the protocol's choice and stop")
     parser.add_argument("--min-archs", type=int, default=50, help="leave out datasets with fewer scored archs")
     parser.add_argument("--search-runs", type=int, default=500)
@@ -330,6 +357,11 @@ def main() -> None:
     indices = sample(space, 1000, 0)
     clean_all = clean_cells(space)
     store = ScoreStore(args.cache) if args.cache else None
+    if args.export_tables:
+        if store is None:
+            sys.exit("error: --export-tables needs --cache")
+        export_tables(space, store, Path(gradsign.__file__).parent / "data")
+        return
     summary = {"n_boot": args.bootstrap, "datasets": {}, "first100": {},
                "space_counts": {"disconnected": int(sum(not cell_paths(o)[0] for o in space.ops_table())),
                                 "clean": int(clean_all.sum())}}

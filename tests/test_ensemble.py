@@ -97,8 +97,8 @@ def test_cli_correlate_ensemble_column_is_the_rank_sum_of_the_component_columns(
     archs = tmp_path / "archs.txt"
     archs.write_text("\n".join(str(i) for i in (6111, 0, 9000, 15624, 77, 4242)) + "\n")
     out = tmp_path / "out"
-    rc = main(["correlate", "--archs", str(archs), "--proxies", "ensemble:gradsign+params", "--bootstrap", "0",
-               "--cache", str(tmp_path / "s.sqlite"), "--out", str(out)])
+    rc = main(["correlate", "--archs", str(archs), "--proxies", "ensemble:rank_sum:gradsign+params",
+               "--bootstrap", "0", "--cache", str(tmp_path / "s.sqlite"), "--out", str(out)])
     text = capsys.readouterr().out
     assert rc == 0
     assert "| ensemble:rank_sum:gradsign+params | 6 |" in text
@@ -177,3 +177,37 @@ def test_select_by_an_ensemble_whose_components_agree_picks_what_its_component_p
     assert by_ensemble["drawn_from"] == by_gradsign["drawn_from"] == 30
     assert by_ensemble["proxy"] == "ensemble:rank_sum:gradsign+params"
     assert by_ensemble["results"]["ensemble:rank_sum:gradsign+params"] == by_gradsign["results"]["gradsign"]
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "imagenet16-120"])
+def test_bundled_proxy_table_matches_the_earlier_all_proxy_run_and_a_fresh_score(dataset):
+    """The bundled table against docs/results/table3_<dataset>_all_proxies.csv (the same archs scored
+    earlier by experiments/table3.py) and against params/synflow computed now for two of its archs."""
+    import csv
+
+    from gradsign.ensemble import proxy_table
+    from gradsign.evaluate import ScoringSetup, score_archs
+    from gradsign.spaces import get_space
+
+    table = proxy_table(dataset)
+    index, values = table["index"], table["values"]
+    assert len(index) >= 100 and len(set(index.tolist())) == len(index)
+    assert table["meta"]["dataset"] == dataset and table["meta"]["batch_size"] == 64
+    sample = np.random.default_rng(0).choice(15625, 1000, replace=False)
+    assert set(index.tolist()) <= set(sample.tolist())
+    where = {int(i): k for k, i in enumerate(index)}
+    earlier = ROOT / "docs" / "results" / f"table3_{dataset}_all_proxies.csv"
+    rows = [r for r in csv.DictReader(open(earlier)) if int(r["index"]) in where]
+    assert len(rows) >= 90
+    for proxy in ("naswot", "synflow", "jacob_cov", "params", "flops", "gradsign"):
+        ours = np.array([values[proxy][where[int(r["index"])]] for r in rows])
+        theirs = np.array([float(r[proxy]) for r in rows])
+        assert np.array_equal(np.isnan(ours), np.isnan(theirs)) and np.array_equal(ours == -np.inf, theirs == -np.inf)
+        keep = np.isfinite(ours) & np.isfinite(theirs)
+        assert np.allclose(ours[keep], theirs[keep], rtol=1e-3), proxy
+    space = get_space("nb201")
+    archs = [space.arch(int(i)) for i in index[:2]]
+    fresh, _ = score_archs(ScoringSetup(space, dataset, ("params", "synflow"), 64, 0), archs)
+    for k, arch in enumerate(archs):
+        assert fresh[arch]["params"].value == pytest.approx(values["params"][k], rel=1e-9)
+        assert fresh[arch]["synflow"].value == pytest.approx(values["synflow"][k], rel=1e-6)
