@@ -23,7 +23,8 @@ Names: ``ensemble`` is the default below; ``ensemble:P+Q+R`` another composition
 ``ensemble:log_rank_product:P+Q+R`` or ``ensemble:rank_sum`` (default components) set the method too.
 
 The default (``DEFAULT_COMPONENTS``, ``DEFAULT_METHOD``) was chosen by ``experiments/ensemble.py`` on
-CIFAR-100 only, among the proxies scored on the 1,000-arch NAS-Bench-201 sample; see docs/ensemble.md.
+CIFAR-100 only (first 500 archs of the 1,000-arch NAS-Bench-201 sample of docs/results.md), among the
+proxies scored there; see docs/ensemble.md.
 """
 from __future__ import annotations
 
