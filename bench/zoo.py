@@ -138,11 +138,23 @@ def measure(name: str, args: argparse.Namespace) -> dict:
             "fallback": bool(causes), "causes": causes}
 
 
+def engine_version() -> str:
+    """The last commit of src/gradsign/engine.py, marked when the working copy differs from it."""
+    import subprocess
+
+    def git(*command: str) -> str:
+        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("log", "-1", "--format=%h", "--", "src/gradsign/engine.py") or "unknown"
+    return commit + (" + uncommitted changes" if git("status", "--porcelain", "src/gradsign/engine.py") else "")
+
+
 def settings(args: argparse.Namespace) -> dict:
     import transformers
 
     return {"batch_size": args.batch_size, "repeats": args.repeats, "loop_repeats": args.loop_repeats,
-            "threads": args.threads, "torch": torch.__version__, "transformers": transformers.__version__}
+            "threads": args.threads, "torch": torch.__version__, "transformers": transformers.__version__,
+            "engine": engine_version()}
 
 
 def table(rows: list[dict], setup: dict, command: str) -> str:
@@ -151,7 +163,8 @@ def table(rows: list[dict], setup: dict, command: str) -> str:
         return text.replace("|", "\\|")
 
     lines = [f"Command: `{command}` (weights seed 0, batch seed 1; batch {setup['batch_size']}, "
-             f"{setup['threads']} torch threads, torch {setup['torch']}, transformers {setup['transformers']}; "
+             f"{setup['threads']} torch threads, torch {setup['torch']}, transformers {setup['transformers']}, "
+             f"src/gradsign/engine.py at {setup['engine']}; "
              f"seconds are medians of {setup['repeats']} interleaved calls after a warm-up, the loop's of "
              f"{setup['loop_repeats']}).", "",
              "| model | params | input | default s | fwd+bwd s | default/fwd+bwd | loop s | loop/fwd+bwd "
