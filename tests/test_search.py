@@ -452,7 +452,7 @@ def test_cli_search_with_stored_scores(tmp_path, space, capsys):
 
 def test_cli_search_protocols(tmp_path, capsys):
     for protocol, rungs in ((None, {"22.2222", "66.6667", "200"}), ("two-fidelity", {"12", "200"})):
-        argv = ["search", "--algo", "hb", "--runs", "2", "--json", str(tmp_path / "r.json")]
+        argv = ["search", "--algo", "hb", "--runs", "2", "--json", str(tmp_path / "r.json"), "--force"]
         args = _parser().parse_args(argv + ([] if protocol is None else ["--protocol", protocol]))
         args.run(args)
         assert f"{protocol or 'benchmark'} protocol" in capsys.readouterr().out
@@ -474,7 +474,21 @@ def test_cli_search_uses_the_bundled_scores(tmp_path, monkeypatch, dataset):
     args.run(args)
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["scores"]["archs_with_scores"] == 15_625
+    assert result["scores"]["sources"] == {"bundled": 15_625, "store": 0, "computed": 0}
     assert all(run["results"] for run in result["per_run"])
+
+
+def test_cli_search_refuses_to_replace_output_and_recompute_needs_a_proxy(tmp_path):
+    from gradsign.cli import CliError
+
+    (tmp_path / "r.json").write_text("{}")
+    args = _parser().parse_args(["search", "--algo", "rs", "--runs", "1", "--json", str(tmp_path / "r.json")])
+    with pytest.raises(CliError, match="exists"):
+        args.run(args)
+    assert (tmp_path / "r.json").read_text() == "{}"
+    args = _parser().parse_args(["search", "--algo", "rs", "--runs", "1", "--recompute"])
+    with pytest.raises(CliError, match="needs --assist"):
+        args.run(args)
 
 
 def test_cli_errors_when_scores_are_missing_and_cannot_be_computed(tmp_path, monkeypatch):
@@ -549,3 +563,13 @@ def test_matches_hpbandster_when_installed(space, tables):
                 assert sorted(map(tuple, mine.data.tolist())) == sorted(map(tuple, other.data.tolist()))
                 assert np.allclose(mine.bw, other.bw, rtol=1e-12)
     assert len(ours.models) == 3  # models at every rung; lower rungs stopped recording on the way
+
+
+def test_cli_search_recompute_computes_the_scores_it_uses(tmp_path, capsys):
+    args = _parser().parse_args(["search", "--algo", "rs", "--assist", "gradsign", "--runs", "1", "--pool", "2",
+                                 "--budget", "60", "--recompute", "--cache", str(tmp_path / "s.sqlite"),
+                                 "--json", str(tmp_path / "r.json")])
+    args.run(args)
+    sources = json.loads((tmp_path / "r.json").read_text())["scores"]["sources"]
+    assert sources["bundled"] == sources["store"] == 0 and sources["computed"] >= 2
+    assert f"0 bundled with the package, 0 from the score store, {sources['computed']} computed" in capsys.readouterr().out

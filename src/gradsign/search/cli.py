@@ -56,8 +56,11 @@ def add_search_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--score-seed", type=int, default=0, help="seed of the proxy scores' batch and init (default 0)")
     p.add_argument("--cache", default=None, help="score store file (default: the gradsign score store)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the score store")
+    p.add_argument("--recompute", action="store_true", help="compute every --assist score the searches use, "
+                   "reading neither the bundled nor the stored scores (written to the store unless --no-cache)")
     p.add_argument("--out", default=None, help="folder for the best-so-far plot")
     p.add_argument("--json", default=None, help="write the full result (with per-run records) as JSON here")
+    p.add_argument("--force", action="store_true", help="replace existing --json and plot files (default: refuse)")
     p.set_defaults(run=cmd_search)
     return p
 
@@ -70,12 +73,15 @@ def _proxy_scores(args: argparse.Namespace, space, store):
     from gradsign.evaluate import ProxyScores, ScoringSetup
 
     if is_ensemble_name(args.assist):  # ranks within each pool; needs every component for every arch
+        if args.recompute:
+            raise CliError("--recompute does not apply to an ensemble: recompute its components with "
+                           "gradsign correlate --all --recompute")
         return ensemble_assist(args.assist, lambda proxy: ScoringSetup(
             space, args.search_dataset, (proxy,), args.batch_size, args.score_seed, {}), store)
     setup = ScoringSetup(space, args.search_dataset, (args.assist,), args.batch_size, args.score_seed, {})
-    scores = ProxyScores(setup, store)
+    scores = ProxyScores(setup, store, recompute=args.recompute)
     known = int(scores.known.sum())
-    if known < len(space):
+    if known < len(space) and not args.recompute:
         where = "the bundled scores" + ("" if store is None else f" and the score store {store.path}")
         try:
             setup.batch()
@@ -91,7 +97,7 @@ def _proxy_scores(args: argparse.Namespace, space, store):
 
 def cmd_search(args: argparse.Namespace) -> None:
     """Run ``gradsign search``: print the result table, write the plot and JSON when asked."""
-    from gradsign.cli import CliError, open_store, progress_bar, write_json
+    from gradsign.cli import CliError, check_new_files, open_store, progress_bar, write_json
     from gradsign.search.run import display_name, format_results, plot_best_so_far, run_search
     from gradsign.spaces import get_space
 
@@ -102,16 +108,21 @@ def cmd_search(args: argparse.Namespace) -> None:
         raise CliError(f"--budget must be > 0 seconds, got {args.budget}")
     if args.charge_proxy_time and not args.assist:
         raise CliError("--charge-proxy-time needs --assist")
+    if args.recompute and not args.assist:
+        raise CliError("--recompute needs --assist (plain searches use no proxy scores)")
     if args.protocol is not None and args.algo not in ("hb", "bohb"):
         raise CliError(f"--protocol applies to hb and bohb only, not {args.algo}")
     space = get_space(args.space)
+    name = display_name(args.algo, bool(args.assist))
+    check_new_files(([Path(args.json)] if args.json else [])
+                    + ([Path(args.out) / f"search_{space.name}_{args.search_dataset}_{name}.png"] if args.out else []),
+                    args.force)
     if args.search_dataset not in space.datasets:
         raise CliError(f"--search-dataset must be one of {', '.join(space.datasets)}, got {args.search_dataset!r}")
     options = dict(args.options)
     store = open_store(args) if args.assist else None
     try:
         assist = _proxy_scores(args, space, store) if args.assist else None
-        name = display_name(args.algo, assist is not None)
         result = run_search(space, args.algo, assist, pool=args.pool, runs=args.runs, budget=args.budget,
                             seed=args.seed, search_dataset=args.search_dataset,
                             charge_proxy_time=args.charge_proxy_time, progress=progress_bar(f"{name} runs"),
@@ -122,12 +133,17 @@ def cmd_search(args: argparse.Namespace) -> None:
     result["scores"] = None if assist is None else {
         "proxy": args.assist, "dataset": args.search_dataset, "batch_size": args.batch_size,
         "seed": args.score_seed, "archs_with_scores": int(assist.known.sum())}
+    if assist is not None and hasattr(assist, "source_counts"):
+        result["scores"]["sources"] = assist.source_counts()
     proxy_note = f", proxy {args.assist} (pool {args.pool})" if assist is not None else ""
     protocol_note = f", {result['protocol_name']} protocol" if args.algo in ("hb", "bohb") else ""
     print(f"{name} on {space.name}, search on {args.search_dataset}{protocol_note}{proxy_note}, {args.runs} runs, "
           f"budget {args.budget:g} s{', proxy time charged' if args.charge_proxy_time else ''}, seed {args.seed}; "
           "200-epoch accuracy of the best arch found, mean +- std over runs")
     print(format_results([result]))
+    if result["scores"] and "sources" in result["scores"]:
+        from gradsign.correlate import format_sources
+        print(format_sources(result["scores"]["sources"]))
     print(f"evaluations per run {result['evaluations_mean']:.1f}, simulated seconds per run "
           f"{result['simulated_seconds_mean']:.0f}, wall time {result['wall_seconds']:.1f} s")
     if result["incumbents_below_top_rung"]:
