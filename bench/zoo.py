@@ -190,7 +190,8 @@ def table(rows: list[dict], setup: dict, command: str) -> str:
               + (f" Models the default engine failed on: {errors}." if errors else "")]
     unequal = [r for r in rows if not r["float64_equal"]]
     if unequal:
-        lines += ["", "Where the float64 counts differ from the loop's (differing counts / weights of the layer; "
+        lines += ["", "Where the float64 counts differ from the loop's (sum over the layer's weights of |count difference| "
+                  "/ weights of the layer; "
                   "gradients of sample 0 there that are non-zero but below 1e-10 of the layer's largest, i.e. "
                   "zero up to rounding, whose sign is float noise in any implementation):", ""]
         for r in unequal:
@@ -211,7 +212,8 @@ def write_section(path: Path, body: str) -> None:
         intro = ("## Model zoo: default engine against the loop and one forward+backward\n\n"
                  "Models written outside this project (`gradsign.zoo`, size \"bench\": `transformers` families\n"
                  "built from their configs with random weights, and plain-torch models that break naive\n"
-                 "per-sample engines); the protocol is in the docstring of `bench/zoo.py`.\n\n")
+                 "per-sample engines); the protocol is in the docstring of `bench/zoo.py`. Run with one torch\n"
+                 "thread on the 2-core development machine while other jobs shared its cores.\n\n")
         text = text.rstrip("\n") + f"\n\n{intro}{BEGIN}\n{body}\n{END}\n"
     path.write_text(text)
 
