@@ -125,9 +125,20 @@ def test_default_engine_matches_reference_in_float32(scored):
         f"{scored['name']}: default engine {scored['value']}, per-sample reference {reference}")
 
 
-def test_default_engine_does_not_fall_back(scored):
+#: models whose counted weights get gradient outside their modules' calls: the batched hooks cannot see
+#: that gradient, so the default engine must hand them to an exact engine and say why
+FALLS_BACK = {"tied_embedding": "gets gradient outside the layer's own call",
+              "functional_linear": "gets gradient outside the layer's own call"}
+
+
+def test_default_engine_falls_back_only_where_it_must(scored):
     # no zoo model lets samples of a batch interact once dropout and drop-path are off
-    assert scored["warnings"] == [], f"{scored['name']}: {scored['warnings']}"
+    expected = FALLS_BACK.get(scored["name"])
+    if expected is None:
+        assert scored["warnings"] == [], f"{scored['name']}: {scored['warnings']}"
+    else:
+        assert len(scored["warnings"]) == 1 and expected in scored["warnings"][0]
+        assert "vmap engine" in scored["warnings"][0]
 
 
 @pytest.mark.parametrize("name", zoo_params())

@@ -415,6 +415,10 @@ class _SignCountHooks:
     def _accumulate(self, name: str, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         self.pending_calls[name] -= 1
         rows = len(x) // self.samples
+        if (not self.pending_calls[name] and name not in self.partial and isinstance(module, nn.Linear)
+                and x.numel() == self.samples * x.shape[-1]):
+            self._add_outer_product_signs(name, x.reshape(self.samples, -1), grad_out.reshape(self.samples, -1))
+            return
         if not self.pending_calls[name] and name not in self.partial:
             # the layer's only call: reduce to sign counts slice by slice
             per_sample = module.weight.numel() * (rows if isinstance(module, nn.Conv2d) else 1)
@@ -431,6 +435,16 @@ class _SignCountHooks:
             self.partial[name] = sample_grads
         else:
             self._add_signs(name, sample_grads, 0)
+
+    def _add_outer_product_signs(self, name: str, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        """A Linear called once with one row per sample: sample i's gradient is the outer product
+        grad_out_i x_i^T, whose signs are sign(grad_out_i) sign(x_i)^T, so the counts are one matrix
+        product of signs (exact: integer sums far below float32's 2^24)."""
+        if self.first_chunk and self.kept:
+            kept = grad_out[:self.kept, :, None] * x[:self.kept, None, :]
+            self.prefix[name] = kept.detach().clone()
+        signs = torch.sign(grad_out).transpose(0, 1) @ torch.sign(x)
+        self.counts[name] += signs.round().to(torch.int32)
 
     def _add_signs(self, name: str, sample_grads: torch.Tensor, first: int) -> None:
         if self.first_chunk and first < self.kept:
