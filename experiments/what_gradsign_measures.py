@@ -633,9 +633,10 @@ def _conclusion(summary: dict, args: argparse.Namespace) -> list[str]:
                    f"between them {min(same):+.4f} to {max(same):+.4f}), and effective_params predicts the test "
                    "accuracy as well as GradSign on every dataset (the intervals overlap)." + cost)
     ups = [(ds, p) for ds, p in zip(names, partials)]
-    none_pos = [ds for ds, p in ups if p["ci95"][1] < 0.05]
+    none_pos = [ds for ds, p in ups if p["ci95"][0] <= 0]
     some_pos = [ds for ds, p in ups if p["ci95"][0] > 0]
-    text = ("Once effective_params is known, GradSign adds no positive information on " + ", ".join(none_pos)
+    text = ("Once effective_params is known, GradSign adds no significantly positive information on "
+            + " and ".join(none_pos)
             if none_pos else "")
     if some_pos:
         text += ("; " if text else "Given effective_params, GradSign ") + "keeps a small positive partial correlation on " + \
