@@ -261,7 +261,7 @@ def test_workers_give_the_serial_scores_and_an_ensemble_ranks_within_the_candida
     serial = rank(**common, proxies=["gradsign"])
     pooled = rank(**common, proxies=["gradsign"], workers=2)
     assert pooled.rows[0].scores == serial.rows[0].scores
-    result = rank(str(cands), folder, batch_size=6, seed=0, proxies=["ensemble:gradsign+naswot"])
+    result = rank(str(cands), folder, batch_size=6, seed=0, proxies=["ensemble:rank_sum:gradsign+naswot"])
     ok = [r for r in result.rows if r.error is None]
     expected = sum(rankdata([r.scores[p] for r in ok], method="average") for p in ("gradsign", "naswot"))
     assert [r.scores["ensemble:rank_sum:gradsign+naswot"] for r in ok] == expected.tolist()
