@@ -11,7 +11,6 @@ loop (its logged warning). Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 
 import numpy as np
@@ -20,16 +19,8 @@ import torch.nn.functional as F
 
 import gradsign
 from gradsign.datasets import canonical_batch
+from gradsign.engine import engine_warnings
 from gradsign.spaces import get_space
-
-
-class _Fallbacks(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def main() -> None:
@@ -42,8 +33,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     space = get_space("nb101")
     x, y = canonical_batch("cifar10", args.batch_size, args.seed)
-    handler = _Fallbacks()
-    logging.getLogger("gradsign").addHandler(handler)
     rng = np.random.default_rng(args.seed)
     print(f"batch {args.batch_size}, {args.threads} torch thread(s), models drawn with default_rng({args.seed})")
     print("| model (hash) | params | forward+backward s | GradSign (default engine) s | ratio | engine |")
@@ -59,11 +48,11 @@ def main() -> None:
         F.cross_entropy(model(x), y).backward()
         plain = time.perf_counter() - start
         model.zero_grad()
-        handler.messages.clear()
-        start = time.perf_counter()
-        gradsign.score(model, x, y)
-        scored = time.perf_counter() - start
-        engine = "loop (fallback)" if any("loop" in m for m in handler.messages) else "batched"
+        with engine_warnings() as messages:
+            start = time.perf_counter()
+            gradsign.score(model, x, y)
+            scored = time.perf_counter() - start
+        engine = "batched" if not messages else ("vmap" if "vmap engine" in messages[0] else "loop") + " (fallback)"
         print(f"| {arch} | {space.param_count(arch):,} | {plain:.1f} | {scored:.1f} | {scored / plain:.2f} | "
               f"{engine} |", flush=True)
 

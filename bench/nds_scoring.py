@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import re
 import shlex
 import sys
@@ -38,22 +37,13 @@ import torch.nn.functional as F
 
 import gradsign
 from gradsign.datasets import canonical_batch
-from gradsign.engine import counted_layers, scoring_mode
+from gradsign.engine import counted_layers, engine_warnings, scoring_mode
 from gradsign.spaces import get_space
 from gradsign.spaces.darts_model import param_count
 from gradsign.spaces.nds import SPACES
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- nds:begin (written by bench/nds_scoring.py) -->", "<!-- nds:end -->"
-
-
-class _Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def dead_share(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, samples: int = 4) -> float:
@@ -73,17 +63,12 @@ def measure(name: str, arch: str, x: torch.Tensor, y: torch.Tensor, loop_batch: 
     space = get_space(name)
     torch.manual_seed(0)
     model = space.build(arch, num_classes=10)
-    handler, logger = _Warnings(), logging.getLogger("gradsign")
-    logger.addHandler(handler)
-    try:
-        gradsign.score(model, x[:2], y[:2])  # warm-up
-        handler.messages.clear()
+    gradsign.score(model, x[:2], y[:2])  # warm-up
+    with engine_warnings() as messages:
         start = time.perf_counter()
         default = gradsign.score(model, x, y)
         seconds = time.perf_counter() - start
-    finally:
-        logger.removeHandler(handler)
-    fallback = handler.messages[0] if handler.messages else ""
+    fallback = messages[0] if messages else ""
     plain = scoring_mode(copy.deepcopy(model))
     F.cross_entropy(plain(x[:2]), y[:2]).backward()
     start = time.perf_counter()

@@ -11,7 +11,6 @@ difference of the two scores.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from collections import Counter
 
@@ -20,16 +19,8 @@ import torch
 import gradsign
 from gradsign import engine
 from gradsign.datasets import canonical_batch
+from gradsign.engine import engine_warnings
 from gradsign.spaces import get_space
-
-
-class Recorder(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def main() -> None:
@@ -48,8 +39,6 @@ def main() -> None:
         return original(*call_args, **kwargs)
 
     engine._float64_mismatch = counted
-    recorder = Recorder()
-    logging.getLogger("gradsign").addHandler(recorder)
     outcomes, doubted = Counter(), []
     start = time.perf_counter()
     indices = range(0, len(space), args.step)
@@ -57,11 +46,11 @@ def main() -> None:
         torch.manual_seed(0)
         model = space.build(space.arch(index), num_classes=10)
         float64_checks.clear()
-        recorder.messages.clear()
-        score = gradsign.score(model, x, y)
-        if recorder.messages:
+        with engine_warnings() as messages:
+            score = gradsign.score(model, x, y)
+        if messages:
             outcomes["fallback"] += 1
-            print(f"arch {index}: {recorder.messages[0]}")
+            print(f"arch {index}: {messages[0]}")
         elif float64_checks:
             outcomes["float64 agreement after a float32 doubt"] += 1
             doubted.append((index, model, score))

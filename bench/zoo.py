@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import shlex
 import statistics
 import sys
@@ -35,29 +34,16 @@ from torch import nn
 import gradsign
 from gradsign import zoo
 from gradsign.api import default_output
-from gradsign.engine import scoring_mode, sign_counts
+from gradsign.engine import engine_warnings, scoring_mode, sign_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- zoo:begin (written by bench/zoo.py) -->", "<!-- zoo:end -->"
 
 
-class _Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def score_with_warnings(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **options) -> tuple[float, list[str]]:
     """``gradsign.score`` and the warnings the "gradsign" logger gave during the call."""
-    handler, logger = _Warnings(), logging.getLogger("gradsign")
-    logger.addHandler(handler)
-    try:
-        return gradsign.score(model, x, y, **options), handler.messages
-    finally:
-        logger.removeHandler(handler)
+    with engine_warnings() as messages:
+        return gradsign.score(model, x, y, **options), messages
 
 
 def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -476,3 +476,15 @@ def test_float32_noise_is_settled_in_float64_without_a_fallback(monkeypatch, cap
     with caplog.at_level("WARNING", logger="gradsign"):
         assert gradsign.score(model, x, y) == pytest.approx(expected, rel=1e-3)
     assert "vmap engine" in caplog.text
+
+
+def test_engine_warnings_collects_the_fallback_causes_of_a_block():
+    from gradsign.engine import engine_warnings
+
+    torch.manual_seed(0)
+    model = FunctionalReuse()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    with engine_warnings() as messages:
+        gradsign.score(model, x, y)
+        gradsign.score(TiedLinears(), torch.randn(6, 6), y)  # no fallback: nothing added
+    assert len(messages) == 1 and "model.hidden gets gradient outside the layer's own call" in messages[0]

@@ -28,6 +28,7 @@ Engines:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import types
@@ -67,6 +68,27 @@ class UnsupportedModelError(RuntimeError):
 
 class CannotScoreError(ValueError):
     """The model has no per-sample semantics to score (e.g. BatchNorm over one value per channel)."""
+
+
+class _Messages(logging.Handler):
+    def __init__(self, messages: list[str]):
+        super().__init__(logging.WARNING)
+        self.messages = messages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def engine_warnings() -> Iterator[list[str]]:
+    """The warnings the engine logs while the block runs (fallbacks and their causes), as a list."""
+    messages: list[str] = []
+    handler = _Messages(messages)
+    log.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        log.removeHandler(handler)
 
 
 def scoring_mode(model: nn.Module) -> nn.Module:
