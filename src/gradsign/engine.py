@@ -158,10 +158,10 @@ def sign_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, l
     except CannotScoreError:
         raise
     except (RuntimeError, ValueError) as error:
-        raise _single_sample_error(model, error) or error
+        raise _single_sample_error(error) or error
 
 
-def _single_sample_error(model: nn.Module, error: Exception) -> CannotScoreError | None:
+def _single_sample_error(error: Exception) -> CannotScoreError | None:
     """A plain explanation for torch's error when a norm layer sees one value per channel."""
     text = str(error)
     if "Expected more than 1" not in text:
@@ -183,7 +183,7 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
                                                  kept=kept)
         cause = None
     except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
-        if not verify or _single_sample_error(model, error):
+        if not verify or _single_sample_error(error):
             raise
         counts, batched_prefix = None, None
         cause = str(error).splitlines()[0] if str(error) else type(error).__name__
