@@ -176,7 +176,7 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
                             loss_fn: LossFn, layers: list[tuple[str, nn.Module]],
                             chunk_size: int | None, *, verify: bool) -> dict[str, torch.Tensor]:
     requires_grad = [p.requires_grad for p in model.parameters()]
-    swap = _BatchedForm(model)
+    swap = BatchedForm(model)
     kept = min(VERIFIED_SAMPLES, len(inputs)) if verify else 0
     try:
         counts, batched_prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
@@ -290,7 +290,7 @@ def _attention_with_modular_out_proj(self: nn.MultiheadAttention, query: torch.T
     return projection(output.transpose(0, 1)).transpose(0, 1), weights
 
 
-class _BatchedForm:
+class BatchedForm:
     """The model rewritten for the batched engine, exactly: every BatchNorm that normalises by batch
     statistics replaced with ``_PerSampleNorm``, and every ``nn.MultiheadAttention`` calling its out_proj
     as a module (so that its gradient hook sees it); ``undo`` restores the model."""
@@ -590,7 +590,7 @@ def _float64_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     if targets.is_floating_point():
         targets = targets.double()
     layers = counted_layers(twin)
-    swap = _BatchedForm(twin)
+    swap = BatchedForm(twin)
     try:
         _, prefix = _batched_counts(twin, inputs, targets, loss_fn, layers, len(inputs), kept=len(inputs))
     except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
@@ -625,7 +625,7 @@ def _samples_interact(model: nn.Module, x: torch.Tensor) -> bool:
     """Whether a sample's output depends on the other samples of its batch (float64 model)."""
     if len(x) < 2:
         return False
-    swap = _BatchedForm(model, attention=False)
+    swap = BatchedForm(model, attention=False)
     try:
         with torch.no_grad():
             together = model(x)

@@ -10,42 +10,12 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from gradsign.engine import counted_layers, per_sample_loss_sum
+from gradsign.engine import BatchedForm, counted_layers, per_sample_loss_sum
 from gradsign.proxies.registry import LossFn, register
 
 log = logging.getLogger("gradsign")
-
-
-class _SingleSampleNorm(nn.Module):
-    """A train-mode BatchNorm as it acts on a batch of one, for every sample of a batch at once:
-    instance normalisation (statistics over the dims after the channel dim) with the BatchNorm's eps
-    and affine parameters."""
-
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
-        super().__init__()
-        self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 3:
-            raise ValueError("BatchNorm on (N, C) input has no single-sample statistics")
-        return F.instance_norm(x, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
-
-
-def _use_single_sample_norms(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Replace, in place, every BatchNorm that normalises by batch statistics; returns (parent,
-    attribute, replaced BatchNorm) for each, so that the swap can be undone."""
-    swapped = []
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and (child.training
-                                                                   or not child.track_running_stats):
-            setattr(module, name, _SingleSampleNorm(child))
-            swapped.append((module, name, child))
-        else:
-            swapped += _use_single_sample_norms(child)
-    return swapped
 
 
 def _samples_independent(model: nn.Module, inputs: torch.Tensor) -> bool:
@@ -68,14 +38,13 @@ def reached_weights_batched(model: nn.Module, inputs: torch.Tensor, targets: tor
     for m in model.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.eval()
-    swapped = _use_single_sample_norms(model)
+    single_sample_norms = BatchedForm(model, attention=False)
     layers = counted_layers(model)
     try:
         if not _samples_independent(model, inputs):
             raise ValueError("samples interact within a batch")
     except ValueError:
-        for parent, name, norm in swapped:
-            setattr(parent, name, norm)
+        single_sample_norms.undo()
         raise
     model.requires_grad_(False)
     weights = [m.weight for _, m in layers]
