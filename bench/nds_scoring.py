@@ -42,7 +42,13 @@ from gradsign.spaces import get_space
 from gradsign.spaces.darts_model import param_count
 from gradsign.spaces.nds import SPACES
 
+from doc_sections import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
+INTRO = ("## NDS design spaces: seconds per model, default engine against the loop\n\n"
+         "Random models of the five NDS spaces (`gradsign.spaces.nds`, built by\n"
+         "`spaces/darts_model.py`); see `bench/nds_scoring.py` for the protocol and `docs/nds.md` for\n"
+         "why many of their weights get float-noise gradients under single-sample BatchNorm.\n\n")
 BEGIN, END = "<!-- nds:begin (written by bench/nds_scoring.py) -->", "<!-- nds:end -->"
 
 
@@ -112,19 +118,6 @@ def table(rows: list[dict], setup: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the nds markers of ``path`` (appending a section with them if absent)."""
-    text = path.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = f"{head}{BEGIN}\n{body}\n{END}{rest.split(END, 1)[1]}"
-    else:
-        intro = ("## NDS design spaces: seconds per model, default engine against the loop\n\n"
-                 "Random models of the five NDS spaces (`gradsign.spaces.nds`, built by\n"
-                 "`spaces/darts_model.py`); see `bench/nds_scoring.py` for the protocol and `docs/nds.md` for\n"
-                 "why many of their weights get float-noise gradients under single-sample BatchNorm.\n\n")
-        text = text.rstrip("\n") + f"\n\n{intro}{BEGIN}\n{body}\n{END}\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -163,7 +156,7 @@ def main() -> None:
     body = table([done[k] for k in keys], setup, command.strip())
     print(body)
     if args.write:
-        write_section(ROOT / "docs" / "performance.md", body)
+        write_section(ROOT / "docs" / "performance.md", BEGIN, END, body, INTRO)
 
 
 if __name__ == "__main__":

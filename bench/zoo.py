@@ -36,7 +36,14 @@ from gradsign import zoo
 from gradsign.api import default_output
 from gradsign.engine import engine_warnings, scoring_mode, sign_counts
 
+from doc_sections import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
+INTRO = ("## Model zoo: default engine against the loop and one forward+backward\n\n"
+         "Models written outside this project (`gradsign.zoo`, size \"bench\": `transformers` families\n"
+         "built from their configs with random weights, and plain-torch models that break naive\n"
+         "per-sample engines); the protocol is in the docstring of `bench/zoo.py`. Run with one torch\n"
+         "thread on the 2-core development machine while other jobs shared its cores.\n\n")
 BEGIN, END = "<!-- zoo:begin (written by bench/zoo.py) -->", "<!-- zoo:end -->"
 
 
@@ -187,21 +194,6 @@ def table(rows: list[dict], setup: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the zoo markers of ``path`` (appending a section with them if absent)."""
-    text = path.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        text = f"{head}{BEGIN}\n{body}\n{END}{tail}"
-    else:
-        intro = ("## Model zoo: default engine against the loop and one forward+backward\n\n"
-                 "Models written outside this project (`gradsign.zoo`, size \"bench\": `transformers` families\n"
-                 "built from their configs with random weights, and plain-torch models that break naive\n"
-                 "per-sample engines); the protocol is in the docstring of `bench/zoo.py`. Run with one torch\n"
-                 "thread on the 2-core development machine while other jobs shared its cores.\n\n")
-        text = text.rstrip("\n") + f"\n\n{intro}{BEGIN}\n{body}\n{END}\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -241,7 +233,7 @@ def main() -> None:
     body = table(rows, setup, command.strip())
     print(body)
     if args.write:
-        write_section(ROOT / "docs" / "performance.md", body)
+        write_section(ROOT / "docs" / "performance.md", BEGIN, END, body, INTRO)
 
 
 if __name__ == "__main__":
