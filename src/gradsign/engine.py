@@ -47,6 +47,9 @@ DEFAULT_ELEMENT_BUDGET = 1 << 25
 #: in cache make the grouped weight-gradient convolution of wide layers several times faster there
 #: (2^17..2^21 measured, docs/performance.md); other devices take the whole chunk in one call
 SLICE_ELEMENTS = 1 << 19
+#: ungrouped convolutions with at most this many output positions form per-sample gradients by a batched
+#: matrix product over unfolded inputs on a CPU (faster there than the grouped convolution; bench/kernels.py)
+MATMUL_POSITIONS = 16
 #: samples whose batched per-sample gradients ``auto`` compares with single-sample gradients
 VERIFIED_SAMPLES = 2
 #: largest relative difference (per weight tensor, against its largest gradient) accepted as float noise
@@ -128,6 +131,8 @@ def per_sample_loss_sum(outputs: torch.Tensor, targets: torch.Tensor, loss_fn: L
     """
     from torch.func import vmap
 
+    if loss_fn is F.cross_entropy and outputs.dim() == 2:  # the default loss: a sample's mean is its loss
+        return F.cross_entropy(outputs, targets, reduction="sum")
     try:
         losses = vmap(lambda o, t: loss_fn(o[None], t[None]))(outputs, targets)
     except Exception:  # any loss vmap cannot trace (data-dependent control flow, .item(), randomness)
@@ -176,11 +181,15 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
                             loss_fn: LossFn, layers: list[tuple[str, nn.Module]],
                             chunk_size: int | None, *, verify: bool) -> dict[str, torch.Tensor]:
     requires_grad = [p.requires_grad for p in model.parameters()]
-    swap = BatchedForm(model)
     kept = min(VERIFIED_SAMPLES, len(inputs)) if verify else 0
+    # the reference first: its single-sample forward also tells the batched pass each call's input shape
+    reference, single_shapes = _reference_grads(model, inputs[:kept], targets[:kept], loss_fn, layers)
+    swap = BatchedForm(model)
+    if swap.attentions:  # out_proj is a module call only in the batched form: read its shapes there
+        single_shapes = None
     try:
         counts, batched_prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
-                                                 kept=kept)
+                                                 kept=kept, single_shapes=single_shapes)
         cause = None
     except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
         if not verify or _single_sample_error(error):
@@ -191,7 +200,7 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
     for p, flag in zip(model.parameters(), requires_grad):
         p.requires_grad_(flag)
     if verify and cause is None:
-        if _first_mismatch(model, inputs, targets, loss_fn, layers, batched_prefix, FLOAT32_TOLERANCE):
+        if _first_mismatch(batched_prefix, reference, FLOAT32_TOLERANCE):
             # float32 noise (e.g. normalising near-constant maps) or a real difference: decide in float64
             cause = _float64_mismatch(model, inputs[:kept], targets[:kept], loss_fn)
     if cause is None:
@@ -232,6 +241,20 @@ def _single_sample_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.
         model.zero_grad(set_to_none=True)
         for (_, m), flag in zip(layers, flags):
             m.weight.requires_grad_(flag)
+
+
+def _reference_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
+                     layers: list[tuple[str, nn.Module]]
+                     ) -> tuple[list[dict[str, torch.Tensor | None]], dict[tuple[str, int], torch.Size] | None]:
+    """The single-sample gradients of each of ``inputs`` (may be none) and, from the first sample's
+    forward, the input shape of each call of each counted module for one sample (None without inputs)."""
+    if not len(inputs):
+        return [], None
+    shapes: dict[tuple[str, int], torch.Size] = {}
+    with _input_shapes_recorded(_weight_users(model, layers), shapes):
+        grads = list(_single_sample_grads(model, inputs[:1], targets[:1], loss_fn, layers))
+    grads += _single_sample_grads(model, inputs[1:], targets[1:], loss_fn, layers)
+    return grads, shapes
 
 
 def _loop_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
@@ -326,7 +349,7 @@ def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tenso
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
         padding = 0
     if _use_matmul(conv, x, grad_out):
-        return _conv2d_sample_grads_matmul(conv, x, grad_out)
+        return _conv2d_sample_grads_matmul(conv, x, grad_out, padding)
     batch = x.shape[0]
     out_channels, in_per_group, *kernel = conv.weight.shape
     grads = torch.nn.grad.conv2d_weight(
@@ -337,37 +360,33 @@ def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tenso
 
 
 def _use_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
-    """A batched matrix product instead of the grouped weight-gradient convolution: for ungrouped 1x1
-    convolutions without padding on a CPU, where it needs no unfolding and is faster (bench/kernels.py)."""
-    return (x.device.type == "cpu" and conv.groups == 1 and conv.weight.shape[2:] == (1, 1)
-            and conv.dilation == (1, 1) and tuple(conv.padding) == (0, 0))
+    """A batched matrix product instead of the grouped weight-gradient convolution, on a CPU, for ungrouped
+    convolutions that are 1x1 without padding (no unfolding needed) or have at most
+    ``MATMUL_POSITIONS`` output positions (small maps, where the grouped convolution is slower; measured
+    by bench/kernels.py)."""
+    if x.device.type != "cpu" or conv.groups != 1:
+        return False
+    pointwise = conv.weight.shape[2:] == (1, 1) and conv.dilation == (1, 1) and tuple(conv.padding) == (0, 0)
+    return pointwise or grad_out.shape[2] * grad_out.shape[3] <= MATMUL_POSITIONS
 
 
-def _conv2d_sample_grads_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+def _conv2d_sample_grads_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
+                                padding: tuple[int, int] | int) -> torch.Tensor:
+    """sample i's dL/dW = grad_out_i (C_out x P) times its unfolded input (P x C_in k k), P positions."""
     batch = x.shape[0]
-    if conv.stride != (1, 1):
-        x = x[:, :, ::conv.stride[0], ::conv.stride[1]]
-    x = x[:, :, :grad_out.shape[2], :grad_out.shape[3]]
-    columns = x.reshape(batch, x.shape[1], -1).transpose(1, 2)
-    grads = torch.bmm(grad_out.reshape(batch, grad_out.shape[1], -1), columns)
+    if conv.weight.shape[2:] == (1, 1) and padding in (0, (0, 0)) and conv.dilation == (1, 1):
+        x = x[:, :, ::conv.stride[0], ::conv.stride[1]][:, :, :grad_out.shape[2], :grad_out.shape[3]]
+        columns = x.reshape(batch, x.shape[1], -1)
+    else:
+        columns = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+    grads = torch.bmm(grad_out.reshape(batch, grad_out.shape[1], -1), columns.transpose(1, 2))
     return grads.reshape(batch, *conv.weight.shape)
 
 
-def _linear_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, samples: int) -> torch.Tensor:
-    """Per-sample dL/dW of a Linear layer; rows of one sample (all dims but the last) are consecutive."""
-    if x.dim() < 2:
-        raise UnsupportedModelError("Linear called on unbatched input")
-    x = x.reshape(samples, -1, x.shape[-1])
-    grad_out = grad_out.reshape(samples, -1, grad_out.shape[-1])
-    return torch.bmm(grad_out.transpose(1, 2), x)
-
-
-def _sample_grads(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, samples: int) -> torch.Tensor:
+def _sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, samples: int) -> torch.Tensor:
     """Per-sample weight gradients of ``samples`` samples whose rows fill ``x``'s first dimension."""
-    if isinstance(module, nn.Conv2d):
-        grads = _conv2d_sample_grads(module, x, grad_out)
-        return grads if len(grads) == samples else grads.reshape(samples, -1, *grads.shape[1:]).sum(1)
-    return _linear_sample_grads(x, grad_out, samples)
+    grads = _conv2d_sample_grads(conv, x, grad_out)
+    return grads if len(grads) == samples else grads.reshape(samples, -1, *grads.shape[1:]).sum(1)
 
 
 class _SignCountHooks:
@@ -393,6 +412,7 @@ class _SignCountHooks:
         self.calls: dict[str, int] = {}
         self.pending_calls: dict[str, int] = {}
         self.partial: dict[str, torch.Tensor] = {}
+        self.linear_rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in users]
 
     def start_chunk(self, samples: int) -> None:
@@ -436,16 +456,18 @@ class _SignCountHooks:
 
     def _accumulate(self, name: str, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         self.pending_calls[name] -= 1
-        rows = len(x) // self.samples
-        if (not self.pending_calls[name] and name not in self.partial and isinstance(module, nn.Linear)
-                and x.numel() == self.samples * x.shape[-1]):
-            self._add_outer_product_signs(name, x.reshape(self.samples, -1), grad_out.reshape(self.samples, -1))
+        if isinstance(module, nn.Linear):
+            # every call's rows of the sample side by side: the per-sample gradient of all calls together is
+            # one product grad_out_i^T x_i over them, formed once when the last call's gradient arrives
+            self.linear_rows.setdefault(name, []).append(
+                (x.reshape(self.samples, -1, x.shape[-1]), grad_out.reshape(self.samples, -1, grad_out.shape[-1])))
+            if not self.pending_calls[name]:
+                self._reduce_linear(name)
             return
+        rows = len(x) // self.samples
         if not self.pending_calls[name] and name not in self.partial:
             # the layer's only call: reduce to sign counts slice by slice
-            per_sample = module.weight.numel() * (rows if isinstance(module, nn.Conv2d) else 1)
-            step = max(1, SLICE_ELEMENTS // per_sample) if x.device.type == "cpu" else self.samples
-            for part in _chunks(self.samples, step):
+            for part in _chunks(self.samples, self._slice(module.weight.numel() * rows, x)):
                 rows_part = slice(part.start * rows, part.stop * rows)
                 grads = _sample_grads(module, x[rows_part], grad_out[rows_part], part.stop - part.start)
                 self._add_signs(name, grads, part.start)
@@ -457,6 +479,21 @@ class _SignCountHooks:
             self.partial[name] = sample_grads
         else:
             self._add_signs(name, sample_grads, 0)
+
+    def _slice(self, per_sample: int, x: torch.Tensor) -> int:
+        """Samples per slice: per-sample gradients of about ``SLICE_ELEMENTS`` floats on a CPU."""
+        return max(1, SLICE_ELEMENTS // per_sample) if x.device.type == "cpu" else self.samples
+
+    def _reduce_linear(self, name: str) -> None:
+        """Sign counts of a Linear weight from the rows of its calls, (samples, rows, features) each."""
+        calls = self.linear_rows.pop(name)
+        x = torch.cat([c[0] for c in calls], 1) if len(calls) > 1 else calls[0][0]
+        grad_out = torch.cat([c[1] for c in calls], 1) if len(calls) > 1 else calls[0][1]
+        if x.shape[1] == 1:
+            self._add_outer_product_signs(name, x[:, 0], grad_out[:, 0])
+            return
+        for part in _chunks(self.samples, self._slice(x.shape[2] * grad_out.shape[2], x)):
+            self._add_signs(name, torch.bmm(grad_out[part].transpose(1, 2), x[part]), part.start)
 
     def _add_outer_product_signs(self, name: str, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         """A Linear called once with one row per sample: sample i's gradient is the outer product
@@ -472,12 +509,16 @@ class _SignCountHooks:
         if self.first_chunk and first < self.kept:
             kept = sample_grads[:self.kept - first].detach().clone()
             self.prefix[name] = torch.cat([self.prefix[name], kept]) if name in self.prefix else kept
-        self.counts[name] += torch.sign(sample_grads).sum(0, dtype=torch.int32)
+        # in place, and summed in float32 (exact for integers below 2^24): a third of the memory traffic
+        # of an int32 sum of a sign copy, which matters where per-sample gradients are large
+        self.counts[name] += torch.sign(sample_grads, out=sample_grads).sum(0).to(torch.int32)
 
     def finish_chunk(self) -> None:
         """Close the chunk: calls whose output got no gradient contribute zero."""
         for name, sample_grads in self.partial.items():
             self._add_signs(name, sample_grads, 0)
+        for name in list(self.linear_rows):
+            self._reduce_linear(name)
         self.partial.clear()
         self.pending_calls.clear()
         self.calls.clear()
@@ -499,14 +540,18 @@ def _make_leaves_hooks(model: nn.Module) -> list:
 
 
 def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
-                    layers: list[tuple[str, nn.Module]], chunk_size: int | None, *, kept: int = 0
+                    layers: list[tuple[str, nn.Module]], chunk_size: int | None, *, kept: int = 0,
+                    single_shapes: dict[tuple[str, int], torch.Size] | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Sign counts from batched passes, and the per-sample gradients of the first ``kept`` samples."""
+    """Sign counts from batched passes, and the per-sample gradients of the first ``kept`` samples.
+    ``single_shapes``: the counted modules' input shapes for one sample, when already known."""
     model.requires_grad_(False)
     counts = _zero_counts(layers)
     chunk_size = chunk_size or _default_chunk(layers, len(inputs), DEFAULT_ELEMENT_BUDGET)
     users = _weight_users(model, layers)
-    hooks = _SignCountHooks(users, counts, kept, _single_sample_input_shapes(model, inputs[:1], users))
+    if single_shapes is None:
+        single_shapes = _single_sample_input_shapes(model, inputs[:1], users)
+    hooks = _SignCountHooks(users, counts, kept, single_shapes)
     floating = inputs.is_floating_point()
     leaf_hooks = [] if floating else _make_leaves_hooks(model)
     try:
@@ -524,11 +569,11 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     return counts, hooks.prefix
 
 
-def _single_sample_input_shapes(model: nn.Module, x: torch.Tensor, users: list[tuple[str, nn.Module]]
-                                ) -> dict[tuple[str, int], torch.Size]:
-    """The input shape of each call of each counted module in a forward of one sample."""
-    shapes: dict[tuple[str, int], torch.Size] = {}
-
+@contextlib.contextmanager
+def _input_shapes_recorded(users: list[tuple[str, nn.Module]], shapes: dict[tuple[str, int], torch.Size]
+                           ) -> Iterator[None]:
+    """Within the block, forwards record the input shape of each call of each counted module in ``shapes``,
+    keyed by (module name, call number)."""
     def recorder(name: str):
         def hook(module: nn.Module, args: tuple, output) -> None:
             shapes[(name, sum(key[0] == name for key in shapes))] = args[0].shape
@@ -536,31 +581,36 @@ def _single_sample_input_shapes(model: nn.Module, x: torch.Tensor, users: list[t
 
     handles = [m.register_forward_hook(recorder(name)) for name, m in users]
     try:
-        with torch.no_grad():
-            model(x)
+        yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _single_sample_input_shapes(model: nn.Module, x: torch.Tensor, users: list[tuple[str, nn.Module]]
+                                ) -> dict[tuple[str, int], torch.Size]:
+    """The input shape of each call of each counted module in a forward of one sample."""
+    shapes: dict[tuple[str, int], torch.Size] = {}
+    with _input_shapes_recorded(users, shapes), torch.no_grad():
+        model(x)
     return shapes
 
 
-def _first_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
-                    layers: list[tuple[str, nn.Module]], batched: dict[str, torch.Tensor], tolerance: float
-                    ) -> tuple[str, str] | None:
+def _first_mismatch(batched: dict[str, torch.Tensor], reference: list[dict[str, torch.Tensor | None]],
+                    tolerance: float) -> tuple[str, str] | None:
     """(layer, how much) for the first counted weight whose batched per-sample gradients of the first
-    samples differ from single-sample gradients of the model as it is (its own norm layers), or None
-    when all agree within ``tolerance``.
+    samples differ from their single-sample gradients of the model as it is (``reference``, its own norm
+    layers), or None when all agree within ``tolerance``.
 
     A weight's differences are measured against its largest gradient, but never against less than
     ``NOISE_FLOOR`` of the largest gradient of any weight for that sample: weights whose exact gradient
     is zero (e.g. a branch ending in BatchNorm right before global pooling, whose pooled output is its
     bias for every single sample) get rounding noise of that size in any implementation."""
-    kept = len(next(iter(batched.values()))) if batched else min(VERIFIED_SAMPLES, len(inputs))
-    for i, single in enumerate(_single_sample_grads(model, inputs[:kept], targets[:kept], loss_fn, layers)):
+    for i, single in enumerate(reference):
         largest = max((float(g.abs().max()) for g in single.values() if g is not None and g.numel()),
                       default=0.0)
-        for name, reference in single.items():
-            difference = _difference(batched[name][i] if name in batched else None, reference, tolerance,
+        for name, grad in single.items():
+            difference = _difference(batched[name][i] if name in batched else None, grad, tolerance,
                                      NOISE_FLOOR * largest)
             if difference is not None:
                 return name, difference
@@ -590,15 +640,18 @@ def _float64_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     if targets.is_floating_point():
         targets = targets.double()
     layers = counted_layers(twin)
+    reference, single_shapes = _reference_grads(twin, inputs, targets, loss_fn, layers)
     swap = BatchedForm(twin)
+    if swap.attentions:
+        single_shapes = None
     try:
-        _, prefix = _batched_counts(twin, inputs, targets, loss_fn, layers, len(inputs), kept=len(inputs))
+        _, prefix = _batched_counts(twin, inputs, targets, loss_fn, layers, len(inputs), kept=len(inputs),
+                                    single_shapes=single_shapes)
     except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
         return str(error).splitlines()[0] if str(error) else type(error).__name__
     finally:
         swap.undo()
-    twin.requires_grad_(True)
-    mismatch = _first_mismatch(twin, inputs, targets, loss_fn, layers, prefix, FLOAT64_TOLERANCE)
+    mismatch = _first_mismatch(prefix, reference, FLOAT64_TOLERANCE)
     if mismatch is None:
         return None
     return _mismatch_cause(twin, inputs, targets, loss_fn, layers, *mismatch)
@@ -658,5 +711,5 @@ def _vmap_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
             warnings.filterwarnings("ignore", message="There is a performance drop")
             grads = sample_grads(weights, inputs[part], targets[part])
         for name, _ in layers:
-            counts[name] += torch.sign(grads[keys[name]]).sum(0, dtype=torch.int32)
+            counts[name] += torch.sign(grads[keys[name]]).sum(0).to(torch.int32)
     return counts
