@@ -32,6 +32,20 @@ def cnn(norm, *, classes: int = 10, depthwise: bool = False) -> nn.Module:
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes))
 
 
+def small_map_cnn() -> nn.Module:
+    """Convolutions whose per-sample gradients the engine forms in other ways: depthwise 5x5 (strided)
+    and 7x7 (dilated, 'same' padding), and 3x3 (strided with reflect padding, dilated) and strided 1x1
+    convolutions on maps of at most 16 positions."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+        nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8), nn.ReLU(),
+        nn.Conv2d(8, 8, 7, dilation=2, padding="same", groups=8), nn.ReLU(),
+        nn.Conv2d(8, 12, 3, stride=2, padding=1, padding_mode="reflect"), nn.ReLU(),
+        nn.Conv2d(12, 12, 3, dilation=2, padding=2), nn.ReLU(),
+        nn.Conv2d(12, 16, 1, stride=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
 class TokenMLP(nn.Module):
     """Linear layers on (B, T, F) inputs, LayerNorm, a reused layer (weight sharing)."""
 
@@ -72,6 +86,7 @@ MODELS = {
     "groupnorm-depthwise": (lambda: cnn(lambda c: nn.GroupNorm(2, c), depthwise=True), "image"),
     "instancenorm": (lambda: cnn(lambda c: nn.InstanceNorm2d(c, affine=True)), "image"),
     "token-mlp-mse": (TokenMLP, "tokens"),
+    "small-maps-depthwise": (small_map_cnn, "image"),
 }
 
 
@@ -95,7 +110,7 @@ def test_engines_match_reference_loop(name, engine):
     assert fast == pytest.approx(reference, rel=1e-3)
 
 
-@pytest.mark.parametrize("name", ["bn-running-stats", "token-mlp-mse"])
+@pytest.mark.parametrize("name", ["bn-running-stats", "token-mlp-mse", "small-maps-depthwise"])
 @pytest.mark.parametrize("slice_elements", [1 << 19, 700])
 def test_per_layer_counts_match_loop_in_chunks(name, slice_elements, monkeypatch):
     # chunks of 5 samples per pass; with 700 elements, a layer's hook also splits each chunk into slices

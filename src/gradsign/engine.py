@@ -43,10 +43,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ENGINES = ("auto", "batched", "vmap", "loop")
 #: per-layer budget, in float elements, for one chunk's per-sample gradients
 DEFAULT_ELEMENT_BUDGET = 1 << 25
-#: float elements of per-sample gradients a layer's hook forms at once on a CPU (2 MiB): slices that stay
-#: in cache make the grouped weight-gradient convolution of wide layers several times faster there
-#: (2^17..2^21 measured, docs/performance.md); other devices take the whole chunk in one call
-SLICE_ELEMENTS = 1 << 19
+#: float elements of per-sample gradients a layer's hook forms at once on a CPU (8 MiB, within the L3
+#: cache): slices make the per-sample gradients of wide layers several times faster there (2^17..2^23
+#: compared on zoo models by bench/slices.py); other devices take the whole chunk in one call
+SLICE_ELEMENTS = 1 << 21
 #: ungrouped convolutions with at most this many output positions form per-sample gradients by a batched
 #: matrix product over unfolded inputs on a CPU (faster there than the grouped convolution; bench/kernels.py)
 MATMUL_POSITIONS = 16
@@ -350,6 +350,8 @@ def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tenso
         padding = 0
     if _use_matmul(conv, x, grad_out):
         return _conv2d_sample_grads_matmul(conv, x, grad_out, padding)
+    if _use_forward_convolution(conv, x):
+        return _depthwise_sample_grads(conv, x, grad_out, padding)
     batch = x.shape[0]
     out_channels, in_per_group, *kernel = conv.weight.shape
     grads = torch.nn.grad.conv2d_weight(
@@ -357,6 +359,27 @@ def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tenso
         grad_out.reshape(1, -1, *grad_out.shape[2:]), stride=conv.stride, padding=padding,
         dilation=conv.dilation, groups=batch * conv.groups)
     return grads.reshape(batch, *conv.weight.shape)
+
+
+def _use_forward_convolution(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Depthwise convolutions with kernels larger than 3x3 on a CPU, where a forward convolution forms
+    their per-sample gradients several times faster than the grouped weight-gradient one (bench/kernels.py)."""
+    return (x.device.type == "cpu" and conv.groups == conv.in_channels == conv.out_channels
+            and conv.weight.shape[2] * conv.weight.shape[3] > 9)
+
+
+def _depthwise_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
+                            padding: tuple[int, int] | int) -> torch.Tensor:
+    """dW[i, c, a, b] = sum_pq grad_out[i, c, p, q] x_padded[i, c, p s + a d, q s + b d] (stride s, dilation d):
+    a depthwise forward convolution of each padded input map with its output-gradient map as the kernel,
+    taken with stride d and dilation s."""
+    batch, channels, *out_size = grad_out.shape
+    pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
+    x = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+    grads = F.conv2d(x.reshape(1, batch * channels, *x.shape[2:]), grad_out.reshape(batch * channels, 1, *out_size),
+                     stride=conv.dilation, dilation=conv.stride, groups=batch * channels)
+    kernel_h, kernel_w = conv.kernel_size
+    return grads[0, :, :kernel_h, :kernel_w].reshape(batch, *conv.weight.shape)
 
 
 def _use_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
@@ -413,6 +436,7 @@ class _SignCountHooks:
         self.pending_calls: dict[str, int] = {}
         self.partial: dict[str, torch.Tensor] = {}
         self.linear_rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.chunk_counts: dict[str, torch.Tensor] = {}
         self.handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in users]
 
     def start_chunk(self, samples: int) -> None:
@@ -511,7 +535,12 @@ class _SignCountHooks:
             self.prefix[name] = torch.cat([self.prefix[name], kept]) if name in self.prefix else kept
         # in place, and summed in float32 (exact for integers below 2^24): a third of the memory traffic
         # of an int32 sum of a sign copy, which matters where per-sample gradients are large
-        self.counts[name] += torch.sign(sample_grads, out=sample_grads).sum(0).to(torch.int32)
+        signs = torch.sign(sample_grads, out=sample_grads)
+        total = self.chunk_counts.get(name)
+        if total is None:
+            self.chunk_counts[name] = signs.sum(0)
+        else:
+            total += signs[0] if len(signs) == 1 else signs.sum(0)
 
     def finish_chunk(self) -> None:
         """Close the chunk: calls whose output got no gradient contribute zero."""
@@ -519,6 +548,9 @@ class _SignCountHooks:
             self._add_signs(name, sample_grads, 0)
         for name in list(self.linear_rows):
             self._reduce_linear(name)
+        for name, total in self.chunk_counts.items():
+            self.counts[name] += total.to(torch.int32)
+        self.chunk_counts.clear()
         self.partial.clear()
         self.pending_calls.clear()
         self.calls.clear()
