@@ -43,10 +43,11 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ENGINES = ("auto", "batched", "vmap", "loop")
 #: per-layer budget, in float elements, for one chunk's per-sample gradients
 DEFAULT_ELEMENT_BUDGET = 1 << 25
-#: float elements of per-sample gradients a layer's hook forms at once on a CPU (8 MiB, within the L3
-#: cache): slices make the per-sample gradients of wide layers several times faster there (2^17..2^23
-#: compared on zoo models by bench/slices.py); other devices take the whole chunk in one call
-SLICE_ELEMENTS = 1 << 21
+#: float elements of per-sample gradients a layer's hook forms at once on a CPU (2 MiB): slices that stay
+#: in cache make the per-sample gradients of wide layers several times faster there (2^17..2^30 measured
+#: on NAS-Bench-201 networks by `bench/engine.py --slice-sweep`, 2^17..2^23 on zoo models by
+#: bench/slices.py); other devices take the whole chunk in one call
+SLICE_ELEMENTS = 1 << 19
 #: ungrouped convolutions with at most this many output positions form per-sample gradients by a batched
 #: matrix product over unfolded inputs on a CPU (faster there than the grouped convolution; bench/kernels.py)
 MATMUL_POSITIONS = 16
