@@ -500,8 +500,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     user_errors = _user_errors()
-    # Ctrl-C stops a run cleanly even when started with SIGINT ignored (e.g. from a background shell)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Ctrl-C stops a run cleanly even when started with SIGINT ignored (e.g. from a background shell). The
+    # interrupt is also remembered: Python drops an exception raised inside a finaliser or callback, and a
+    # Ctrl-C landing there must still end the command as interrupted
+    interrupted = []
+
+    def on_interrupt(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(message)s")
     try:
         from gradsign.proxies.registry import load_plugins
@@ -512,6 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = show_warning_line
             args.run(args)
+        if interrupted:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         print("gradsign: interrupted; every finished architecture is kept in the score store",
               file=sys.stderr)
