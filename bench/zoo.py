@@ -43,7 +43,7 @@ INTRO = ("## Model zoo: default engine against the loop and one forward+backward
          "Models written outside this project (`gradsign.zoo`, size \"bench\": `transformers` families\n"
          "built from their configs with random weights, and plain-torch models that break naive\n"
          "per-sample engines); the protocol is in the docstring of `bench/zoo.py`. Run with one torch\n"
-         "thread on the 2-core development machine while other jobs shared its cores.\n\n")
+         "thread on the 2-core development machine.\n\n")
 BEGIN, END = "<!-- zoo:begin (written by bench/zoo.py) -->", "<!-- zoo:end -->"
 
 
