@@ -534,8 +534,8 @@ class _SignCountHooks:
         if self.first_chunk and first < self.kept:
             kept = sample_grads[:self.kept - first].detach().clone()
             self.prefix[name] = torch.cat([self.prefix[name], kept]) if name in self.prefix else kept
-        # in place, and summed in float32 (exact for integers below 2^24): a third of the memory traffic
-        # of an int32 sum of a sign copy, which matters where per-sample gradients are large
+        # signs in place, summed in float32 (exact for integers below 2^24) and turned into int32 once per
+        # chunk: no copy of the per-sample gradients, whose memory traffic dominates on wide layers
         signs = torch.sign(sample_grads, out=sample_grads)
         total = self.chunk_counts.get(name)
         if total is None:
