@@ -5,6 +5,8 @@ import importlib.util
 import math
 from pathlib import Path
 
+import json
+
 import numpy as np
 import pytest
 
@@ -111,12 +113,34 @@ def test_cli_correlate_ensemble_column_is_the_rank_sum_of_the_component_columns(
         assert float(r["ensemble:rank_sum:gradsign+params"]) == _loop_rank(g, j) + _loop_rank(p, j)
 
 
-def test_cli_search_assist_ensemble_names_the_missing_scores(tmp_path, capsys):
-    rc = main(["search", "--algo", "rs", "--assist", "ensemble:gradsign+naswot", "--runs", "1",
-               "--cache", str(tmp_path / "s.sqlite")])
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert err.count("\n") == 1 and "naswot known for" in err and "gradsign correlate --all" in err
+def test_cli_search_assist_ensemble_computes_missing_components_and_charges_them(tmp_path, capsys):
+    # params is bundled for none of the archs: the search scores it for the pools it proposes, writes it
+    # to the store, and says so
+    cache = tmp_path / "s.sqlite"
+    out = tmp_path / "run.json"
+    rc = main(["search", "--algo", "rs", "--assist", "ensemble:rank_sum:gradsign+params", "--runs", "1",
+               "--budget", "400", "--charge-proxy-time", "--cache", str(cache), "--json", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "the others are computed when a search first proposes them" in captured.err
+    result = json.loads(out.read_text())
+    sources = result["scores"]["sources"]
+    assert sources["computed"] > 0 and sources["bundled"] >= 15625
+    assert result["proxy_seconds_mean"] > 0
+    from gradsign.store import ScoreStore
+    with ScoreStore(cache) as store:
+        assert sum(1 for row in store.rows() if row[3] == "params") == sources["computed"]
+
+
+def test_ensemble_assist_without_computing_names_the_missing_scores():
+    from gradsign.ensemble import ensemble_assist
+    from gradsign.evaluate import ScoringSetup
+    from gradsign.spaces import get_space
+
+    space = get_space("nb201")
+    with pytest.raises(MissingScoresError, match="naswot known for"):
+        ensemble_assist("ensemble:gradsign+naswot",
+                        lambda proxy: ScoringSetup(space, "cifar10", (proxy,), 64, 0, {}), None)
 
 
 def test_cli_rejects_bad_ensemble_names(tmp_path, capsys):
@@ -181,25 +205,25 @@ def test_select_by_an_ensemble_whose_components_agree_picks_what_its_component_p
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "imagenet16-120"])
 def test_bundled_proxy_table_matches_the_earlier_all_proxy_run_and_a_fresh_score(dataset):
-    """The bundled table against docs/results/table3_<dataset>_all_proxies.csv (the same archs scored
-    earlier by experiments/table3.py) and against params/synflow computed now for two of its archs."""
+    """The bundled table of the eleven proxies against docs/results/table3_<dataset>_all_proxies.csv (100
+    archs of the same sample scored earlier by experiments/table3.py, in another process and store), and
+    against scores computed now (recompute, no store) for two of its archs."""
     import csv
 
-    from gradsign.ensemble import proxy_table
+    from gradsign.ensemble import TABLE_PROXIES, proxy_table
     from gradsign.evaluate import ScoringSetup, score_archs
     from gradsign.spaces import get_space
 
     table = proxy_table(dataset)
     index, values = table["index"], table["values"]
-    assert len(index) >= 100 and len(set(index.tolist())) == len(index)
-    assert table["meta"]["dataset"] == dataset and table["meta"]["batch_size"] == 64
+    assert set(values) == set(TABLE_PROXIES) and len(TABLE_PROXIES) == 11
     sample = np.random.default_rng(0).choice(15625, 1000, replace=False)
-    assert set(index.tolist()) <= set(sample.tolist())
+    assert len(index) >= 500 and set(index.tolist()) <= set(sample.tolist())
     where = {int(i): k for k, i in enumerate(index)}
     earlier = ROOT / "docs" / "results" / f"table3_{dataset}_all_proxies.csv"
     rows = [r for r in csv.DictReader(open(earlier)) if int(r["index"]) in where]
     assert len(rows) >= 90
-    for proxy in ("naswot", "synflow", "jacob_cov", "params", "flops", "gradsign"):
+    for proxy in TABLE_PROXIES:
         ours = np.array([values[proxy][where[int(r["index"])]] for r in rows])
         theirs = np.array([float(r[proxy]) for r in rows])
         assert np.array_equal(np.isnan(ours), np.isnan(theirs)) and np.array_equal(ours == -np.inf, theirs == -np.inf)
@@ -207,7 +231,10 @@ def test_bundled_proxy_table_matches_the_earlier_all_proxy_run_and_a_fresh_score
         assert np.allclose(ours[keep], theirs[keep], rtol=1e-3), proxy
     space = get_space("nb201")
     archs = [space.arch(int(i)) for i in index[:2]]
-    fresh, _ = score_archs(ScoringSetup(space, dataset, ("params", "synflow"), 64, 0), archs)
+    fresh, computed = score_archs(ScoringSetup(space, dataset, ("params", "synflow", "snip"), 64, 0), archs,
+                                  recompute=True)
+    assert computed == 2
     for k, arch in enumerate(archs):
         assert fresh[arch]["params"].value == pytest.approx(values["params"][k], rel=1e-9)
         assert fresh[arch]["synflow"].value == pytest.approx(values["synflow"][k], rel=1e-6)
+        assert fresh[arch]["snip"].value == pytest.approx(values["snip"][k], rel=1e-4)

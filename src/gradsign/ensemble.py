@@ -223,77 +223,118 @@ def values_by_index(space, found: Mapping, proxies: Sequence[str]) -> dict[str, 
     return out
 
 
+class _FixedScores:
+    """One component's scores as fixed arrays by benchmark index; computes nothing."""
+
+    def __init__(self, values: Sequence[float], seconds: Sequence[float], known: Sequence[bool] | None):
+        self.values = np.asarray(values, dtype=np.float64)
+        self.seconds = np.asarray(seconds, dtype=np.float64)
+        self.known = ~np.isnan(self.values) if known is None else np.asarray(known, bool)
+
+    def __call__(self, indices) -> np.ndarray:
+        return self.values[indices]
+
+
 class EnsembleScores:
     """An ensemble as a search assist: ``self(indices)`` ranks the components' scores within ``indices``
-    (one pool of candidates) and returns the aggregate. ``values``/``seconds``: per component, arrays by
-    benchmark index (NaN where unknown); ``seconds`` sums the components' measured seconds, the full cost
-    of scoring an arch with the ensemble. Raises MissingScoresError for a pool with unknown scores."""
+    (one pool of candidates) and returns the aggregate; ``seconds`` (an array by benchmark index, updated
+    in place) sums the components' measured seconds, the full cost of scoring an arch with the ensemble.
+
+    Built from arrays by benchmark index (``values``/``seconds``/``known`` per component, NaN where
+    unknown), a pool with an unknown score raises MissingScoresError; built by ``on_demand`` from each
+    component's ``evaluate.ProxyScores``, the missing scores of a pool are computed first."""
 
     higher_is_better = True
 
     def __init__(self, ensemble: Ensemble, values: Mapping[str, np.ndarray], seconds: Mapping[str, np.ndarray],
                  known: Mapping[str, np.ndarray] | None = None):
         self.ensemble, self.proxy = ensemble, ensemble.name
-        self.values = {c: np.asarray(values[c], dtype=np.float64) for c in ensemble.components}
-        self.known_by_component = {c: (np.asarray(known[c], bool) if known is not None
-                                       else ~np.isnan(self.values[c])) for c in ensemble.components}
-        self.known = np.logical_and.reduce(list(self.known_by_component.values()))
-        self.seconds = ensemble.cost(seconds)
+        self.components = {c: _FixedScores(values[c], seconds[c], None if known is None else known[c])
+                           for c in ensemble.components}
+        self.seconds = self._cost(slice(None))
+
+    @classmethod
+    def on_demand(cls, ensemble: Ensemble, components: Mapping) -> EnsembleScores:
+        """The ensemble over ``components`` (per component, a ``ProxyScores``-like object: arrays
+        ``values``, ``seconds``, ``known`` by benchmark index, updated in place when called on indices)."""
+        scores = cls.__new__(cls)
+        scores.ensemble, scores.proxy = ensemble, ensemble.name
+        scores.components = {c: components[c] for c in ensemble.components}
+        scores.seconds = scores._cost(slice(None))
+        return scores
+
+    @property
+    def known(self) -> np.ndarray:
+        return np.logical_and.reduce([c.known for c in self.components.values()])
+
+    def _cost(self, indices) -> np.ndarray:
+        return self.ensemble.cost({name: c.seconds[indices] for name, c in self.components.items()})
 
     def missing_summary(self) -> str:
-        """'P: k of N archs, Q: ...' for the components not known for every arch ('' if none)."""
-        size = len(self.known)
-        return ", ".join(f"{c} known for {int(k.sum()):,} of {size:,} archs"
-                         for c, k in self.known_by_component.items() if not k.all())
+        """'P known for k of N archs, ...' for the components not known for every arch ('' if none)."""
+        return ", ".join(f"{name} known for {int(c.known.sum()):,} of {len(c.known):,} archs"
+                         for name, c in self.components.items() if not c.known.all())
+
+    def source_counts(self) -> dict[str, int]:
+        """Where the components' known scores came from (arch x component), for components that say."""
+        counts: dict[str, int] = {}
+        for c in self.components.values():
+            for source, n in (c.source_counts() if hasattr(c, "source_counts") else {}).items():
+                counts[source] = counts.get(source, 0) + n
+        return counts
 
     def __call__(self, indices) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
-        if not self.known[indices].all():
-            absent = sorted({c for c, k in self.known_by_component.items() if not k[indices].all()})
+        values = {name: c(indices) for name, c in self.components.items()}
+        self.seconds[indices] = self._cost(indices)  # in place: a search may hold the array
+        absent = sorted(name for name, c in self.components.items() if not c.known[indices].all())
+        if absent:
             raise MissingScoresError(f"{self.proxy}: no {', '.join(absent)} scores for some of archs "
                                      f"{sorted(set(indices.tolist()))[:5]}")
-        return self.ensemble.aggregate({c: v[indices] for c, v in self.values.items()})
+        return self.ensemble.aggregate(values)
 
 
-def proxy_table(dataset: str, space: str = "nb201") -> dict:
-    """The bundled per-arch table of several proxies on a NAS-Bench-201 sample (``data/proxies_<space>_
-    <dataset>_b64_s0.npz``, made by ``experiments/ensemble.py --export-tables``; PROVENANCE.md): ``{"index":
-    benchmark indices, "values": {proxy: scores}, "seconds": {proxy: measured seconds}, "meta": key}``.
-    Not used by score look-ups; FileNotFoundError naming the file if there is none."""
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).parent / "data" / f"proxies_{space}_{dataset}_b64_s0.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"no bundled proxy table {path.name}")
-    with np.load(path, allow_pickle=False) as f:
-        meta = json.loads(str(f["meta"]))
-        proxies = meta["proxies"]
-        return {"index": f["index"].astype(np.int64), "meta": meta,
-                "values": {p: f["values"][:, k].astype(np.float64) for k, p in enumerate(proxies)},
-                "seconds": {p: f["seconds"][:, k].astype(np.float64) for k, p in enumerate(proxies)}}
+#: the eleven proxies of the paper's Table 3, in its order: the bundled NAS-Bench-201 table's columns
+TABLE_PROXIES: tuple[str, ...] = ("gradsign", "grad_norm", "snip", "grasp", "fisher", "synflow", "jacob_cov",
+                                  "naswot", "zen", "params", "flops")
 
 
-def ensemble_assist(name: str, setup_for, store=None) -> EnsembleScores:
+def proxy_table(dataset: str, space: str = "nb201", proxies: Sequence[str] = TABLE_PROXIES) -> dict:
+    """The bundled per-arch table of ``proxies`` (batch 64, seed 0, default options) on the archs where
+    every one of them is bundled (the 1,000-arch sample of docs/results.md; data/PROVENANCE.md):
+    ``{"index": benchmark indices, "values": {proxy: scores}, "seconds": {proxy: measured seconds},
+    "dataset", "space"}``. The same files answer score look-ups. FileNotFoundError naming the proxies
+    that have no bundled scores."""
+    from gradsign.bundled import bundled_arrays
+    from gradsign.evaluate import ScoringSetup
+    from gradsign.spaces import get_space
+
+    setup = ScoringSetup(get_space(space), dataset, tuple(proxies), 64, 0)
+    arrays = {p: bundled_arrays(setup.key_for(p), p) for p in proxies}
+    missing = [p for p, a in arrays.items() if a is None]
+    if missing:
+        raise FileNotFoundError(f"no bundled {space} {dataset} scores of {', '.join(missing)}")
+    index = np.flatnonzero(np.logical_and.reduce([a[2] for a in arrays.values()]))
+    return {"index": index.astype(np.int64), "dataset": dataset, "space": space,
+            "values": {p: a[0][index].astype(np.float64) for p, a in arrays.items()},
+            "seconds": {p: a[1][index].astype(np.float64) for p, a in arrays.items()}}
+
+
+def ensemble_assist(name: str, setup_for, store=None, *, compute_missing: bool = False) -> EnsembleScores:
     """The search assist of ensemble ``name`` over every arch of a space, from the bundled scores and
-    ``store``. ``setup_for(proxy)`` returns the ``ScoringSetup`` of one component. Raises
-    MissingScoresError naming the components whose scores are not known for every arch (an ensemble
-    ranks each pool with all its components, so none may be missing; see ``gradsign correlate --all``)."""
-    from gradsign.evaluate import known_scores, score_arrays
+    ``store``. ``setup_for(proxy)`` returns the ``ScoringSetup`` of one component. With
+    ``compute_missing``, scores not known are computed (and written to ``store``) when a pool first needs
+    them; otherwise MissingScoresError names the components whose scores are not known for every arch
+    (an ensemble ranks each pool with all its components; see ``gradsign correlate --all``)."""
+    from gradsign.evaluate import ProxyScores
 
     ensemble = parse_ensemble(name)
-    values, seconds, known = {}, {}, {}
-    space = None
-    for component in ensemble.components:
-        setup = setup_for(component)
-        space = setup.space
-        values[component], seconds[component], known[component] = score_arrays(
-            space, known_scores(setup, list(space), store))
-    scores = EnsembleScores(ensemble, values, seconds, known)
-    if not scores.known.all():
+    scores = EnsembleScores.on_demand(ensemble, {c: ProxyScores(setup_for(c), store) for c in ensemble.components})
+    if not compute_missing and not scores.known.all():
         setup = setup_for(ensemble.components[0])
         raise MissingScoresError(
-            f"--assist {name} needs every component's score for every arch of {space.name} on {setup.dataset} "
-            f"(batch {setup.batch_size}, seed {setup.seed}): {scores.missing_summary()}; score them first with "
-            f"gradsign correlate --all --dataset {setup.dataset} --proxies {','.join(ensemble.components)}")
+            f"--assist {name} needs every component's score for every arch of {setup.space.name} on "
+            f"{setup.dataset} (batch {setup.batch_size}, seed {setup.seed}): {scores.missing_summary()}; score "
+            f"them first with gradsign correlate --all --dataset {setup.dataset} --proxies "
+            f"{','.join(ensemble.components)}")
     return scores

@@ -66,32 +66,37 @@ def add_search_command(subparsers) -> argparse.ArgumentParser:
 
 
 def _proxy_scores(args: argparse.Namespace, space, store):
-    """ProxyScores of ``args.assist`` on the search dataset; CliError when scores are missing and cannot be
-    computed here."""
+    """The scores of ``args.assist`` on the search dataset (``ProxyScores``, or ``EnsembleScores`` over
+    one per component), computing missing ones when a search first proposes them; CliError when scores
+    are missing and cannot be computed here."""
     from gradsign.cli import CliError
-    from gradsign.ensemble import ensemble_assist, is_ensemble_name
+    from gradsign.ensemble import ensemble_assist, is_ensemble_name, parse_ensemble
     from gradsign.evaluate import ProxyScores, ScoringSetup
 
-    if is_ensemble_name(args.assist):  # ranks within each pool; needs every component for every arch
+    def setup_for(proxy: str) -> ScoringSetup:
+        return ScoringSetup(space, args.search_dataset, (proxy,), args.batch_size, args.score_seed, {})
+
+    if is_ensemble_name(args.assist):  # ranks within each pool, every component computed where missing
         if args.recompute:
             raise CliError("--recompute does not apply to an ensemble: recompute its components with "
                            "gradsign correlate --all --recompute")
-        return ensemble_assist(args.assist, lambda proxy: ScoringSetup(
-            space, args.search_dataset, (proxy,), args.batch_size, args.score_seed, {}), store)
-    setup = ScoringSetup(space, args.search_dataset, (args.assist,), args.batch_size, args.score_seed, {})
-    scores = ProxyScores(setup, store, recompute=args.recompute)
+        scores, what = ensemble_assist(args.assist, setup_for, store, compute_missing=True), "every component of "
+        first = parse_ensemble(args.assist).components[0]
+    else:
+        scores, what = ProxyScores(setup_for(args.assist), store, recompute=args.recompute), ""
+        first = args.assist
     known = int(scores.known.sum())
     if known < len(space) and not args.recompute:
         where = "the bundled scores" + ("" if store is None else f" and the score store {store.path}")
         try:
-            setup.batch()
+            setup_for(first).batch()
         except Exception as error:  # the batch cannot be built: missing scores cannot be computed
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise CliError(f"{known} of {len(space)} archs have {args.assist} scores on {args.search_dataset} "
-                           f"(batch {args.batch_size}, seed {args.score_seed}) in {where}, and the others "
-                           f"cannot be computed: {reason}") from None
-        print(f"gradsign: {known} of {len(space)} archs have {args.assist} scores on {args.search_dataset} in "
-              f"{where}; the others are computed when a search first proposes them", file=sys.stderr)
+            raise CliError(f"{known} of {len(space)} archs have {what}{args.assist} scores on "
+                           f"{args.search_dataset} (batch {args.batch_size}, seed {args.score_seed}) in {where}, "
+                           f"and the others cannot be computed: {reason}") from None
+        print(f"gradsign: {known} of {len(space)} archs have {what}{args.assist} scores on {args.search_dataset} "
+              f"in {where}; the others are computed when a search first proposes them", file=sys.stderr)
     return scores
 
 
