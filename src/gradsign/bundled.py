@@ -33,22 +33,31 @@ def save_scores(path: Path, key: ScoreKey, proxy: str, values: np.ndarray, secon
                             known=known.astype(bool), meta=np.array(json.dumps(meta, sort_keys=True)))
 
 
-def bundled_scores(key: ScoreKey, proxy: str, space) -> dict[str, StoredScore]:
-    """Bundled scores of ``proxy`` under ``key`` (options and scoring version included), by arch string;
-    empty if there are none. A file for this key made by another scoring version is ignored with a
-    ``UserWarning``."""
+def bundled_arrays(key: ScoreKey, proxy: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(values, seconds, known) of the bundled scores of ``proxy`` under ``key`` (options and scoring
+    version included), arrays by benchmark index; None if there are none. A file for this key made by
+    another scoring version is ignored with a ``UserWarning``."""
     path = DATA_DIR / bundled_file_name(key, proxy)
     if not path.is_file():
-        return {}
+        return None
     with np.load(path, allow_pickle=False) as f:
         meta = json.loads(str(f["meta"]))
         if meta["options"] != key.options or meta["proxy"] != proxy:
-            return {}
+            return None
         if meta.get("version") != key.version:
             warnings.warn(f"bundled scores {path.name} were made by scoring version {meta.get('version')}, "
-                          f"not {key.version}: ignored, their scores are computed instead", stacklevel=2)
-            return {}
-        values, seconds, known = f["values"], f["seconds"], f["known"]
+                          f"not {key.version}: ignored, their scores are computed instead", stacklevel=3)
+            return None
+        return f["values"], f["seconds"], f["known"]
+
+
+def bundled_scores(key: ScoreKey, proxy: str, space) -> dict[str, StoredScore]:
+    """Bundled scores of ``proxy`` under ``key``, by arch string; empty if there are none (see
+    ``bundled_arrays``)."""
+    arrays = bundled_arrays(key, proxy)
+    if arrays is None:
+        return {}
+    values, seconds, known = arrays
     return {space.arch(int(i)): StoredScore(space.arch(int(i)), proxy, float(values[i]), None,
                                             float(seconds[i]), "bundled")
             for i in np.flatnonzero(known)}
