@@ -23,15 +23,18 @@ def test_score_prints_the_benchmark_accuracy_and_scores(capsys, tmp_path):
                            "--cache", tmp_path / "s.sqlite")
     assert status == 0, err
     assert "94.37" in out and ARCH_6111 in out
-    assert "params: 1.073466  (computed)" in out
+    assert "params: 1.073466  (bundled with the package)" in out  # 6111 is in the bundled 1,000-arch sample
     assert "gradsign: 6818266.0  (bundled with the package)" in out  # PROVENANCE.md's file, arch 6111
-    status, out, err = run(capsys, "score", "--arch", 6111, "--proxies", "params", "--cache", tmp_path / "s.sqlite")
-    assert "params: 1.073466  (from the score store)" in out
+    # 6114 is outside the sample: computed (the benchmark's own count, 344,346), then read from the store
+    status, out, err = run(capsys, "score", "--arch", 6114, "--proxies", "params", "--cache", tmp_path / "s.sqlite")
+    assert status == 0 and "params: 0.344346  (computed)" in out
+    status, out, err = run(capsys, "score", "--arch", 6114, "--proxies", "params", "--cache", tmp_path / "s.sqlite")
+    assert "params: 0.344346  (from the score store)" in out
 
 
 def test_correlate_writes_csv_plot_json_and_reuses_the_store(capsys, tmp_path):
     archs = tmp_path / "archs.txt"
-    archs.write_text("# four archs\n6111\n0\n" + SPACE.arch(100) + "\n\n3\n")
+    archs.write_text("# four archs, none in the bundled 1,000-arch baseline sample\n6114\n0\n" + SPACE.arch(100) + "\n\n3\n")
     common = ["correlate", "--archs", archs, "--proxies", "params,gradsign", "--cache", tmp_path / "s.sqlite",
               "--out", tmp_path / "out", "--bootstrap", 20]
     status, out, err = run(capsys, *common, "--json", tmp_path / "r.json")
@@ -43,8 +46,8 @@ def test_correlate_writes_csv_plot_json_and_reuses_the_store(capsys, tmp_path):
     assert report["accuracy_field"] == "cifar10 test accuracy, 200 epochs, seed mean"
     assert set(report["proxies"]) == {"params", "gradsign"}
     by_index = {a["index"]: a for a in report["archs"]}
-    assert by_index[6111]["accuracy"] == SPACE.query(ARCH_6111, "cifar10", "test", 200)
-    assert by_index[6111]["scores"]["params"] == pytest.approx(1.073466)
+    assert by_index[6114]["accuracy"] == SPACE.query(SPACE.arch(6114), "cifar10", "test", 200)
+    assert by_index[6114]["scores"]["params"] == pytest.approx(0.344346)
     assert (tmp_path / "out" / "correlate_nb201_cifar10.csv").read_text().count("\n") == 5
     assert (tmp_path / "out" / "correlate_nb201_cifar10.png").stat().st_size > 0
     # the same --out again: refused before any work, the earlier files kept; --force replaces them

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from gradsign import bundled
 from gradsign.evaluate import ScoringSetup, score_archs
 from gradsign.select import format_selection, select
 from gradsign.spaces import get_space
@@ -10,7 +11,15 @@ from gradsign.store import ScoreStore
 SPACE = get_space("nb201")
 
 
-def test_best_of_all_scored_picks_the_top_score(tmp_path):
+@pytest.fixture
+def no_bundled_scores(tmp_path, monkeypatch):
+    """Only the scores these tests put in their store: params is bundled for the 1,000-arch sample."""
+    empty = tmp_path / "no-bundles"
+    empty.mkdir()
+    monkeypatch.setattr(bundled, "DATA_DIR", empty)
+
+
+def test_best_of_all_scored_picks_the_top_score(tmp_path, no_bundled_scores):
     setup = ScoringSetup(SPACE, "cifar10", ("params",))
     archs = [SPACE.arch(i) for i in (0, 6111, 100, 2000, 5000, 9930)]
     with ScoreStore(tmp_path / "s.sqlite") as store:
@@ -28,7 +37,7 @@ def test_best_of_all_scored_picks_the_top_score(tmp_path):
     assert "best of 6 by params" in format_selection(result)
 
 
-def test_selection_is_deterministic_and_validates(tmp_path):
+def test_selection_is_deterministic_and_validates(tmp_path, no_bundled_scores):
     setup = ScoringSetup(SPACE, "cifar10", ("params",))
     with ScoreStore(tmp_path / "s.sqlite") as store:
         score_archs(setup, [SPACE.arch(i) for i in range(20)], store)
@@ -51,7 +60,7 @@ def test_selection_is_deterministic_and_validates(tmp_path):
         assert got["test"] == {"mean": pytest.approx(test_mean, abs=1e-9), "std": pytest.approx(test_std, abs=1e-9)}
 
 
-def test_one_run_has_no_standard_deviation(tmp_path):
+def test_one_run_has_no_standard_deviation(tmp_path, no_bundled_scores):
     setup = ScoringSetup(SPACE, "cifar10", ("params",))
     archs = [SPACE.arch(i) for i in (0, 6111, 100, 2000)]
     with ScoreStore(tmp_path / "s.sqlite") as store:

@@ -45,10 +45,10 @@ def test_keys_hold_what_changes_a_value_and_only_that():
 
 def test_every_score_says_where_it_came_from(tmp_path, monkeypatch):
     setup = ScoringSetup(SPACE, "cifar10", ("params",))
+    monkeypatch.setattr(bundled, "DATA_DIR", tmp_path)  # only this test's own bundle, made below
     first, computed = score_archs(setup, ARCHS)
     assert computed == len(ARCHS) and count_sources(first) == {"bundled": 0, "store": 0, "computed": 5}
     # a bundle with the first two archs, a store with the third
-    monkeypatch.setattr(bundled, "DATA_DIR", tmp_path)
     values, seconds, known = score_arrays(SPACE, {(a, "params"): first[a]["params"] for a in ARCHS[:2]})
     save_scores(tmp_path / bundled.bundled_file_name(setup.key, "params"), setup.key, "params", values, seconds,
                 known)
