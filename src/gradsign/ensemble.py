@@ -248,20 +248,21 @@ class EnsembleScores:
 
     def __init__(self, ensemble: Ensemble, values: Mapping[str, np.ndarray], seconds: Mapping[str, np.ndarray],
                  known: Mapping[str, np.ndarray] | None = None):
-        self.ensemble, self.proxy = ensemble, ensemble.name
-        self.components = {c: _FixedScores(values[c], seconds[c], None if known is None else known[c])
-                           for c in ensemble.components}
-        self.seconds = self._cost(slice(None))
+        self._attach(ensemble, {c: _FixedScores(values[c], seconds[c], None if known is None else known[c])
+                                for c in ensemble.components})
 
     @classmethod
     def on_demand(cls, ensemble: Ensemble, components: Mapping) -> EnsembleScores:
         """The ensemble over ``components`` (per component, a ``ProxyScores``-like object: arrays
         ``values``, ``seconds``, ``known`` by benchmark index, updated in place when called on indices)."""
         scores = cls.__new__(cls)
-        scores.ensemble, scores.proxy = ensemble, ensemble.name
-        scores.components = {c: components[c] for c in ensemble.components}
-        scores.seconds = scores._cost(slice(None))
+        scores._attach(ensemble, components)
         return scores
+
+    def _attach(self, ensemble: Ensemble, components: Mapping) -> None:
+        self.ensemble, self.proxy = ensemble, ensemble.name
+        self.components = {c: components[c] for c in ensemble.components}
+        self.seconds = self._cost(slice(None))
 
     @property
     def known(self) -> np.ndarray:

@@ -70,7 +70,7 @@ def _proxy_scores(args: argparse.Namespace, space, store):
     one per component), computing missing ones when a search first proposes them; CliError when scores
     are missing and cannot be computed here."""
     from gradsign.cli import CliError
-    from gradsign.ensemble import ensemble_assist, is_ensemble_name, parse_ensemble
+    from gradsign.ensemble import ensemble_assist, is_ensemble_name
     from gradsign.evaluate import ProxyScores, ScoringSetup
 
     def setup_for(proxy: str) -> ScoringSetup:
@@ -81,7 +81,7 @@ def _proxy_scores(args: argparse.Namespace, space, store):
             raise CliError("--recompute does not apply to an ensemble: recompute its components with "
                            "gradsign correlate --all --recompute")
         scores, what = ensemble_assist(args.assist, setup_for, store, compute_missing=True), "every component of "
-        first = parse_ensemble(args.assist).components[0]
+        first = scores.ensemble.components[0]
     else:
         scores, what = ProxyScores(setup_for(args.assist), store, recompute=args.recompute), ""
         first = args.assist
