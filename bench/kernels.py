@@ -50,7 +50,7 @@ def median_seconds(fn, repeats: int) -> float:
 
 def per_sample_signs(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, way: str) -> torch.Tensor:
     """The engine's per-sample gradient and sign reduction with one of its ways forced."""
-    counts = torch.zeros_like(conv.weight, dtype=torch.int32)
+    counts = torch.zeros_like(conv.weight)  # float32 sums of signs, as the engine keeps them per chunk
     step = max(1, engine.SLICE_ELEMENTS // conv.weight.numel())
     forced = dict((name, rule) for name, rule, _ in WAYS)[way]
     originals = {rule: getattr(engine, rule) for rule in RULES}
@@ -59,11 +59,11 @@ def per_sample_signs(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, w
     try:
         for part in engine._chunks(len(x), step):
             grads = engine._conv2d_sample_grads(conv, x[part], grad_out[part])
-            counts += torch.sign(grads).sum(0, dtype=torch.int32)
+            counts += torch.sign(grads, out=grads).sum(0)
     finally:
         for rule, original in originals.items():
             setattr(engine, rule, original)
-    return counts
+    return counts.to(torch.int32)
 
 
 def picked_way(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> str:
