@@ -1,9 +1,9 @@
 """Time the engine's ways of forming a Conv2d's per-sample weight gradients, per layer shape.
 
 For each shape (batch 64): the batched weight gradient (what one backward computes for the layer), the
-grouped weight-gradient convolution, the unfold + batched matrix product (ungrouped layers) and the
-forward convolution of inputs with output gradients (depthwise layers), each followed by the sign
-reduction the engine does, in the engine's cache-sized slices. Prints ratios to the batched weight
+grouped weight-gradient convolution, the unfold + batched matrix product (per sample and group, written
+into a reused buffer as the engine does) and the forward convolution of inputs with output gradients
+(depthwise layers), each followed by the sign reduction the engine does, in the engine's cache-sized slices. Prints ratios to the batched weight
 gradient and which way the engine's rules (``gradsign.engine._use_matmul``,
 ``gradsign.engine._use_forward_convolution``) pick, so the rules can be checked on a new machine.
 
@@ -29,11 +29,12 @@ SHAPES = [
     (512, 512, 3, 8, 1, 1), (512, 512, 1, 8, 1, 1), (64, 128, 3, 16, 1, 1), (128, 256, 3, 8, 1, 1),
     (128, 128, 3, 4, 1, 1), (256, 256, 3, 4, 1, 1), (256, 256, 3, 2, 1, 1), (128, 256, 3, 4, 2, 1),
     (32, 32, 3, 16, 1, 32), (96, 96, 3, 16, 2, 96), (480, 480, 3, 4, 1, 480), (32, 32, 7, 16, 1, 32),
-    (128, 128, 7, 4, 1, 128), (144, 144, 5, 8, 1, 144),
+    (128, 128, 7, 4, 1, 128), (144, 144, 5, 8, 1, 144), (384, 384, 3, 2, 1, 24), (192, 192, 3, 4, 1, 12),
+    (96, 96, 3, 8, 1, 6), (384, 384, 3, 2, 1, 384), (256, 256, 3, 8, 1, 1),
 ]
 #: the engine's rules, each forced in turn: (name, rule the way replaces, layers it applies to)
 WAYS = [("grouped", None, lambda conv: True),
-        ("matmul", "_use_matmul", lambda conv: conv.groups == 1),
+        ("matmul", "_use_matmul", lambda conv: True),
         ("forward", "_use_forward_convolution", lambda conv: conv.groups == conv.in_channels == conv.out_channels)]
 RULES = ("_use_matmul", "_use_forward_convolution")
 
@@ -56,9 +57,10 @@ def per_sample_signs(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, w
     originals = {rule: getattr(engine, rule) for rule in RULES}
     for rule in RULES:
         setattr(engine, rule, lambda *args, on=rule == forced: on)
+    scratch = torch.empty(step * conv.weight.numel())
     try:
         for part in engine._chunks(len(x), step):
-            grads = engine._conv2d_sample_grads(conv, x[part], grad_out[part])
+            grads = engine._conv2d_sample_grads(conv, x[part], grad_out[part], scratch)
             counts += torch.sign(grads, out=grads).sum(0)
     finally:
         for rule, original in originals.items():
@@ -67,9 +69,9 @@ def per_sample_signs(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, w
 
 
 def picked_way(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> str:
-    if engine._use_matmul(conv, x, grad_out):
-        return "matmul"
-    return "forward" if engine._use_forward_convolution(conv, x) else "grouped"
+    if engine._use_forward_convolution(conv, x, grad_out):
+        return "forward"
+    return "matmul" if engine._use_matmul(conv, x, grad_out) else "grouped"
 
 
 def main() -> None:

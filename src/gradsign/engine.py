@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -43,23 +44,30 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ENGINES = ("auto", "batched", "vmap", "loop")
 #: per-layer budget, in float elements, for one chunk's per-sample gradients
 DEFAULT_ELEMENT_BUDGET = 1 << 25
+#: the vmap engine's chunks: per-sample gradients of one weight of at most this many floats, and of all
+#: weights of at most ``DEFAULT_ELEMENT_BUDGET`` (larger arrays are paged in anew on each use, which tripled
+#: the cost on a model with a 512x512 weight; chunk sizes timed on the zoo's fallback models)
+VMAP_WEIGHT_BUDGET = 1 << 21
 #: float elements of per-sample gradients a layer's hook forms at once on a CPU (2 MiB): slices that stay
 #: in cache make the per-sample gradients of wide layers several times faster there (2^17..2^30 measured
 #: on NAS-Bench-201 networks by `bench/engine.py --slice-sweep`, 2^17..2^23 on zoo models by
 #: bench/slices.py); other devices take the whole chunk in one call
 SLICE_ELEMENTS = 1 << 19
-#: ungrouped convolutions with at most this many output positions form per-sample gradients by a batched
-#: matrix product over unfolded inputs on a CPU (faster there than the grouped convolution; bench/kernels.py)
-MATMUL_POSITIONS = 16
+#: ungrouped convolutions with at most this many output positions (8x8 maps) form per-sample gradients by a
+#: batched matrix product over unfolded inputs on a CPU (faster there than the grouped convolution, whose
+#: time also jumps with the number of groups; bench/kernels.py)
+MATMUL_POSITIONS = 64
+#: the same for grouped convolutions (one product per sample and group): faster only on 2x2 maps
+GROUPED_MATMUL_POSITIONS = 4
 #: samples whose batched per-sample gradients ``auto`` compares with single-sample gradients
 VERIFIED_SAMPLES = 2
 #: largest relative difference (per weight tensor, against its largest gradient) accepted as float noise
 FLOAT32_TOLERANCE = 1e-3
 FLOAT64_TOLERANCE = 1e-7
-#: normalisation layers: kept in train mode while scoring (they normalise by single-sample statistics)
 #: smallest gradient scale a weight's differences are measured against, relative to the sample's
 #: largest weight gradient (below it, gradients are rounding noise around an exact zero)
 NOISE_FLOOR = 1e-4
+#: normalisation layers: kept in train mode while scoring (they normalise by single-sample statistics)
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm,
                nn.LayerNorm)
 
@@ -147,8 +155,9 @@ def sign_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, l
                 engine: str = "auto", chunk_size: int | None = None) -> dict[str, torch.Tensor]:
     """Per-layer ``sum_i sign(dL_i/dW)`` (int32, the weight's shape) for the counted weights.
 
-    ``model`` must be a private copy: the engines modify it (mode, requires_grad flags, norm layers).
-    It is put in ``scoring_mode`` first.
+    The engines change ``model`` while they run (mode, requires_grad flags, gradients, running
+    statistics, norm layers swapped and put back): pass a copy, or a model lent as ``gradsign.score``
+    lends it. It is put in ``scoring_mode`` first.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -197,9 +206,10 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
             raise
         counts, batched_prefix = None, None
         cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-    swap.undo()
-    for p, flag in zip(model.parameters(), requires_grad):
-        p.requires_grad_(flag)
+    finally:
+        swap.undo()
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
     if verify and cause is None:
         if _first_mismatch(batched_prefix, reference, FLOAT32_TOLERANCE):
             # float32 noise (e.g. normalising near-constant maps) or a real difference: decide in float64
@@ -340,8 +350,10 @@ class BatchedForm:
         self.swapped, self.attentions = [], []
 
 
-def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """Per-row dL/dW of a Conv2d, shape (rows, *W.shape), from its input and output gradient."""
+def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
+                         scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row dL/dW of a Conv2d, shape (rows, *W.shape), from its input and output gradient. ``scratch``:
+    a flat buffer the result may be written into (when the chosen way can and it is large enough)."""
     if x.dim() != 4:
         raise UnsupportedModelError("Conv2d called on unbatched input")
     padding = conv.padding
@@ -349,10 +361,10 @@ def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tenso
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
         padding = 0
-    if _use_matmul(conv, x, grad_out):
-        return _conv2d_sample_grads_matmul(conv, x, grad_out, padding)
-    if _use_forward_convolution(conv, x):
+    if _use_forward_convolution(conv, x, grad_out):
         return _depthwise_sample_grads(conv, x, grad_out, padding)
+    if _use_matmul(conv, x, grad_out):
+        return _conv2d_sample_grads_matmul(conv, x, grad_out, padding, scratch)
     batch = x.shape[0]
     out_channels, in_per_group, *kernel = conv.weight.shape
     grads = torch.nn.grad.conv2d_weight(
@@ -362,11 +374,13 @@ def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tenso
     return grads.reshape(batch, *conv.weight.shape)
 
 
-def _use_forward_convolution(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Depthwise convolutions with kernels larger than 3x3 on a CPU, where a forward convolution forms
-    their per-sample gradients several times faster than the grouped weight-gradient one (bench/kernels.py)."""
+def _use_forward_convolution(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
+    """Depthwise convolutions on a CPU with kernels larger than 3x3, or on maps of at most
+    ``GROUPED_MATMUL_POSITIONS`` output positions, where a forward convolution forms their per-sample
+    gradients several times faster than the grouped weight-gradient one (bench/kernels.py)."""
     return (x.device.type == "cpu" and conv.groups == conv.in_channels == conv.out_channels
-            and conv.weight.shape[2] * conv.weight.shape[3] > 9)
+            and (conv.weight.shape[2] * conv.weight.shape[3] > 9
+                 or grad_out.shape[2] * grad_out.shape[3] <= GROUPED_MATMUL_POSITIONS))
 
 
 def _depthwise_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
@@ -384,33 +398,56 @@ def _depthwise_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Te
 
 
 def _use_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
-    """A batched matrix product instead of the grouped weight-gradient convolution, on a CPU, for ungrouped
-    convolutions that are 1x1 without padding (no unfolding needed) or have at most
-    ``MATMUL_POSITIONS`` output positions (small maps, where the grouped convolution is slower; measured
-    by bench/kernels.py)."""
-    if x.device.type != "cpu" or conv.groups != 1:
+    """A batched matrix product instead of the grouped weight-gradient convolution, on a CPU: for ungrouped
+    convolutions that are 1x1 without padding (no unfolding needed) or have at most ``MATMUL_POSITIONS``
+    output positions, and for grouped ones with at most ``GROUPED_MATMUL_POSITIONS`` (where the grouped
+    convolution is slower; measured by bench/kernels.py)."""
+    if x.device.type != "cpu":
         return False
+    positions = grad_out.shape[2] * grad_out.shape[3]
+    if conv.groups != 1:
+        return positions <= GROUPED_MATMUL_POSITIONS
     pointwise = conv.weight.shape[2:] == (1, 1) and conv.dilation == (1, 1) and tuple(conv.padding) == (0, 0)
-    return pointwise or grad_out.shape[2] * grad_out.shape[3] <= MATMUL_POSITIONS
+    return pointwise or positions <= MATMUL_POSITIONS
 
 
 def _conv2d_sample_grads_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
-                                padding: tuple[int, int] | int) -> torch.Tensor:
-    """sample i's dL/dW = grad_out_i (C_out x P) times its unfolded input (P x C_in k k), P positions."""
-    batch = x.shape[0]
+                                padding: tuple[int, int] | int, scratch: torch.Tensor | None = None
+                                ) -> torch.Tensor:
+    """Sample i's dL/dW for group g = grad_out_ig (C_out/G x P) times its unfolded input
+    (P x C_in/G k k), P positions: one batched product over samples and groups."""
+    batch, groups = x.shape[0], conv.groups
     if conv.weight.shape[2:] == (1, 1) and padding in (0, (0, 0)) and conv.dilation == (1, 1):
         x = x[:, :, ::conv.stride[0], ::conv.stride[1]][:, :, :grad_out.shape[2], :grad_out.shape[3]]
         columns = x.reshape(batch, x.shape[1], -1)
     else:
         columns = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
-    grads = torch.bmm(grad_out.reshape(batch, grad_out.shape[1], -1), columns.transpose(1, 2))
+    columns = columns.reshape(batch * groups, -1, columns.shape[-1])
+    rows = grad_out.reshape(batch * groups, -1, columns.shape[-1])
+    shape = (batch * groups, rows.shape[1], columns.shape[1])
+    out = _scratch_view(scratch, shape, rows.dtype)
+    grads = torch.bmm(rows, columns.transpose(1, 2), out=out) if out is not None else torch.bmm(
+        rows, columns.transpose(1, 2))
     return grads.reshape(batch, *conv.weight.shape)
 
 
-def _sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, samples: int) -> torch.Tensor:
+def _scratch_view(scratch: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
+                  ) -> torch.Tensor | None:
+    """``scratch``'s first elements as a tensor of ``shape``, or None without a large enough buffer of
+    ``dtype``."""
+    numel = math.prod(shape)
+    if scratch is None or scratch.numel() < numel or scratch.dtype != dtype:
+        return None
+    return scratch[:numel].view(shape)
+
+
+def _sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, samples: int,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample weight gradients of ``samples`` samples whose rows fill ``x``'s first dimension."""
-    grads = _conv2d_sample_grads(conv, x, grad_out)
-    return grads if len(grads) == samples else grads.reshape(samples, -1, *grads.shape[1:]).sum(1)
+    if len(x) != samples:
+        grads = _conv2d_sample_grads(conv, x, grad_out)
+        return grads.reshape(samples, -1, *grads.shape[1:]).sum(1)
+    return _conv2d_sample_grads(conv, x, grad_out, scratch)
 
 
 class _SignCountHooks:
@@ -438,6 +475,7 @@ class _SignCountHooks:
         self.partial: dict[str, torch.Tensor] = {}
         self.linear_rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.chunk_counts: dict[str, torch.Tensor] = {}
+        self.scratch: torch.Tensor | None = None
         self.handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in users]
 
     def start_chunk(self, samples: int) -> None:
@@ -492,9 +530,11 @@ class _SignCountHooks:
         rows = len(x) // self.samples
         if not self.pending_calls[name] and name not in self.partial:
             # the layer's only call: reduce to sign counts slice by slice
-            for part in _chunks(self.samples, self._slice(module.weight.numel() * rows, x)):
+            step = self._slice(module.weight.numel() * rows, x)
+            scratch = self._scratch(step * module.weight.numel(), x)
+            for part in _chunks(self.samples, step):
                 rows_part = slice(part.start * rows, part.stop * rows)
-                grads = _sample_grads(module, x[rows_part], grad_out[rows_part], part.stop - part.start)
+                grads = _sample_grads(module, x[rows_part], grad_out[rows_part], part.stop - part.start, scratch)
                 self._add_signs(name, grads, part.start)
             return
         sample_grads = _sample_grads(module, x, grad_out, self.samples)
@@ -509,6 +549,15 @@ class _SignCountHooks:
         """Samples per slice: per-sample gradients of about ``SLICE_ELEMENTS`` floats on a CPU."""
         return max(1, SLICE_ELEMENTS // per_sample) if x.device.type == "cpu" else self.samples
 
+    def _scratch(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A flat buffer of at least ``numel`` elements, reused by every slice of every layer: a fresh
+        allocation of a wide layer's slice is paged in anew each time, which doubled the cost of forming
+        its per-sample gradients (bench/kernels.py)."""
+        if (self.scratch is None or self.scratch.numel() < numel or self.scratch.dtype != like.dtype
+                or self.scratch.device != like.device):
+            self.scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return self.scratch
+
     def _reduce_linear(self, name: str) -> None:
         """Sign counts of a Linear weight from the rows of its calls, (samples, rows, features) each."""
         calls = self.linear_rows.pop(name)
@@ -517,8 +566,11 @@ class _SignCountHooks:
         if x.shape[1] == 1:
             self._add_outer_product_signs(name, x[:, 0], grad_out[:, 0])
             return
-        for part in _chunks(self.samples, self._slice(x.shape[2] * grad_out.shape[2], x)):
-            self._add_signs(name, torch.bmm(grad_out[part].transpose(1, 2), x[part]), part.start)
+        step = self._slice(x.shape[2] * grad_out.shape[2], x)
+        scratch = self._scratch(step * x.shape[2] * grad_out.shape[2], x)
+        for part in _chunks(self.samples, step):
+            out = _scratch_view(scratch, (part.stop - part.start, grad_out.shape[2], x.shape[2]), grad_out.dtype)
+            self._add_signs(name, torch.bmm(grad_out[part].transpose(1, 2), x[part], out=out), part.start)
 
     def _add_outer_product_signs(self, name: str, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         """A Linear called once with one row per sample: sample i's gradient is the outer product
@@ -736,7 +788,8 @@ def _vmap_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
         return loss_fn(functional_call(model, (w, fixed), (x[None],)), t[None])
 
     total = sum(w.numel() for w in weights.values()) or 1
-    chunk_size = chunk_size or max(1, min(len(inputs), DEFAULT_ELEMENT_BUDGET // total))
+    chunk_size = chunk_size or max(1, min(len(inputs), DEFAULT_ELEMENT_BUDGET // total,
+                                          _default_chunk(layers, len(inputs), VMAP_WEIGHT_BUDGET)))
     sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="error")
     counts = _zero_counts(layers)
     for part in _chunks(len(inputs), chunk_size):
