@@ -159,6 +159,90 @@ def test_scoring_leaves_the_model_untouched():
     assert all(p.grad is None for p in model.parameters())
 
 
+class LentModel(nn.Module):
+    """BatchNorm with running statistics, attention (whose forward the engine overrides), dropout, a
+    frozen layer and, with ``functional=True``, a weight also used by F.linear (vmap fallback, which
+    rewrites BatchNorm modules)."""
+
+    def __init__(self, functional: bool = False):
+        super().__init__()
+        self.functional = functional
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.attention = nn.MultiheadAttention(8, 2, dropout=0.1, batch_first=True)
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+        self.head = nn.Linear(8, 10)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.conv(x))).flatten(2).transpose(1, 2)
+        h = self.frozen(self.attention(h, h, h)[0]).mean(1)
+        out = self.head(self.drop(h))
+        return out + F.linear(h, self.head.weight) if self.functional else out
+
+
+def fingerprint(model: nn.Module) -> dict:
+    """Everything of a model scoring may touch: objects, values, modes, flags, gradients, hooks."""
+    return {
+        "modules": [(name, id(m), m.training, sorted(m.__dict__), len(m._forward_hooks))
+                    for name, m in model.named_modules()],
+        "parameters": [(name, id(p), p.requires_grad, id(p.grad), None if p.grad is None else p.grad.clone(),
+                        p.detach().clone()) for name, p in model.named_parameters()],
+        "buffers": [(name, id(b), b.clone()) for name, b in model.named_buffers()],
+        "attributes": {name: {k: v for k, v in vars(m).items() if isinstance(v, (bool, int, float, str))}
+                       for name, m in model.named_modules()},
+    }
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return a == b
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize("engine", ["auto", "batched", "vmap", "loop"])
+def test_the_lent_model_is_given_back_as_it_was(functional, engine):
+    torch.manual_seed(0)
+    model = LentModel(functional).train()
+    model.attention.eval()
+    x, y, _ = batch("image", 6)
+    F.cross_entropy(model(x), y).backward()  # the caller's own gradients, which scoring must keep
+    fired = []
+    model.head.register_forward_hook(lambda *args: fired.append(1))
+    before = fingerprint(model)
+    gradsign.score(model, x, y, engine=engine)
+    assert same(fingerprint(model), before)
+    fired.clear()
+    model(x)
+    assert fired == [1]  # the caller's hook is still there, once
+
+
+@pytest.mark.parametrize("calls", [1, 2, 3])
+def test_an_interrupt_while_scoring_gives_the_model_back(calls):
+    # the loss is called by the two single-sample reference passes, then by the batched pass
+    torch.manual_seed(0)
+    model = LentModel().train()
+    x, y, _ = batch("image", 6)
+    before = fingerprint(model)
+    seen = []
+
+    def interrupting_loss(outputs, targets):
+        seen.append(1)
+        if len(seen) == calls:
+            raise KeyboardInterrupt
+        return F.cross_entropy(outputs, targets)
+
+    with pytest.raises(KeyboardInterrupt):
+        gradsign.score(model, x, y, loss_fn=interrupting_loss)
+    assert same(fingerprint(model), before)
+
+
 def test_rng_state_is_restored_and_seeded_scores_repeat():
     torch.manual_seed(0)
     model = cnn(nn.BatchNorm2d)

@@ -1,10 +1,11 @@
 """The public scoring API: ``score``, ``scores``, ``available_proxies``, ``proxy_info``."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -119,14 +120,50 @@ def scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None 
 def _score_once(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None, loss_fn: LossFn,
                 info: ProxyInfo, options: dict, *, seed: int, reinitialise: bool, output_fn: OutputFn
                 ) -> float:
-    with torch.random.fork_rng(devices=_cuda_devices(inputs)):
+    with torch.random.fork_rng(devices=_cuda_devices(inputs)), contextlib.ExitStack() as stack:
         torch.manual_seed(seed)
-        work = copy.deepcopy(model)
+        if info.reads_weights_only and not reinitialise:
+            work = stack.enter_context(_lent(model))
+        else:
+            work = copy.deepcopy(model)
         if reinitialise:
             reinitialise_parameters(work)
         work = scoring_mode(_OutputAdapter(work, output_fn))
         work.requires_grad_(True)
         return float(info.fn(work, inputs, targets, loss_fn, **options))
+
+
+@contextlib.contextmanager
+def _lent(model: nn.Module) -> Iterator[nn.Module]:
+    """The caller's model itself, for a proxy that never writes its weights (cheaper than a copy for large
+    models). Afterwards, after an error or an interrupt too, every module's attributes (mode, forward
+    overrides, flags), submodules, parameters and buffers are the objects they were, buffer values
+    (e.g. running statistics) are restored, and every parameter's ``requires_grad`` and ``grad`` are
+    back; hooks are left to the proxy, which removes its own."""
+    modules = list(model.modules())
+    attributes = [dict(m.__dict__) for m in modules]
+    members = [(dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in modules]
+    with torch.no_grad():
+        buffer_values = [(b, b.clone()) for b in {id(b): b for b in model.buffers()}.values()]
+    parameters = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    for p, _, _ in parameters:
+        p.grad = None  # the proxy's backward passes must not add to the caller's gradients
+    try:
+        yield model
+    finally:
+        for m, saved, (submodules, params, buffers) in zip(modules, attributes, members):
+            for key in set(m.__dict__) - set(saved):
+                del m.__dict__[key]
+            m.__dict__.update(saved)
+            for live, kept in ((m._modules, submodules), (m._parameters, params), (m._buffers, buffers)):
+                live.clear()
+                live.update(kept)
+        with torch.no_grad():
+            for buffer, value in buffer_values:
+                buffer.copy_(value)
+        for p, flag, grad in parameters:
+            p.requires_grad_(flag)
+            p.grad = grad
 
 
 def reinitialise_parameters(model: nn.Module) -> None:

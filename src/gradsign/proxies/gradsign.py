@@ -16,6 +16,7 @@ AGGREGATIONS = ("sum", "mean")
             "alone (train mode, BatchNorm with single-sample statistics, sign(0)=0); 'mean' divides by "
             "the number of weights",
     source="Zhang & Jia, GradSign: Model Performance Inference with Theoretical Insights, ICLR 2022",
+    reads_weights_only=True,
 )
 def gradsign(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, *,
              aggregation: str = "sum", engine: str = "auto", chunk_size: int | None = None) -> float:

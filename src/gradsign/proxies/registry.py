@@ -1,8 +1,10 @@
 """Registry of zero-cost proxies, each registered by name with its formula and source.
 
 A proxy is a function ``fn(model, inputs, targets, loss_fn, **options) -> float``. It receives a private
-copy of the caller's model (in train mode) and may change it freely; the public API makes the copy, so a
-proxy never needs to restore anything. Options a proxy accepts are the keyword-only parameters of ``fn``.
+copy of the caller's model (in scoring mode) and may change it freely; the public API makes the copy, so a
+proxy never needs to restore anything. A proxy registered with ``reads_weights_only=True`` instead gets the
+caller's model itself, lent: it must never write the weights' values, and the API puts back everything else
+it may change (see ``gradsign.api``). Options a proxy accepts are the keyword-only parameters of ``fn``.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class ProxyInfo:
     source: str
     higher_is_better: bool = True
     uses_targets: bool = True
+    reads_weights_only: bool = False
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -43,13 +46,13 @@ PROXIES: dict[str, ProxyInfo] = {}
 
 
 def register(name: str, *, formula: str, source: str, higher_is_better: bool = True,
-             uses_targets: bool = True) -> Callable[[ProxyFn], ProxyFn]:
+             uses_targets: bool = True, reads_weights_only: bool = False) -> Callable[[ProxyFn], ProxyFn]:
     """Decorator that registers ``fn`` as the proxy ``name``."""
 
     def wrap(fn: ProxyFn) -> ProxyFn:
         if name in PROXIES:
             raise ValueError(f"proxy {name!r} is registered twice")
-        PROXIES[name] = ProxyInfo(name, fn, formula, source, higher_is_better, uses_targets)
+        PROXIES[name] = ProxyInfo(name, fn, formula, source, higher_is_better, uses_targets, reads_weights_only)
         return fn
 
     return wrap
