@@ -65,6 +65,26 @@ class TokenMLP(nn.Module):
         return self.head(h.mean(1)).squeeze(-1)
 
 
+class InputReaders(nn.Module):
+    """Three layers reading the raw batch (itself, a view of it, a view of a view), one of them followed by
+    another reader of its output, and the raw batch added again downstream."""
+
+    def __init__(self):
+        super().__init__()
+        self.full = nn.Conv2d(3, 6, 3, padding=1)
+        self.strided = nn.Conv2d(3, 6, 1)
+        self.corner = nn.Conv2d(3, 6, 3)
+        self.after = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x):
+        a = self.after(torch.relu(self.full(x))) + x.mean(1, keepdim=True)
+        b = self.strided(x[:, :, ::2, ::2])
+        c = self.corner(x[:, :, :8][:, :, :, :8])
+        pooled = a.mean((2, 3)) + torch.tanh(b).mean((2, 3)) + c.amax((2, 3))
+        return self.head(pooled)
+
+
 def plain_gradsign(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=F.cross_entropy) -> float:
     """GradSign by its definition, independently of the package: each sample alone, every module in eval
     mode except normalisation layers, sign(0) = 0, each distinct Conv2d/Linear weight once."""
@@ -90,6 +110,7 @@ MODELS = {
     "instancenorm": (lambda: cnn(lambda c: nn.InstanceNorm2d(c, affine=True)), "image"),
     "token-mlp-mse": (TokenMLP, "tokens"),
     "small-maps-depthwise": (small_map_cnn, "image"),
+    "input-readers": (InputReaders, "image"),
 }
 
 

@@ -476,10 +476,14 @@ class _SignCountHooks:
         self.linear_rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.chunk_counts: dict[str, torch.Tensor] = {}
         self.scratch: torch.Tensor | None = None
+        self.chunk_inputs: torch.Tensor | None = None
         self.handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in users]
 
-    def start_chunk(self, samples: int) -> None:
+    def start_chunk(self, samples: int, inputs: torch.Tensor | None = None) -> None:
+        """A chunk of ``samples`` samples; ``inputs``: the tensor the model is called with, when it
+        requires grad only so that the graph reaches every layer (its own gradient is never used)."""
         self.samples = samples
+        self.chunk_inputs = inputs
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -487,9 +491,10 @@ class _SignCountHooks:
                 raise UnsupportedModelError(f"layer {name} does not return a tensor")
             x = args[0]
             sequence_first = self._sequence_first(name, module, x)
-            if not output.requires_grad:
-                # the input does not depend on the batch (e.g. zeros from a cut-off path): make the
-                # output a leaf so that the gradient arriving at it is still seen
+            if not output.requires_grad or self._reads_chunk_inputs(x):
+                # the input does not depend on the batch (e.g. zeros from a cut-off path), or is the
+                # batch itself, whose gradient nobody needs: make the output a leaf, so that the gradient
+                # arriving at it is still seen and none is computed for the input
                 output = output.detach().requires_grad_(True)
             self.pending_calls[name] = self.pending_calls.get(name, 0) + 1
             x = x.detach()
@@ -500,6 +505,10 @@ class _SignCountHooks:
                 output.register_hook(lambda grad: self._accumulate(name, module, x, grad))
             return output
         return hook
+
+    def _reads_chunk_inputs(self, x: torch.Tensor) -> bool:
+        inputs = self.chunk_inputs
+        return inputs is not None and (x is inputs or x._base is inputs)
 
     def _sequence_first(self, name: str, module: nn.Module, x: torch.Tensor) -> bool:
         call = (name, self.calls.get(name, 0))
@@ -641,8 +650,10 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     leaf_hooks = [] if floating else _make_leaves_hooks(model)
     try:
         for part in _chunks(len(inputs), chunk_size):
+            # floating inputs require grad so that every path to the loss is differentiable and no module
+            # takes a no-grad fast path (fused attention) that skips its layers' calls
             x = inputs[part].detach().requires_grad_(True) if floating else inputs[part]
-            hooks.start_chunk(len(x))
+            hooks.start_chunk(len(x), x if floating else None)
             loss = per_sample_loss_sum(model(x), targets[part], loss_fn)
             if loss.requires_grad:
                 loss.backward()
