@@ -239,19 +239,24 @@ def _zero_counts(layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]
 
 def _single_sample_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
                          layers: list[tuple[str, nn.Module]]) -> Iterator[dict[str, torch.Tensor | None]]:
-    """For each sample alone: the gradient of its loss for every counted weight (None: no gradient)."""
-    flags = [m.weight.requires_grad for _, m in layers]
+    """For each sample alone: the gradient of its loss for every counted weight (None: no gradient). Only
+    the counted weights require grad meanwhile (no work on other parameters' gradients)."""
+    parameters = list(model.parameters())
+    flags = [p.requires_grad for p in parameters]
+    model.requires_grad_(False)
     for _, m in layers:
         m.weight.requires_grad_(True)
     try:
         for i in range(len(inputs)):
             model.zero_grad(set_to_none=True)
-            loss_fn(model(inputs[i:i + 1]), targets[i:i + 1]).backward()
+            loss = loss_fn(model(inputs[i:i + 1]), targets[i:i + 1])
+            if loss.requires_grad:
+                loss.backward()
             yield {name: m.weight.grad for name, m in layers}
     finally:
         model.zero_grad(set_to_none=True)
-        for (_, m), flag in zip(layers, flags):
-            m.weight.requires_grad_(flag)
+        for p, flag in zip(parameters, flags):
+            p.requires_grad_(flag)
 
 
 def _reference_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
