@@ -480,7 +480,7 @@ class _SignCountHooks:
         self.partial: dict[str, torch.Tensor] = {}
         self.linear_rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.chunk_counts: dict[str, torch.Tensor] = {}
-        self.scratch: torch.Tensor | None = None
+        self.scratch: dict[str, torch.Tensor] = {}
         self.chunk_inputs: torch.Tensor | None = None
         self.handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in users]
 
@@ -563,14 +563,15 @@ class _SignCountHooks:
         """Samples per slice: per-sample gradients of about ``SLICE_ELEMENTS`` floats on a CPU."""
         return max(1, SLICE_ELEMENTS // per_sample) if x.device.type == "cpu" else self.samples
 
-    def _scratch(self, numel: int, like: torch.Tensor) -> torch.Tensor:
-        """A flat buffer of at least ``numel`` elements, reused by every slice of every layer: a fresh
-        allocation of a wide layer's slice is paged in anew each time, which doubled the cost of forming
-        its per-sample gradients (bench/kernels.py)."""
-        if (self.scratch is None or self.scratch.numel() < numel or self.scratch.dtype != like.dtype
-                or self.scratch.device != like.device):
-            self.scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
-        return self.scratch
+    def _scratch(self, numel: int, like: torch.Tensor, purpose: str = "grads") -> torch.Tensor:
+        """A flat buffer of at least ``numel`` elements, one per ``purpose``, reused by every slice of every
+        layer: a fresh allocation of a wide layer's slice is paged in anew each time, which doubled the
+        cost of forming its per-sample gradients (bench/kernels.py)."""
+        buffer = self.scratch.get(purpose)
+        if (buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype
+                or buffer.device != like.device):
+            buffer = self.scratch[purpose] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer
 
     def _reduce_linear(self, name: str) -> None:
         """Sign counts of a Linear weight from the rows of its calls, (samples, rows, features) each."""
@@ -603,11 +604,16 @@ class _SignCountHooks:
         # signs in place, summed in float32 (exact for integers below 2^24) and turned into int32 once per
         # chunk: no copy of the per-sample gradients, whose memory traffic dominates on wide layers
         signs = torch.sign(sample_grads, out=sample_grads)
+        if len(signs) == 1:
+            summed = signs[0]
+        else:
+            summed = torch.sum(signs, 0, out=self._scratch(signs[0].numel(), signs, "sums")[:signs[0].numel()]
+                               .view(signs.shape[1:]))
         total = self.chunk_counts.get(name)
         if total is None:
-            self.chunk_counts[name] = signs.sum(0)
+            self.chunk_counts[name] = summed.clone()
         else:
-            total += signs[0] if len(signs) == 1 else signs.sum(0)
+            total += summed
 
     def finish_chunk(self) -> None:
         """Close the chunk: calls whose output got no gradient contribute zero."""
