@@ -193,10 +193,8 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
     requires_grad = [p.requires_grad for p in model.parameters()]
     kept = min(VERIFIED_SAMPLES, len(inputs)) if verify else 0
     # the reference first: its single-sample forward also tells the batched pass each call's input shape
-    reference, single_shapes = _reference_grads(model, inputs[:kept], targets[:kept], loss_fn, layers)
-    swap = BatchedForm(model)
-    if swap.attentions:  # out_proj is a module call only in the batched form: read its shapes there
-        single_shapes = None
+    reference, single_shapes, swap = _reference_then_batched_form(model, inputs[:kept], targets[:kept],
+                                                                  loss_fn, layers)
     try:
         counts, batched_prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
                                                  kept=kept, single_shapes=single_shapes)
@@ -271,6 +269,18 @@ def _reference_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
         grads = list(_single_sample_grads(model, inputs[:1], targets[:1], loss_fn, layers))
     grads += _single_sample_grads(model, inputs[1:], targets[1:], loss_fn, layers)
     return grads, shapes
+
+
+def _reference_then_batched_form(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                                 loss_fn: LossFn, layers: list[tuple[str, nn.Module]]
+                                 ) -> tuple[list[dict[str, torch.Tensor | None]],
+                                            dict[tuple[str, int], torch.Size] | None, BatchedForm]:
+    """``_reference_grads`` of ``inputs``, then ``model`` put in its ``BatchedForm``. The call shapes the
+    reference recorded are dropped (None: the batched pass reads them itself) when the form makes an
+    attention's out_proj a module call, which it is not in the model as it is."""
+    reference, single_shapes = _reference_grads(model, inputs, targets, loss_fn, layers)
+    swap = BatchedForm(model)
+    return reference, None if swap.attentions else single_shapes, swap
 
 
 def _loop_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
@@ -747,10 +757,7 @@ def _float64_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     if targets.is_floating_point():
         targets = targets.double()
     layers = counted_layers(twin)
-    reference, single_shapes = _reference_grads(twin, inputs, targets, loss_fn, layers)
-    swap = BatchedForm(twin)
-    if swap.attentions:
-        single_shapes = None
+    reference, single_shapes, swap = _reference_then_batched_form(twin, inputs, targets, loss_fn, layers)
     try:
         _, prefix = _batched_counts(twin, inputs, targets, loss_fn, layers, len(inputs), kept=len(inputs),
                                     single_shapes=single_shapes)
