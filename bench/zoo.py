@@ -181,6 +181,11 @@ def table(rows: list[dict], setup: dict, command: str) -> str:
               f"at or below 1.5x). Fallbacks: {sum(r['fallback'] for r in rows)} of {len(rows)}. Equal to the "
               f"loop in float64: {sum(r['float64_equal'] for r in rows)} of {len(rows)}."
               + (f" Models the default engine failed on: {errors}." if errors else "")]
+    families = [r["ratio"] for r in rows if zoo.info(r["model"]).library == "transformers"]
+    if families:
+        lines[-1] += (f" Over the {len(families)} `transformers` families alone: median "
+                      f"{statistics.median(families):.2f}x, {sum(x <= 1.5 for x in families)} of {len(families)} "
+                      "at or below 1.5x.")
     unequal = [r for r in rows if not r["float64_equal"]]
     if unequal:
         lines += ["", "Where the float64 counts differ from the loop's (sum over the layer's weights of |count difference| "
