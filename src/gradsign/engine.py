@@ -776,7 +776,7 @@ def _mismatch_cause(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     """Why layer ``name``'s batched per-sample gradients are wrong: samples interact; or, on a batch of
     one, the hooked formula already misses gradient (the weight is used outside the layer's call); or
     else the layer's batch dimension does not index samples."""
-    if _samples_interact(model, inputs):
+    if samples_interact(model, inputs, rtol=FLOAT64_TOLERANCE):
         return "samples interact within a batch"
     _, alone = _batched_counts(model, inputs[:1], targets[:1], loss_fn, layers, 1, kept=1)
     model.requires_grad_(True)
@@ -788,8 +788,11 @@ def _mismatch_cause(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
             f"transposed batch dimension; {difference})")
 
 
-def _samples_interact(model: nn.Module, x: torch.Tensor) -> bool:
-    """Whether a sample's output depends on the other samples of its batch (float64 model)."""
+def samples_interact(model: nn.Module, x: torch.Tensor, *, rtol: float, relative_atol: float = 0.0) -> bool:
+    """Whether a sample's output depends on the other samples of its batch: ``model(x)`` against each
+    sample's output alone, with train-mode BatchNorm in its single-sample form (``BatchedForm``), compared
+    by ``torch.allclose`` with ``rtol`` and an absolute tolerance of ``relative_atol`` times the largest
+    output."""
     if len(x) < 2:
         return False
     swap = BatchedForm(model, attention=False)
@@ -799,7 +802,8 @@ def _samples_interact(model: nn.Module, x: torch.Tensor) -> bool:
             alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
     finally:
         swap.undo()
-    return not torch.allclose(together, alone, rtol=max(FLOAT64_TOLERANCE, 0.0), atol=0)
+    scale = float(alone.abs().max()) if alone.numel() else 0.0
+    return not torch.allclose(together, alone, rtol=max(rtol, 0.0), atol=relative_atol * scale)
 
 
 def _vmap_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,

@@ -12,21 +12,10 @@ import logging
 import torch
 from torch import nn
 
-from gradsign.engine import BatchedForm, counted_layers, per_sample_loss_sum
+from gradsign.engine import BatchedForm, counted_layers, per_sample_loss_sum, samples_interact
 from gradsign.proxies.registry import LossFn, register
 
 log = logging.getLogger("gradsign")
-
-
-def _samples_independent(model: nn.Module, inputs: torch.Tensor) -> bool:
-    """Whether the first two samples' outputs are the same alone as together (to float noise)."""
-    if len(inputs) < 2:
-        return True
-    with torch.no_grad():
-        together = model(inputs[:2])
-        alone = torch.cat([model(inputs[:1]), model(inputs[1:2])])
-    scale = float(alone.abs().max()) if alone.numel() else 0.0
-    return bool(torch.allclose(together, alone, rtol=1e-3, atol=1e-3 * scale + 1e-12))
 
 
 def reached_weights_batched(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
@@ -41,7 +30,8 @@ def reached_weights_batched(model: nn.Module, inputs: torch.Tensor, targets: tor
     single_sample_norms = BatchedForm(model, attention=False)
     layers = counted_layers(model)
     try:
-        if not _samples_independent(model, inputs):
+        # the first two samples, to float32 noise
+        if samples_interact(model, inputs[:2], rtol=1e-3, relative_atol=1e-3):
             raise ValueError("samples interact within a batch")
     except ValueError:
         single_sample_norms.undo()
