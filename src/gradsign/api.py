@@ -72,7 +72,8 @@ def scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None 
            proxies: Sequence[str] = ("gradsign",), loss_fn: LossFn | None = None, *,
            n_inits: int = 1, seed: int = 0, output_fn: OutputFn = default_output,
            **options) -> dict[str, float]:
-    """Scores of several proxies for one model and batch, each on its own copy of the model.
+    """Scores of several proxies for one model and batch, each on its own copy of the model (proxies that
+    never write weights, GradSign among them, on the model itself, put back as it was afterwards).
 
     The caller's model is never changed (parameters, buffers, running statistics, train/eval mode) and
     the global RNG state is restored. With ``n_inits > 1`` every proxy is averaged over ``n_inits``
