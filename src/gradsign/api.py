@@ -137,15 +137,18 @@ def _score_once(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | 
 @contextlib.contextmanager
 def _lent(model: nn.Module) -> Iterator[nn.Module]:
     """The caller's model itself, for a proxy that never writes its weights (cheaper than a copy for large
-    models). Afterwards, after an error or an interrupt too, every module's attributes (mode, forward
-    overrides, flags), submodules, parameters and buffers are the objects they were, buffer values
-    (e.g. running statistics) are restored, and every parameter's ``requires_grad`` and ``grad`` are
-    back; hooks are left to the proxy, which removes its own."""
+    models: a deep copy's cost is mostly its Python objects). Afterwards, after an error or an interrupt
+    too, every module's attributes (mode, forward overrides, flags), submodules, parameters and buffers
+    are the objects they were, buffer values (e.g. running statistics) are restored, and every
+    parameter's ``requires_grad`` and ``grad`` are back; so are parameter values that the model's own
+    forward wrote (e.g. ``nn.Embedding(max_norm=...)`` renormalising rows). Hooks are left to the proxy,
+    which removes its own."""
     modules = list(model.modules())
     attributes = [dict(m.__dict__) for m in modules]
     members = [(dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in modules]
     with torch.no_grad():
         buffer_values = [(b, b.clone()) for b in {id(b): b for b in model.buffers()}.values()]
+        parameter_values = [(p, p.clone()) for p in model.parameters()]
     parameters = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     for p, _, _ in parameters:
         p.grad = None  # the proxy's backward passes must not add to the caller's gradients
@@ -162,6 +165,9 @@ def _lent(model: nn.Module) -> Iterator[nn.Module]:
         with torch.no_grad():
             for buffer, value in buffer_values:
                 buffer.copy_(value)
+            for p, value in parameter_values:
+                if not torch.equal(p, value):
+                    p.copy_(value)
         for p, flag, grad in parameters:
             p.requires_grad_(flag)
             p.grad = grad

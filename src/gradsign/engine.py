@@ -126,10 +126,18 @@ def counted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _weight_users(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """(counted name, module) for every Conv2d/Linear module, named by the layer that holds its weight."""
+    """(counted name, module) for every module that uses a counted weight in its call, named by the layer
+    that holds the weight: Conv2d and Linear modules, and Embeddings tied to a counted Linear (a language
+    model's output layer) unless they renormalise rows (``max_norm``) or scale gradients by frequency."""
     owner = {id(m.weight): name for name, m in layers}
+
+    def uses(m: nn.Module) -> bool:
+        if isinstance(m, nn.Embedding):
+            return m.max_norm is None and not m.scale_grad_by_freq
+        return isinstance(m, (nn.Conv2d, nn.Linear))
+
     return [(owner[id(m.weight)], m) for _, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m.weight) in owner]
+            if uses(m) and id(getattr(m, "weight", None)) in owner]
 
 
 def per_sample_loss_sum(outputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
@@ -456,6 +464,21 @@ def _scratch_view(scratch: torch.Tensor | None, shape: tuple[int, ...], dtype: t
     return scratch[:numel].view(shape)
 
 
+def _embedding_sample_grads(embedding: nn.Embedding, ids: torch.Tensor, grad_out: torch.Tensor,
+                            samples: int) -> torch.Tensor:
+    """Per-sample dL/dW of an Embedding, shape (samples, *W.shape): each sample's output-gradient rows added
+    at its ids (none at ``padding_idx``), as the Embedding's own backward adds them for a batch of one."""
+    rows, width = embedding.weight.shape
+    ids = ids.reshape(samples, -1)
+    flat = (ids + torch.arange(samples, device=ids.device)[:, None] * rows).flatten()
+    values = grad_out.reshape(-1, width)
+    if embedding.padding_idx is not None:
+        keep = ids.flatten() != embedding.padding_idx
+        flat, values = flat[keep], values[keep]
+    grads = grad_out.new_zeros(samples * rows, width)
+    return grads.index_add_(0, flat, values).view(samples, rows, width)
+
+
 def _sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, samples: int,
                   scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample weight gradients of ``samples`` samples whose rows fill ``x``'s first dimension."""
@@ -551,6 +574,9 @@ class _SignCountHooks:
             if not self.pending_calls[name]:
                 self._reduce_linear(name)
             return
+        if isinstance(module, nn.Embedding):
+            self._add_call(name, _embedding_sample_grads(module, x, grad_out, self.samples))
+            return
         rows = len(x) // self.samples
         if not self.pending_calls[name] and name not in self.partial:
             # the layer's only call: reduce to sign counts slice by slice
@@ -561,13 +587,20 @@ class _SignCountHooks:
                 grads = _sample_grads(module, x[rows_part], grad_out[rows_part], part.stop - part.start, scratch)
                 self._add_signs(name, grads, part.start)
             return
-        sample_grads = _sample_grads(module, x, grad_out, self.samples)
+        self._add_call(name, _sample_grads(module, x, grad_out, self.samples))
+
+    def _add_call(self, name: str, sample_grads: torch.Tensor) -> None:
+        """One call's per-sample gradients of a weight used in several calls: summed with the other calls',
+        the signs taken after the last (with the rows of its Linear calls, if any are pending)."""
         if name in self.partial:
             sample_grads = sample_grads + self.partial.pop(name)
+        self.partial[name] = sample_grads
         if self.pending_calls[name]:
-            self.partial[name] = sample_grads
+            return
+        if name in self.linear_rows:
+            self._reduce_linear(name)
         else:
-            self._add_signs(name, sample_grads, 0)
+            self._add_signs(name, self.partial.pop(name), 0)
 
     def _slice(self, per_sample: int, x: torch.Tensor) -> int:
         """Samples per slice: per-sample gradients of about ``SLICE_ELEMENTS`` floats on a CPU."""
@@ -588,6 +621,10 @@ class _SignCountHooks:
         calls = self.linear_rows.pop(name)
         x = torch.cat([c[0] for c in calls], 1) if len(calls) > 1 else calls[0][0]
         grad_out = torch.cat([c[1] for c in calls], 1) if len(calls) > 1 else calls[0][1]
+        others = self.partial.pop(name, None)  # the per-sample gradients of its calls as another module
+        if others is not None:
+            self._add_signs(name, torch.bmm(grad_out.transpose(1, 2), x) + others, 0)
+            return
         if x.shape[1] == 1:
             self._add_outer_product_signs(name, x[:, 0], grad_out[:, 0])
             return
@@ -627,10 +664,10 @@ class _SignCountHooks:
 
     def finish_chunk(self) -> None:
         """Close the chunk: calls whose output got no gradient contribute zero."""
+        for name in list(self.linear_rows):
+            self._reduce_linear(name)  # takes the weight's other calls' gradients along
         for name, sample_grads in self.partial.items():
             self._add_signs(name, sample_grads, 0)
-        for name in list(self.linear_rows):
-            self._reduce_linear(name)
         for name, total in self.chunk_counts.items():
             self.counts[name] += total.to(torch.int32)
         self.chunk_counts.clear()
