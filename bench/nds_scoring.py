@@ -4,7 +4,7 @@ loop, and how many weights have a gradient that is zero in exact arithmetic.
 For each space, ``--models`` models drawn with ``space.sample(numpy.random.default_rng(seed))`` (seed 0; the
 space's own width and depth), built under ``torch.manual_seed(0)``, scored on the bundled CIFAR-10 batch of
 ``--batch-size`` images (seed 0):
-- seconds of one ``gradsign.score(model, x, y)`` (default engine, including the model copy the API makes)
+- seconds of one ``gradsign.score(model, x, y)`` (default engine, as a user calls it)
   and of one plain batched forward+backward in scoring mode (mean cross-entropy), after one warm-up call;
 - GradSign of the default engine and of ``engine="loop"`` (float32) on the first ``--loop-batch`` images
   and their relative difference, and the default engine's fallback warning (on the full batch) if it gave
@@ -15,7 +15,8 @@ space's own width and depth), built under ``torch.manual_seed(0)``, scored on th
   global average pooling, their weights (and everything feeding only them) get no gradient: float32 turns
   those exact zeros into noise whose signs GradSign counts.
 
-Rows go to ``--results`` (JSON) as each model finishes; a rerun with the same settings skips finished rows.
+Rows go to ``--results`` (JSON) as each model finishes; a rerun with the same settings (the engine's last
+commit among them) skips finished rows.
 ``--write`` puts the table into docs/performance.md between the nds markers.
 
     python bench/nds_scoring.py [--models 2] [--batch-size 64] [--loop-batch 8] [--threads 1] [--write]
@@ -42,7 +43,7 @@ from gradsign.spaces import get_space
 from gradsign.spaces.darts_model import param_count
 from gradsign.spaces.nds import SPACES
 
-from doc_sections import write_section
+from doc_sections import engine_version, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 INTRO = ("## NDS design spaces: seconds per model, default engine against the loop\n\n"
@@ -95,8 +96,9 @@ def measure(name: str, arch: str, x: torch.Tensor, y: torch.Tensor, loop_batch: 
 def table(rows: list[dict], setup: dict, command: str) -> str:
     lines = [f"Command: `{command}`", "",
              f"batch {setup['batch_size']} (bundled CIFAR-10, seed 0), {setup['threads']} torch thread(s), "
-             f"torch {setup['torch']}, {setup['models']} models per space drawn with seed 0, one call each "
-             "after a warm-up; the machine was shared with other jobs, so seconds are indicative.", "",
+             f"torch {setup['torch']}, src/gradsign/engine.py at {setup.get('engine', 'unknown')}, "
+             f"{setup['models']} models per space drawn with seed 0, one call each after a warm-up; seconds of "
+             "single calls, so indicative.", "",
              f"| space | width | depth | params | default s | fwd+bwd s | GradSign | loop s ({setup['loop_batch']}) "
              f"| default ({setup['loop_batch']}) | loop ({setup['loop_batch']}) | default vs loop | dead weights "
              "| fallback |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -132,7 +134,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     setup = {"models": args.models, "batch_size": args.batch_size, "threads": args.threads,
              "loop_batch": args.loop_batch,
-             "torch": torch.__version__, "gradsign": gradsign.__version__}
+             "torch": torch.__version__, "gradsign": gradsign.__version__, "engine": engine_version()}
     done: dict[str, dict] = {}
     if args.results.exists():
         saved = json.loads(args.results.read_text())

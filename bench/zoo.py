@@ -36,7 +36,7 @@ from gradsign import zoo
 from gradsign.api import default_output
 from gradsign.engine import engine_warnings, scoring_mode, sign_counts
 
-from doc_sections import write_section
+from doc_sections import engine_version, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 INTRO = ("## Model zoo: default engine against the loop and one forward+backward\n\n"
@@ -129,17 +129,6 @@ def measure(name: str, args: argparse.Namespace) -> dict:
             "float64_equal": value64 == loop64, "gradsign64": value64, "loop_gradsign64": loop64,
             "float64_differences": diagnosis,
             "fallback": bool(causes), "causes": causes}
-
-
-def engine_version() -> str:
-    """The last commit of src/gradsign/engine.py, marked when the working copy differs from it."""
-    import subprocess
-
-    def git(*command: str) -> str:
-        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    commit = git("log", "-1", "--format=%h", "--", "src/gradsign/engine.py") or "unknown"
-    return commit + (" + uncommitted changes" if git("status", "--porcelain", "src/gradsign/engine.py") else "")
 
 
 def settings(args: argparse.Namespace) -> dict:
