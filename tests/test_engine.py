@@ -485,6 +485,22 @@ class FunctionalReuse(nn.Module):
         return self.head(torch.tanh(F.linear(h, self.hidden.weight)))
 
 
+class KeywordFunctionalReuse(FunctionalReuse):
+    """The functional use with keyword arguments, on (batch, tokens, features) inputs."""
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(x))
+        return self.head(torch.tanh(F.linear(input=h, weight=self.hidden.weight)).mean(1))
+
+
+class MatmulReuse(FunctionalReuse):
+    """A Linear weight used again by a matrix product (not a call the engine sees)."""
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(x))
+        return self.head(torch.tanh(h @ self.hidden.weight.t()))
+
+
 class WindowFolding(nn.Module):
     """Swin-style window partition: each sample's 4 windows become 4 consecutive rows of the batch."""
 
@@ -556,16 +572,17 @@ def test_transformer_encoder_layer_matches_the_definition(caplog):
 
 @pytest.mark.parametrize("make, kind, falls_back", [
     (TiedLinears, "features", False), (TiedEmbedding, "tokens", False), (PaddedTiedEmbedding, "tokens", False),
-    (FunctionalReuse, "features", True),
+    (FunctionalReuse, "features", False), (KeywordFunctionalReuse, "sequence", False),
+    (MatmulReuse, "features", True),
     (WindowFolding, "image", False), (SequenceFirst, "sequence", False), (SampleMinorFolding, "features", True)])
 def test_shared_functional_and_folded_weights_match_the_definition(make, kind, falls_back, caplog):
     torch.manual_seed(0)
     model = make()
     g = torch.Generator().manual_seed(3)
-    x = {"features": lambda: torch.randn(8, 6 if make is not FunctionalReuse else 5, generator=g),
+    x = {"features": lambda: torch.randn(8, 5 if issubclass(make, FunctionalReuse) else 6, generator=g),
          "tokens": lambda: torch.randint(0, 12, (8, 5), generator=g),
          "image": lambda: torch.randn(8, 3, 8, 8, generator=g),
-         "sequence": lambda: torch.randn(8, 8, 6, generator=g)}[kind]()
+         "sequence": lambda: torch.randn(8, 8, 5 if issubclass(make, FunctionalReuse) else 6, generator=g)}[kind]()
     y = torch.randint(0, 4 if make is WindowFolding else 12 if issubclass(make, TiedEmbedding) else 3, (8,),
                       generator=g)
     with caplog.at_level("WARNING", logger="gradsign"):
@@ -633,7 +650,7 @@ def test_engine_warnings_collects_the_fallback_causes_of_a_block():
     from gradsign.engine import engine_warnings
 
     torch.manual_seed(0)
-    model = FunctionalReuse()
+    model = MatmulReuse()
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
     with engine_warnings() as messages:
         gradsign.score(model, x, y)

@@ -125,10 +125,10 @@ def test_default_engine_matches_reference_in_float32(scored):
         f"{scored['name']}: default engine {scored['value']}, per-sample reference {reference}")
 
 
-#: models whose counted weights get gradient outside their modules' calls (a functional use; an Embedding
-#: tied to the output layer is a call the engine sees): the batched hooks cannot see that gradient, so the
-#: default engine must hand them to an exact engine and say why
-FALLS_BACK = {"functional_linear": "gets gradient outside the layer's own call"}
+#: models whose counted weights get gradient outside any call the engine sees (an Embedding tied to the
+#: output layer and ``F.linear(h, layer.weight)`` are calls it sees): the default engine must hand them to
+#: an exact engine and say why. No zoo model does.
+FALLS_BACK: dict[str, str] = {}
 
 
 def test_default_engine_falls_back_only_where_it_must(scored):

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ENGINES = ("auto", "batched", "vmap", "loop")
@@ -204,25 +205,45 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
     reference, single_shapes, swap = _reference_then_batched_form(model, inputs[:kept], targets[:kept],
                                                                   loss_fn, layers)
     try:
-        counts, batched_prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
-                                                 kept=kept, single_shapes=single_shapes)
+        counts, mismatch = _verified_batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
+                                                    reference, single_shapes, FLOAT32_TOLERANCE)
         cause = None
     except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
         if not verify or _single_sample_error(error):
             raise
-        counts, batched_prefix = None, None
+        counts, mismatch = None, None
         cause = str(error).splitlines()[0] if str(error) else type(error).__name__
     finally:
         swap.undo()
         for p, flag in zip(model.parameters(), requires_grad):
             p.requires_grad_(flag)
-    if verify and cause is None:
-        if _first_mismatch(batched_prefix, reference, FLOAT32_TOLERANCE):
-            # float32 noise (e.g. normalising near-constant maps) or a real difference: decide in float64
-            cause = _float64_mismatch(model, inputs[:kept], targets[:kept], loss_fn)
+    if mismatch and cause is None:
+        # float32 noise (e.g. normalising near-constant maps) or a real difference: decide in float64
+        cause = _float64_mismatch(model, inputs[:kept], targets[:kept], loss_fn)
     if cause is None:
         return counts
     return _exact_fallback(model, inputs, targets, loss_fn, layers, chunk_size, cause)
+
+
+def _verified_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
+                             layers: list[tuple[str, nn.Module]], chunk_size: int | None,
+                             reference: list[dict[str, torch.Tensor | None]], single_shapes: CallShapes | None,
+                             tolerance: float) -> tuple[dict[str, torch.Tensor], tuple[str, str] | None]:
+    """Batched counts (model in its batched form) and the first mismatch of their per-sample gradients
+    with the single-sample ``reference`` gradients of the first samples (None: they agree). On a mismatch,
+    if the model calls ``F.linear`` on a counted weight outside its layers (the reference's shapes do not
+    look for such calls), the pass is run again counting those calls too."""
+    kept = len(reference)
+    counts, prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size, kept=kept,
+                                     single_shapes=single_shapes)
+    mismatch = _first_mismatch(prefix, reference, tolerance)
+    if mismatch and not (single_shapes and single_shapes.functional):
+        shapes = _single_sample_input_shapes(model, inputs[:1], _weight_users(model, layers))
+        if shapes.functional:
+            counts, prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size, kept=kept,
+                                             single_shapes=shapes)
+            mismatch = _first_mismatch(prefix, reference, tolerance)
+    return counts, mismatch
 
 
 def _exact_fallback(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
@@ -267,12 +288,12 @@ def _single_sample_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.
 
 def _reference_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
                      layers: list[tuple[str, nn.Module]]
-                     ) -> tuple[list[dict[str, torch.Tensor | None]], dict[tuple[str, int], torch.Size] | None]:
+                     ) -> tuple[list[dict[str, torch.Tensor | None]], CallShapes | None]:
     """The single-sample gradients of each of ``inputs`` (may be none) and, from the first sample's
     forward, the input shape of each call of each counted module for one sample (None without inputs)."""
     if not len(inputs):
         return [], None
-    shapes: dict[tuple[str, int], torch.Size] = {}
+    shapes = CallShapes()
     with _input_shapes_recorded(_weight_users(model, layers), shapes):
         grads = list(_single_sample_grads(model, inputs[:1], targets[:1], loss_fn, layers))
     grads += _single_sample_grads(model, inputs[1:], targets[1:], loss_fn, layers)
@@ -282,7 +303,7 @@ def _reference_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
 def _reference_then_batched_form(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                                  loss_fn: LossFn, layers: list[tuple[str, nn.Module]]
                                  ) -> tuple[list[dict[str, torch.Tensor | None]],
-                                            dict[tuple[str, int], torch.Size] | None, BatchedForm]:
+                                            CallShapes | None, BatchedForm]:
     """``_reference_grads`` of ``inputs``, then ``model`` put in its ``BatchedForm``. The call shapes the
     reference recorded are dropped (None: the batched pass reads them itself) when the form makes an
     attention's out_proj a module call, which it is not in the model as it is."""
@@ -501,7 +522,7 @@ class _SignCountHooks:
     the reading."""
 
     def __init__(self, users: list[tuple[str, nn.Module]], counts: dict[str, torch.Tensor], kept: int,
-                 single_shapes: dict[tuple[str, int], torch.Size]):
+                 single_shapes: CallShapes):
         self.counts = counts
         self.kept = kept
         self.prefix: dict[str, torch.Tensor] = {}
@@ -527,22 +548,26 @@ class _SignCountHooks:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             if not isinstance(output, torch.Tensor):
                 raise UnsupportedModelError(f"layer {name} does not return a tensor")
-            x = args[0]
-            sequence_first = self._sequence_first(name, module, x)
-            if not output.requires_grad or self._reads_chunk_inputs(x):
-                # the input does not depend on the batch (e.g. zeros from a cut-off path), or is the
-                # batch itself, whose gradient nobody needs: make the output a leaf, so that the gradient
-                # arriving at it is still seen and none is computed for the input
-                output = output.detach().requires_grad_(True)
-            self.pending_calls[name] = self.pending_calls.get(name, 0) + 1
-            x = x.detach()
-            if sequence_first:  # a Linear acts on each position alone: put the samples first
-                output.register_hook(lambda grad: self._accumulate(name, module, x.transpose(0, 1),
-                                                                   grad.transpose(0, 1)))
-            else:
-                output.register_hook(lambda grad: self._accumulate(name, module, x, grad))
-            return output
+            return self.call(name, module, args[0], output)
         return hook
+
+    def call(self, name: str, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """One call of counted weight ``name`` by ``module`` (or as ``module`` would) on ``x``: attaches the
+        gradient hook to ``output`` and returns the output the model goes on with."""
+        sequence_first = self._sequence_first(name, module, x)
+        if not output.requires_grad or self._reads_chunk_inputs(x):
+            # the input does not depend on the batch (e.g. zeros from a cut-off path), or is the
+            # batch itself, whose gradient nobody needs: make the output a leaf, so that the gradient
+            # arriving at it is still seen and none is computed for the input
+            output = output.detach().requires_grad_(True)
+        self.pending_calls[name] = self.pending_calls.get(name, 0) + 1
+        x = x.detach()
+        if sequence_first:  # a Linear acts on each position alone: put the samples first
+            output.register_hook(lambda grad: self._accumulate(name, module, x.transpose(0, 1),
+                                                               grad.transpose(0, 1)))
+        else:
+            output.register_hook(lambda grad: self._accumulate(name, module, x, grad))
+        return output
 
     def _reads_chunk_inputs(self, x: torch.Tensor) -> bool:
         inputs = self.chunk_inputs
@@ -693,10 +718,10 @@ def _make_leaves_hooks(model: nn.Module) -> list:
 
 def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
                     layers: list[tuple[str, nn.Module]], chunk_size: int | None, *, kept: int = 0,
-                    single_shapes: dict[tuple[str, int], torch.Size] | None = None
+                    single_shapes: CallShapes | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Sign counts from batched passes, and the per-sample gradients of the first ``kept`` samples.
-    ``single_shapes``: the counted modules' input shapes for one sample, when already known."""
+    ``single_shapes``: the counted weights' calls' input shapes for one sample, when already known."""
     model.requires_grad_(False)
     counts = _zero_counts(layers)
     chunk_size = chunk_size or _default_chunk(layers, len(inputs), DEFAULT_ELEMENT_BUDGET)
@@ -712,7 +737,10 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
             # takes a no-grad fast path (fused attention) that skips its layers' calls
             x = inputs[part].detach().requires_grad_(True) if floating else inputs[part]
             hooks.start_chunk(len(x), x if floating else None)
-            loss = per_sample_loss_sum(model(x), targets[part], loss_fn)
+            functional = _FunctionalLinearCalls(users, hooks.call) if single_shapes.functional else None
+            with functional or contextlib.nullcontext():
+                outputs = model(x)
+            loss = per_sample_loss_sum(outputs, targets[part], loss_fn)
             if loss.requires_grad:
                 loss.backward()
             hooks.finish_chunk()
@@ -723,29 +751,90 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     return counts, hooks.prefix
 
 
+class CallShapes(dict):
+    """(counted name, call number) -> that call's input shape for one sample, calls numbered in forward
+    order; ``functional``: some call was ``F.linear`` on a counted Linear weight outside its modules."""
+
+    functional = False
+
+
+class _FunctionalLinearCalls(TorchFunctionMode):
+    """Within the block, each ``F.linear`` call on a counted Linear weight made outside every module call
+    that uses the weight (e.g. ``F.linear(h, layer.weight)``) goes to ``on_call(name, module, x, output)``,
+    which returns the output the model goes on with. Calls inside functions that dispatch as a whole
+    (``F.multi_head_attention_forward``) are not seen."""
+
+    def __init__(self, users: list[tuple[str, nn.Module]], on_call: Callable):
+        super().__init__()
+        self.users = users
+        self.owners = {id(m.weight): (name, m) for name, m in reversed(users) if isinstance(m, nn.Linear)}
+        self.on_call = on_call
+        self.running: dict[int, int] = {}
+        self.handles: list = []
+
+    def __enter__(self):
+        for _, m in self.users:
+            self.handles.append(m.register_forward_pre_hook(self._enter_call))
+            self.handles.append(m.register_forward_hook(self._leave_call, always_call=True))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        return super().__exit__(*exc)
+
+    def _enter_call(self, module: nn.Module, args: tuple) -> None:
+        self.running[id(module.weight)] = self.running.get(id(module.weight), 0) + 1
+
+    def _leave_call(self, module: nn.Module, args: tuple, output) -> None:
+        self.running[id(module.weight)] -= 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if func is F.linear and isinstance(output, torch.Tensor):
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            owner = self.owners.get(id(weight))
+            if owner is not None and not self.running.get(id(weight)):
+                output = self.on_call(owner[0], owner[1], args[0] if args else kwargs["input"], output)
+        return output
+
+
 @contextlib.contextmanager
-def _input_shapes_recorded(users: list[tuple[str, nn.Module]], shapes: dict[tuple[str, int], torch.Size]
-                           ) -> Iterator[None]:
-    """Within the block, forwards record the input shape of each call of each counted module in ``shapes``,
-    keyed by (module name, call number)."""
+def _input_shapes_recorded(users: list[tuple[str, nn.Module]], shapes: CallShapes, *,
+                           functional: bool = False) -> Iterator[None]:
+    """Within the block, forwards record the input shape of each call of each counted module in ``shapes``;
+    with ``functional``, also of each ``F.linear`` call on a counted Linear weight outside its modules
+    (seeing them costs Python work on every torch call of the forward)."""
+    def record(name: str, x: torch.Tensor) -> None:
+        shapes[(name, sum(key[0] == name for key in shapes))] = x.shape
+
     def recorder(name: str):
         def hook(module: nn.Module, args: tuple, output) -> None:
-            shapes[(name, sum(key[0] == name for key in shapes))] = args[0].shape
+            record(name, args[0])
         return hook
+
+    def record_functional(name: str, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        shapes.functional = True
+        record(name, x)
+        return output
 
     handles = [m.register_forward_hook(recorder(name)) for name, m in users]
     try:
-        yield
+        with _FunctionalLinearCalls(users, record_functional) if functional else contextlib.nullcontext():
+            yield
     finally:
         for handle in handles:
             handle.remove()
 
 
 def _single_sample_input_shapes(model: nn.Module, x: torch.Tensor, users: list[tuple[str, nn.Module]]
-                                ) -> dict[tuple[str, int], torch.Size]:
-    """The input shape of each call of each counted module in a forward of one sample."""
-    shapes: dict[tuple[str, int], torch.Size] = {}
-    with _input_shapes_recorded(users, shapes), torch.no_grad():
+                                ) -> CallShapes:
+    """The input shape of each call of each counted weight in a forward of one sample, functional
+    ``F.linear`` calls included."""
+    shapes = CallShapes()
+    with _input_shapes_recorded(users, shapes, functional=True), torch.no_grad():
         model(x)
     return shapes
 
@@ -796,13 +885,12 @@ def _float64_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     layers = counted_layers(twin)
     reference, single_shapes, swap = _reference_then_batched_form(twin, inputs, targets, loss_fn, layers)
     try:
-        _, prefix = _batched_counts(twin, inputs, targets, loss_fn, layers, len(inputs), kept=len(inputs),
-                                    single_shapes=single_shapes)
+        _, mismatch = _verified_batched_counts(twin, inputs, targets, loss_fn, layers, len(inputs), reference,
+                                               single_shapes, FLOAT64_TOLERANCE)
     except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
         return str(error).splitlines()[0] if str(error) else type(error).__name__
     finally:
         swap.undo()
-    mismatch = _first_mismatch(prefix, reference, FLOAT64_TOLERANCE)
     if mismatch is None:
         return None
     return _mismatch_cause(twin, inputs, targets, loss_fn, layers, *mismatch)
