@@ -227,7 +227,7 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
 
 def _verified_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
                              layers: list[tuple[str, nn.Module]], chunk_size: int | None,
-                             reference: list[dict[str, torch.Tensor | None]], single_shapes: CallShapes | None,
+                             reference: list[dict[str, torch.Tensor | None]], single_shapes: _CallShapes | None,
                              tolerance: float) -> tuple[dict[str, torch.Tensor], tuple[str, str] | None]:
     """Batched counts (model in its batched form) and the first mismatch of their per-sample gradients
     with the single-sample ``reference`` gradients of the first samples (None: they agree). On a mismatch,
@@ -288,12 +288,12 @@ def _single_sample_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.
 
 def _reference_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
                      layers: list[tuple[str, nn.Module]]
-                     ) -> tuple[list[dict[str, torch.Tensor | None]], CallShapes | None]:
+                     ) -> tuple[list[dict[str, torch.Tensor | None]], _CallShapes | None]:
     """The single-sample gradients of each of ``inputs`` (may be none) and, from the first sample's
     forward, the input shape of each call of each counted module for one sample (None without inputs)."""
     if not len(inputs):
         return [], None
-    shapes = CallShapes()
+    shapes = _CallShapes()
     with _input_shapes_recorded(_weight_users(model, layers), shapes):
         grads = list(_single_sample_grads(model, inputs[:1], targets[:1], loss_fn, layers))
     grads += _single_sample_grads(model, inputs[1:], targets[1:], loss_fn, layers)
@@ -303,7 +303,7 @@ def _reference_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
 def _reference_then_batched_form(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                                  loss_fn: LossFn, layers: list[tuple[str, nn.Module]]
                                  ) -> tuple[list[dict[str, torch.Tensor | None]],
-                                            CallShapes | None, BatchedForm]:
+                                            _CallShapes | None, BatchedForm]:
     """``_reference_grads`` of ``inputs``, then ``model`` put in its ``BatchedForm``. The call shapes the
     reference recorded are dropped (None: the batched pass reads them itself) when the form makes an
     attention's out_proj a module call, which it is not in the model as it is."""
@@ -522,7 +522,7 @@ class _SignCountHooks:
     the reading."""
 
     def __init__(self, users: list[tuple[str, nn.Module]], counts: dict[str, torch.Tensor], kept: int,
-                 single_shapes: CallShapes):
+                 single_shapes: _CallShapes):
         self.counts = counts
         self.kept = kept
         self.prefix: dict[str, torch.Tensor] = {}
@@ -718,10 +718,12 @@ def _make_leaves_hooks(model: nn.Module) -> list:
 
 def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
                     layers: list[tuple[str, nn.Module]], chunk_size: int | None, *, kept: int = 0,
-                    single_shapes: CallShapes | None = None
+                    single_shapes: _CallShapes | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Sign counts from batched passes, and the per-sample gradients of the first ``kept`` samples.
-    ``single_shapes``: the counted weights' calls' input shapes for one sample, when already known."""
+    ``single_shapes``: the counted weights' calls' input shapes for one sample, when already known (a
+    one-sample probe reads them otherwise); where they include functional ``F.linear`` calls, the forwards
+    run under ``_FunctionalLinearCalls`` so that those calls are counted too."""
     model.requires_grad_(False)
     counts = _zero_counts(layers)
     chunk_size = chunk_size or _default_chunk(layers, len(inputs), DEFAULT_ELEMENT_BUDGET)
@@ -751,7 +753,7 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     return counts, hooks.prefix
 
 
-class CallShapes(dict):
+class _CallShapes(dict):
     """(counted name, call number) -> that call's input shape for one sample, calls numbered in forward
     order; ``functional``: some call was ``F.linear`` on a counted Linear weight outside its modules."""
 
@@ -802,7 +804,7 @@ class _FunctionalLinearCalls(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def _input_shapes_recorded(users: list[tuple[str, nn.Module]], shapes: CallShapes, *,
+def _input_shapes_recorded(users: list[tuple[str, nn.Module]], shapes: _CallShapes, *,
                            functional: bool = False) -> Iterator[None]:
     """Within the block, forwards record the input shape of each call of each counted module in ``shapes``;
     with ``functional``, also of each ``F.linear`` call on a counted Linear weight outside its modules
@@ -830,10 +832,10 @@ def _input_shapes_recorded(users: list[tuple[str, nn.Module]], shapes: CallShape
 
 
 def _single_sample_input_shapes(model: nn.Module, x: torch.Tensor, users: list[tuple[str, nn.Module]]
-                                ) -> CallShapes:
+                                ) -> _CallShapes:
     """The input shape of each call of each counted weight in a forward of one sample, functional
     ``F.linear`` calls included."""
-    shapes = CallShapes()
+    shapes = _CallShapes()
     with _input_shapes_recorded(users, shapes, functional=True), torch.no_grad():
         model(x)
     return shapes
