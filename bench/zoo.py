@@ -45,6 +45,10 @@ INTRO = ("## Model zoo: default engine against the loop and one forward+backward
          "per-sample engines); the protocol is in the docstring of `bench/zoo.py`. Run with one torch\n"
          "thread on the 2-core development machine.\n\n")
 BEGIN, END = "<!-- zoo:begin (written by bench/zoo.py) -->", "<!-- zoo:end -->"
+SIZE_INTRO = ("### The zoo's CNN families at {size}x{size} inputs\n\n"
+              "The same protocol on the image families whose configs accept any input size, at a size closer\n"
+              "to how they are used: more compute per weight, so forming per-sample gradients costs less in\n"
+              "proportion, and their last maps are larger than 2x2.\n\n")
 
 
 def score_with_warnings(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **options) -> tuple[float, list[str]]:
@@ -98,6 +102,11 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     """One model's row (see the module docstring)."""
     model = zoo.build(name, "bench", seed=0)
     x, y = zoo.example_batch(name, args.batch_size, "bench", seed=1)
+    if args.image_size:
+        if zoo.info(name).inputs != "image":
+            raise ValueError(f"--image-size applies to image models, not {name}")
+        x = torch.randn(args.batch_size, 3, args.image_size, args.image_size,
+                        generator=torch.Generator().manual_seed(1))
     plain = scoring_mode(copy.deepcopy(model)).requires_grad_(True)
     fb_times, score_times, warnings = [], [], []
     value = float("nan")
@@ -122,7 +131,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     fb, score, loop = (statistics.median(t) for t in (fb_times, score_times, loop_times))
     entry = zoo.info(name)
     return {"model": name, "description": entry.description, "params": sum(p.numel() for p in model.parameters()),
-            "input": "x".join(map(str, entry.shape["bench"])) + (" ids" if entry.inputs == "tokens" else ""),
+            "input": "x".join(map(str, x.shape[1:])) + (" ids" if entry.inputs == "tokens" else ""),
             "default_s": score, "fwd_bwd_s": fb, "loop_s": loop, "ratio": score / fb,
             "gradsign": value, "loop_gradsign": loop_value,
             "relative_to_loop": (value - loop_value) / abs(loop_value) if loop_value else float("nan"),
@@ -136,7 +145,7 @@ def settings(args: argparse.Namespace) -> dict:
 
     return {"batch_size": args.batch_size, "repeats": args.repeats, "loop_repeats": args.loop_repeats,
             "threads": args.threads, "torch": torch.__version__, "transformers": transformers.__version__,
-            "engine": engine_version()}
+            "engine": engine_version(), "image_size": args.image_size}
 
 
 def table(rows: list[dict], setup: dict, command: str) -> str:
@@ -197,10 +206,16 @@ def main() -> None:
     parser.add_argument("--loop-repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--models", help="comma-separated zoo names (default: all)")
-    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "zoo.json")
+    parser.add_argument("--results", type=Path, help="default: bench/results/zoo.json (zoo_<size>.json with "
+                                                     "--image-size)")
     parser.add_argument("--fresh", action="store_true", help="ignore results already in --results")
     parser.add_argument("--write", action="store_true", help="put the table into docs/performance.md")
+    parser.add_argument("--image-size", type=int, default=0,
+                        help="image models at this size instead of the zoo's (families whose config fixes the "
+                             "size, ViT, Swin, MobileViT, cannot); results and doc section of their own")
     args = parser.parse_args()
+    suffix = f"_{args.image_size}" if args.image_size else ""
+    args.results = args.results or ROOT / "bench" / "results" / f"zoo{suffix}.json"
     torch.set_num_threads(args.threads)
     names = args.models.split(",") if args.models else zoo.names()
     for name in names:
@@ -226,7 +241,11 @@ def main() -> None:
     command = "python bench/zoo.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     body = table(rows, setup, command.strip())
     print(body)
-    if args.write:
+    if args.write and args.image_size:
+        marker = f"zoo-{args.image_size}"
+        write_section(ROOT / "docs" / "performance.md", f"<!-- {marker}:begin (written by bench/zoo.py) -->",
+                      f"<!-- {marker}:end -->", body, SIZE_INTRO.format(size=args.image_size))
+    elif args.write:
         write_section(ROOT / "docs" / "performance.md", BEGIN, END, body, INTRO)
 
 
