@@ -656,3 +656,21 @@ def test_engine_warnings_collects_the_fallback_causes_of_a_block():
         gradsign.score(model, x, y)
         gradsign.score(TiedLinears(), torch.randn(6, 6), y)  # no fallback: nothing added
     assert len(messages) == 1 and "model.hidden gets gradient outside the layer's own call" in messages[0]
+
+
+@pytest.mark.parametrize("proxy", [name for name in gradsign.available_proxies()
+                                   if gradsign.proxy_info(name).reads_weights_only])
+def test_proxies_that_get_the_model_itself_give_it_back_and_score_as_on_a_copy(proxy):
+    from gradsign.api import _OutputAdapter, default_output
+    from gradsign.engine import scoring_mode
+
+    torch.manual_seed(0)
+    model = cnn(nn.BatchNorm2d).train()
+    x, y, _ = batch("image", 6)
+    F.cross_entropy(model(x), y).backward()
+    model[-1].register_forward_hook(lambda *args: None)
+    copied = scoring_mode(_OutputAdapter(copy.deepcopy(model), default_output)).requires_grad_(True)
+    expected = gradsign.proxy_info(proxy).fn(copied, x, y, F.cross_entropy)
+    before = fingerprint(model)
+    assert gradsign.score(model, x, y, proxy=proxy) == pytest.approx(expected, rel=1e-6, nan_ok=True)
+    assert same(fingerprint(model), before)

@@ -16,6 +16,7 @@ from gradsign.proxies.registry import LossFn, register, weight_layers
            "Turner et al., BlockSwap, ICLR 2020; zero-cost form from Abdelfattah et al., ICLR 2021",
     higher_is_better=True,
     uses_targets=True,
+    reads_weights_only=True,
 )
 def fisher(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, *,
            fan_in_weighted: bool = False) -> float:

@@ -13,6 +13,7 @@ from gradsign.proxies.registry import LossFn, register, weight_gradients
     source="Abdelfattah et al., Zero-Cost Proxies for Lightweight NAS, ICLR 2021",
     higher_is_better=True,
     uses_targets=True,
+    reads_weights_only=True,
 )
 def grad_norm(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn) -> float:
     """Score = sum_l ||dL/dW_l||_2 (Frobenius norm per layer weight), one batched forward/backward.

@@ -14,6 +14,7 @@ from gradsign.proxies.registry import LossFn, register, weight_gradients
     source="Wang et al., GraSP, ICLR 2020; zero-cost form from Abdelfattah et al., ICLR 2021",
     higher_is_better=True,
     uses_targets=True,
+    reads_weights_only=True,
 )
 def grasp(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn) -> float:
     """Score = -sum_l sum W_l * (H g)_l, with g = dL/dW and H g = d(g . stop_grad(g))/dW.

@@ -15,6 +15,7 @@ from gradsign.proxies.registry import LossFn, register
            "zero-cost form from Abdelfattah et al., ICLR 2021",
     higher_is_better=True,
     uses_targets=False,
+    reads_weights_only=True,
 )
 def jacob_cov(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
               loss_fn: LossFn | None = None, *, k: float = 1e-5) -> float:

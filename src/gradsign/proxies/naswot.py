@@ -14,6 +14,7 @@ from gradsign.proxies.registry import LossFn, register
     source="Mellor et al., Neural Architecture Search without Training, ICML 2021",
     higher_is_better=True,
     uses_targets=False,
+    reads_weights_only=True,
 )
 def naswot(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
            loss_fn: LossFn | None = None) -> float:

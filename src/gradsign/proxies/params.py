@@ -14,6 +14,7 @@ from gradsign.proxies.registry import LossFn, register
            "NAS-Bench-Suite-Zero (Krishnakumar et al., NeurIPS 2022)",
     higher_is_better=True,
     uses_targets=False,
+    reads_weights_only=True,
 )
 def params(model: nn.Module, inputs: torch.Tensor | None = None, targets: torch.Tensor | None = None,
            loss_fn: LossFn | None = None) -> float:

@@ -13,6 +13,7 @@ from gradsign.proxies.registry import LossFn, register, weight_gradients
     source="Lee et al., SNIP, ICLR 2019; zero-cost form from Abdelfattah et al., ICLR 2021",
     higher_is_better=True,
     uses_targets=True,
+    reads_weights_only=True,
 )
 def snip(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn) -> float:
     """Score = sum_l sum |W_l * dL/dW_l|, one batched forward/backward.
