@@ -182,8 +182,8 @@ def test_scoring_leaves_the_model_untouched():
 
 class LentModel(nn.Module):
     """BatchNorm with running statistics, attention (whose forward the engine overrides), dropout, a
-    frozen layer and, with ``functional=True``, a weight also used by F.linear (vmap fallback, which
-    rewrites BatchNorm modules)."""
+    frozen layer and, with ``functional=True``, a weight also used by a matrix product (``auto`` falls
+    back to vmap, which rewrites BatchNorm modules)."""
 
     def __init__(self, functional: bool = False):
         super().__init__()
@@ -200,7 +200,7 @@ class LentModel(nn.Module):
         h = torch.relu(self.norm(self.conv(x))).flatten(2).transpose(1, 2)
         h = self.frozen(self.attention(h, h, h)[0]).mean(1)
         out = self.head(self.drop(h))
-        return out + F.linear(h, self.head.weight) if self.functional else out
+        return out + h @ self.head.weight.t() if self.functional else out
 
 
 def fingerprint(model: nn.Module) -> dict:
