@@ -152,6 +152,17 @@ def test_per_layer_counts_match_loop_in_chunks(name, slice_elements, monkeypatch
     assert differing <= 1e-3 * total
 
 
+@pytest.mark.parametrize("chunk_size", [1, 5])
+def test_the_verified_samples_share_a_pass_whatever_the_chunk_size(chunk_size):
+    # the default engine compares the first two samples' batched gradients with single-sample ones
+    make, kind = MODELS["bn-running-stats"]
+    torch.manual_seed(0)
+    model = make()
+    x, y, _ = batch(kind)
+    assert gradsign.score(model, x, y, chunk_size=chunk_size) == pytest.approx(
+        gradsign.score(model, x, y, engine="loop"), rel=1e-3)
+
+
 def test_hand_computed_linear_model():
     # y = W x with W = 0: dL_i/dW = (p_i - onehot(t_i)) x_i^T, p_i = softmax(0) = 1/2
     model = nn.Linear(2, 2, bias=False)
