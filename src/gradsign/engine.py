@@ -47,8 +47,8 @@ ENGINES = ("auto", "batched", "vmap", "loop")
 DEFAULT_ELEMENT_BUDGET = 1 << 25
 #: on a CPU, a batched pass takes at most as many samples as keep the counted layers' inputs within this
 #: many floats: a batch whose activations overflow the caches costs more per sample (at 224x224, chunks of
-#: 8 images made MobileNetV2 and EfficientNet 2x faster than 32 at once, and NAS-Bench-101 networks at
-#: batch 64 1.4x faster; inputs of 64x64 or 32x32 stay in one pass; bench/zoo.py --image-size)
+#: 8 and 4 images made MobileNetV2 and EfficientNet about 2x faster than 32 at once, `bench/zoo.py
+#: --image-size 224`; the zoo's 64x64 batches stay in one pass)
 ACTIVATION_BUDGET = 1 << 25
 #: the vmap engine's chunks: per-sample gradients of one weight of at most this many floats, and of all
 #: weights of at most ``DEFAULT_ELEMENT_BUDGET`` (larger arrays are paged in anew on each use, which tripled
