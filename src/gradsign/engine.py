@@ -204,24 +204,22 @@ def _single_sample_error(error: Exception) -> CannotScoreError | None:
 def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                             loss_fn: LossFn, layers: list[tuple[str, nn.Module]],
                             chunk_size: int | None, *, verify: bool) -> dict[str, torch.Tensor]:
-    requires_grad = [p.requires_grad for p in model.parameters()]
     kept = min(VERIFIED_SAMPLES, len(inputs)) if verify else 0
-    # the reference first: its single-sample forward also tells the batched pass each call's input shape
-    reference, single_shapes, swap = _reference_then_batched_form(model, inputs[:kept], targets[:kept],
-                                                                  loss_fn, layers)
-    try:
-        counts, mismatch = _verified_batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
-                                                    reference, single_shapes, FLOAT32_TOLERANCE)
-        cause = None
-    except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
-        if not verify or _single_sample_error(error):
-            raise
-        counts, mismatch = None, None
-        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-    finally:
-        swap.undo()
-        for p, flag in zip(model.parameters(), requires_grad):
-            p.requires_grad_(flag)
+    with _requires_grad_kept(model):
+        # the reference first: its single-sample forward also tells the batched pass each call's input shape
+        reference, single_shapes, swap = _reference_then_batched_form(model, inputs[:kept], targets[:kept],
+                                                                      loss_fn, layers)
+        try:
+            counts, mismatch = _verified_batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
+                                                        reference, single_shapes, FLOAT32_TOLERANCE)
+            cause = None
+        except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
+            if not verify or _single_sample_error(error):
+                raise
+            counts, mismatch = None, None
+            cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        finally:
+            swap.undo()
     if mismatch and cause is None:
         # float32 noise (e.g. normalising near-constant maps) or a real difference: decide in float64
         cause = _float64_mismatch(model, inputs[:kept], targets[:kept], loss_fn)
@@ -242,7 +240,7 @@ def _verified_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: to
     counts, prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size, kept=kept,
                                      single_shapes=single_shapes)
     mismatch = _first_mismatch(prefix, reference, tolerance)
-    if mismatch and not (single_shapes and single_shapes.functional):
+    if mismatch and not (single_shapes is not None and single_shapes.functional):
         shapes = _single_sample_input_shapes(model, inputs[:1], _weight_users(model, layers))
         if shapes.functional:
             counts, prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size, kept=kept,
@@ -273,20 +271,29 @@ def _single_sample_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.
                          layers: list[tuple[str, nn.Module]]) -> Iterator[dict[str, torch.Tensor | None]]:
     """For each sample alone: the gradient of its loss for every counted weight (None: no gradient). Only
     the counted weights require grad meanwhile (no work on other parameters' gradients)."""
+    with _requires_grad_kept(model):
+        model.requires_grad_(False)
+        for _, m in layers:
+            m.weight.requires_grad_(True)
+        try:
+            for i in range(len(inputs)):
+                model.zero_grad(set_to_none=True)
+                loss = loss_fn(model(inputs[i:i + 1]), targets[i:i + 1])
+                if loss.requires_grad:
+                    loss.backward()
+                yield {name: m.weight.grad for name, m in layers}
+        finally:
+            model.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def _requires_grad_kept(model: nn.Module) -> Iterator[None]:
+    """Within the block the parameters' ``requires_grad`` flags may change; afterwards they are as before."""
     parameters = list(model.parameters())
     flags = [p.requires_grad for p in parameters]
-    model.requires_grad_(False)
-    for _, m in layers:
-        m.weight.requires_grad_(True)
     try:
-        for i in range(len(inputs)):
-            model.zero_grad(set_to_none=True)
-            loss = loss_fn(model(inputs[i:i + 1]), targets[i:i + 1])
-            if loss.requires_grad:
-                loss.backward()
-            yield {name: m.weight.grad for name, m in layers}
+        yield
     finally:
-        model.zero_grad(set_to_none=True)
         for p, flag in zip(parameters, flags):
             p.requires_grad_(flag)
 
