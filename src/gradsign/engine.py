@@ -21,8 +21,9 @@ Engines:
 - ``vmap``: ``torch.func.vmap(grad(...))`` over single-sample calls of the functional model: exact
   whatever the model does inside.
 - ``loop``: the reference; one forward/backward per sample.
-- ``auto`` (default): ``batched``, verified on the first samples: their batched per-sample gradients
-  must equal single-sample gradients for every counted weight (in float64 where float32 noise leaves a
+- ``auto`` (default): ``batched``, verified on one sample that shares the first batched pass with a
+  sample before it and one after it: its batched per-sample gradients must equal its single-sample
+  gradients for every counted weight (in float64 where float32 noise leaves a
   doubt). When they do not (a weight used outside its module's call, a batch dimension that is not the
   sample index, samples that interact), it warns with the cause and uses ``vmap``, then ``loop``.
 """
@@ -65,8 +66,10 @@ SLICE_ELEMENTS = 1 << 19
 MATMUL_POSITIONS = 64
 #: the same for grouped convolutions (one product per sample and group): faster only on 2x2 maps
 GROUPED_MATMUL_POSITIONS = 4
-#: samples whose batched per-sample gradients ``auto`` compares with single-sample gradients
-VERIFIED_SAMPLES = 2
+#: the sample whose batched per-sample gradients ``auto`` compares with its single-sample gradients: the
+#: second, so that in the first pass it has a neighbour on each side (a dependence on earlier or on later
+#: samples changes it) and a single batch-of-one pass is the reference
+VERIFIED_SAMPLE = 1
 #: largest relative difference (per weight tensor, against its largest gradient) accepted as float noise
 FLOAT32_TOLERANCE = 1e-3
 FLOAT64_TOLERANCE = 1e-7
@@ -204,14 +207,15 @@ def _single_sample_error(error: Exception) -> CannotScoreError | None:
 def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                             loss_fn: LossFn, layers: list[tuple[str, nn.Module]],
                             chunk_size: int | None, *, verify: bool) -> dict[str, torch.Tensor]:
-    kept = min(VERIFIED_SAMPLES, len(inputs)) if verify else 0
+    verified = min(VERIFIED_SAMPLE, len(inputs) - 1) if verify else None
+    sample = slice(verified, verified + 1) if verified is not None else slice(0, 0)
     with _requires_grad_kept(model):
         # the reference first: its single-sample forward also tells the batched pass each call's input shape
-        reference, single_shapes, swap = _reference_then_batched_form(model, inputs[:kept], targets[:kept],
+        reference, single_shapes, swap = _reference_then_batched_form(model, inputs[sample], targets[sample],
                                                                       loss_fn, layers)
         try:
             counts, mismatch = _verified_batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
-                                                        reference, single_shapes, FLOAT32_TOLERANCE)
+                                                        verified, reference, single_shapes, FLOAT32_TOLERANCE)
             cause = None
         except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
             if not verify or _single_sample_error(error):
@@ -222,29 +226,29 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
             swap.undo()
     if mismatch and cause is None:
         # float32 noise (e.g. normalising near-constant maps) or a real difference: decide in float64
-        cause = _float64_mismatch(model, inputs[:kept], targets[:kept], loss_fn)
+        # the verified sample with its neighbours
+        cause = _float64_mismatch(model, inputs[:verified + 2], targets[:verified + 2], loss_fn, verified)
     if cause is None:
         return counts
     return _exact_fallback(model, inputs, targets, loss_fn, layers, chunk_size, cause)
 
 
 def _verified_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
-                             layers: list[tuple[str, nn.Module]], chunk_size: int | None,
+                             layers: list[tuple[str, nn.Module]], chunk_size: int | None, verified: int | None,
                              reference: list[dict[str, torch.Tensor | None]], single_shapes: _CallShapes | None,
                              tolerance: float) -> tuple[dict[str, torch.Tensor], tuple[str, str] | None]:
-    """Batched counts (model in its batched form) and the first mismatch of their per-sample gradients
-    with the single-sample ``reference`` gradients of the first samples (None: they agree). On a mismatch,
-    if the model calls ``F.linear`` on a counted weight outside its layers (the reference's shapes do not
-    look for such calls), the pass is run again counting those calls too."""
-    kept = len(reference)
-    counts, prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size, kept=kept,
+    """Batched counts (model in its batched form) and the first mismatch of the per-sample gradients they
+    formed for sample ``verified`` with its single-sample ``reference`` gradients (None: they agree). On a
+    mismatch, if the model calls ``F.linear`` on a counted weight outside its layers (the reference's
+    shapes do not look for such calls), the pass is run again counting those calls too."""
+    counts, prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size, verified=verified,
                                      single_shapes=single_shapes)
     mismatch = _first_mismatch(prefix, reference, tolerance)
     if mismatch and not (single_shapes is not None and single_shapes.functional):
         shapes = _single_sample_input_shapes(model, inputs[:1], _weight_users(model, layers))
         if shapes.functional:
-            counts, prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size, kept=kept,
-                                             single_shapes=shapes)
+            counts, prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
+                                             verified=verified, single_shapes=shapes)
             mismatch = _first_mismatch(prefix, reference, tolerance)
     return counts, mismatch
 
@@ -538,18 +542,18 @@ class _SignCountHooks:
     """Forward hooks that attach, to each counted module's output, a gradient hook forming the module's
     per-sample weight gradients and adding their signs to ``counts``. A weight used in several calls in
     one forward (a reused module, or modules sharing it) has its per-sample gradients summed over the
-    calls before the sign is taken. The per-sample gradients of the first ``kept`` samples of the first
-    chunk are kept in ``prefix`` for verification.
+    calls before the sign is taken. The per-sample gradients of sample ``verified`` of the first chunk
+    (if any) are kept in ``prefix``, one row per weight, for verification.
 
     How a call's input holds the samples is read by comparing its shape with the same call's input shape
     for a single sample (``single_shapes``): ``samples`` times as many rows (a sample's rows consecutive),
     or, for a Linear, ``samples`` along the second dimension (sequence-first); the verification checks
     the reading."""
 
-    def __init__(self, users: list[tuple[str, nn.Module]], counts: dict[str, torch.Tensor], kept: int,
-                 single_shapes: _CallShapes):
+    def __init__(self, users: list[tuple[str, nn.Module]], counts: dict[str, torch.Tensor],
+                 verified: int | None, single_shapes: _CallShapes):
         self.counts = counts
-        self.kept = kept
+        self.verified = verified
         self.prefix: dict[str, torch.Tensor] = {}
         self.samples = 0
         self.first_chunk = True
@@ -688,16 +692,16 @@ class _SignCountHooks:
         """A Linear called once with one row per sample: sample i's gradient is the outer product
         grad_out_i x_i^T, whose signs are sign(grad_out_i) sign(x_i)^T, so the counts are one matrix
         product of signs (exact: integer sums far below float32's 2^24)."""
-        if self.first_chunk and self.kept:
-            kept = grad_out[:self.kept, :, None] * x[:self.kept, None, :]
-            self.prefix[name] = kept.detach().clone()
+        if self.first_chunk and self.verified is not None:
+            v = self.verified
+            self.prefix[name] = (grad_out[v:v + 1, :, None] * x[v:v + 1, None, :]).detach()
         signs = torch.sign(grad_out).transpose(0, 1) @ torch.sign(x)
         self.counts[name] += signs.round().to(torch.int32)
 
     def _add_signs(self, name: str, sample_grads: torch.Tensor, first: int) -> None:
-        if self.first_chunk and first < self.kept:
-            kept = sample_grads[:self.kept - first].detach().clone()
-            self.prefix[name] = torch.cat([self.prefix[name], kept]) if name in self.prefix else kept
+        if self.first_chunk and self.verified is not None and 0 <= self.verified - first < len(sample_grads):
+            v = self.verified - first
+            self.prefix[name] = sample_grads[v:v + 1].detach().clone()
         # signs in place, summed in float32 (exact for integers below 2^24) and turned into int32 once per
         # chunk: no copy of the per-sample gradients, whose memory traffic dominates on wide layers
         signs = torch.sign(sample_grads, out=sample_grads)
@@ -742,10 +746,11 @@ def _make_leaves_hooks(model: nn.Module) -> list:
 
 
 def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
-                    layers: list[tuple[str, nn.Module]], chunk_size: int | None, *, kept: int = 0,
+                    layers: list[tuple[str, nn.Module]], chunk_size: int | None, *, verified: int | None = None,
                     single_shapes: _CallShapes | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Sign counts from batched passes, and the per-sample gradients of the first ``kept`` samples.
+    """Sign counts from batched passes, and the per-sample gradients of sample ``verified`` (one row per
+    counted weight; none without it).
     ``single_shapes``: the counted weights' calls' input shapes for one sample, when already known (a
     one-sample probe reads them otherwise); where they include functional ``F.linear`` calls, the forwards
     run under ``_FunctionalLinearCalls`` so that those calls are counted too."""
@@ -754,9 +759,10 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     users = _weight_users(model, layers)
     if single_shapes is None:
         single_shapes = _single_sample_input_shapes(model, inputs[:1], users)
-    # the verified samples share the first pass, whatever chunk size was asked for
-    chunk_size = max(chunk_size or _batched_chunk(layers, single_shapes, inputs), min(kept, len(inputs)))
-    hooks = _SignCountHooks(users, counts, kept, single_shapes)
+    # the verified sample shares the first pass with a sample on each side, whatever chunk size was asked for
+    least = 0 if verified is None else min(verified + 2, len(inputs))
+    chunk_size = max(chunk_size or _batched_chunk(layers, single_shapes, inputs), least)
+    hooks = _SignCountHooks(users, counts, verified, single_shapes)
     floating = inputs.is_floating_point()
     leaf_hooks = [] if floating else _make_leaves_hooks(model)
     try:
@@ -901,39 +907,43 @@ def _difference(batched: torch.Tensor | None, single: torch.Tensor | None, toler
     return f"largest difference {error:.3g} of {scale:.3g}"
 
 
-def _float64_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn
-                      ) -> str | None:
-    """The batched-vs-single verification on a float64 copy, where float noise is far below the
-    tolerance: None when the batched engine is exact for this model, else the cause."""
+def _float64_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
+                      verified: int) -> str | None:
+    """The batched-vs-single verification of sample ``verified`` of ``inputs`` on a float64 copy, where
+    float noise is far below the tolerance: None when the batched engine is exact for this model, else
+    the cause."""
     twin = copy.deepcopy(model).double()
     if inputs.is_floating_point():
         inputs = inputs.double()
     if targets.is_floating_point():
         targets = targets.double()
     layers = counted_layers(twin)
-    reference, single_shapes, swap = _reference_then_batched_form(twin, inputs, targets, loss_fn, layers)
+    sample = slice(verified, verified + 1)
+    reference, single_shapes, swap = _reference_then_batched_form(twin, inputs[sample], targets[sample], loss_fn,
+                                                                  layers)
     try:
-        _, mismatch = _verified_batched_counts(twin, inputs, targets, loss_fn, layers, len(inputs), reference,
-                                               single_shapes, FLOAT64_TOLERANCE)
+        _, mismatch = _verified_batched_counts(twin, inputs, targets, loss_fn, layers, len(inputs), verified,
+                                               reference, single_shapes, FLOAT64_TOLERANCE)
     except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
         return str(error).splitlines()[0] if str(error) else type(error).__name__
     finally:
         swap.undo()
     if mismatch is None:
         return None
-    return _mismatch_cause(twin, inputs, targets, loss_fn, layers, *mismatch)
+    return _mismatch_cause(twin, inputs, targets, loss_fn, layers, inputs[sample], targets[sample], *mismatch)
 
 
 def _mismatch_cause(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
-                    layers: list[tuple[str, nn.Module]], name: str, difference: str) -> str:
-    """Why layer ``name``'s batched per-sample gradients are wrong: samples interact; or, on a batch of
-    one, the hooked formula already misses gradient (the weight is used outside the layer's call); or
-    else the layer's batch dimension does not index samples."""
+                    layers: list[tuple[str, nn.Module]], one_input: torch.Tensor, one_target: torch.Tensor,
+                    name: str, difference: str) -> str:
+    """Why layer ``name``'s batched per-sample gradients are wrong: samples of ``inputs`` interact; or, on
+    a batch of one (``one_input``), the hooked formula already misses gradient (the weight is used outside
+    the layer's call); or else the layer's batch dimension does not index samples."""
     if samples_interact(model, inputs, rtol=FLOAT64_TOLERANCE):
         return "samples interact within a batch"
-    _, alone = _batched_counts(model, inputs[:1], targets[:1], loss_fn, layers, 1, kept=1)
+    _, alone = _batched_counts(model, one_input, one_target, loss_fn, layers, 1, verified=0)
     model.requires_grad_(True)
-    reference = next(iter(_single_sample_grads(model, inputs[:1], targets[:1], loss_fn, layers)))[name]
+    reference = next(iter(_single_sample_grads(model, one_input, one_target, loss_fn, layers)))[name]
     if _difference(alone[name][0] if name in alone else None, reference, FLOAT64_TOLERANCE) is not None:
         return (f"weight of layer {name} gets gradient outside the layer's own call "
                 "(a shared weight or a functional use of it)")
