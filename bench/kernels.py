@@ -7,7 +7,13 @@ into a reused buffer as the engine does) and the forward convolution of inputs w
 gradient and which way the engine's rules (``gradsign.engine._use_matmul``,
 ``gradsign.engine._use_forward_convolution``) pick, so the rules can be checked on a new machine.
 
-    python bench/kernels.py [--threads N] [--repeats 7] [--batch-size 64]
+``--products``: per-sample gradients that are products a_n b_n over ``depth`` positions or rows per sample
+(a Linear on tokens, an unfolded convolution), (out x depth) (depth x in): formed sample slice by sample
+slice (batched product, signs, sum, added to the chunk's counts) against the engine's
+``_add_product_signs`` (slices of the larger of out and in for all samples at once), each as a ratio to
+the batched weight gradient; ``SHALLOW_PRODUCT_DEPTH`` says which the engine uses.
+
+    python bench/kernels.py [--threads N] [--repeats 7] [--batch-size 64] [--products]
 """
 from __future__ import annotations
 
@@ -37,6 +43,11 @@ WAYS = [("grouped", None, lambda conv: True),
         ("matmul", "_use_matmul", lambda conv: True),
         ("forward", "_use_forward_convolution", lambda conv: conv.groups == conv.in_channels == conv.out_channels)]
 RULES = ("_use_matmul", "_use_forward_convolution")
+#: (out, in, depth): the zoo's Linear layers on 4 and 16 tokens (ConvNeXt's last stages), 3x3
+#: convolutions on 2x2 and 4x4 maps (ResNet's), a Linear on 65 tokens (ViT) and on 256 (ConvNeXt's first
+#: stage)
+PRODUCTS = [(256, 1024, 4), (1024, 256, 4), (256, 2304, 4), (128, 1152, 16), (512, 128, 16), (128, 512, 16),
+            (64, 576, 64), (512, 512, 65), (128, 32, 256), (384, 96, 256)]
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -74,15 +85,52 @@ def picked_way(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> str:
     return "matmul" if engine._use_matmul(conv, x, grad_out) else "grouped"
 
 
+def product_signs_by_samples(hooks: engine._SignCountHooks, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sign counts of the products a_n b_n formed a slice of samples at a time, each slice's signs summed
+    and added to the chunk's counts (``_SignCountHooks._add_signs``)."""
+    step = max(1, engine.SLICE_ELEMENTS // (a.shape[1] * b.shape[2]))
+    scratch = torch.empty(step * a.shape[1] * b.shape[2])
+    for part in engine._chunks(len(a), step):
+        out = scratch[:(part.stop - part.start) * a.shape[1] * b.shape[2]].view(-1, a.shape[1], b.shape[2])
+        hooks._add_signs("w", torch.bmm(a[part], b[part], out=out), part.start)
+    return hooks.chunk_counts.pop("w")
+
+
+def product_signs_shallow(hooks: engine._SignCountHooks, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    hooks._add_product_signs("w", a, b, torch.Size((a.shape[1], b.shape[2])))
+    return hooks.chunk_counts.pop("w")
+
+
+def products(args: argparse.Namespace) -> None:
+    print("| out | in | depth | batched dW (ms) | by samples / dW | shallow / dW | engine uses |")
+    print("|---|---|---|---|---|---|---|")
+    for out, inp, depth in PRODUCTS:
+        torch.manual_seed(0)
+        grad_out, x = torch.randn(args.batch_size, depth, out), torch.randn(args.batch_size, depth, inp)
+        a = grad_out.transpose(1, 2)
+        hooks = engine._SignCountHooks([], {}, None, engine._CallShapes())
+        batched = median_seconds(lambda: grad_out.reshape(-1, out).t() @ x.reshape(-1, inp), args.repeats)
+        if not torch.equal(product_signs_by_samples(hooks, a, x), product_signs_shallow(hooks, a, x)):
+            raise SystemExit(f"the two ways disagree on {out}x{inp}, depth {depth}")
+        cells = [median_seconds(lambda: way(hooks, a, x), args.repeats) / batched
+                 for way in (product_signs_by_samples, product_signs_shallow)]
+        uses = "shallow" if depth <= engine.SHALLOW_PRODUCT_DEPTH else "by samples"
+        print(f"| {out} | {inp} | {depth} | {batched * 1e3:.2f} | {cells[0]:.2f} | {cells[1]:.2f} | {uses} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--products", action="store_true", help="time the two ways of forming product signs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"batch {args.batch_size}, {torch.get_num_threads()} threads; seconds are medians of {args.repeats}")
+    if args.products:
+        products(args)
+        return
     print("| in | out | kernel | size | stride | groups | batched dW (ms) | grouped / dW | matmul / dW | "
           "forward / dW | rule picks |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

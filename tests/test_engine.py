@@ -152,9 +152,27 @@ def test_per_layer_counts_match_loop_in_chunks(name, slice_elements, monkeypatch
     assert differing <= 1e-3 * total
 
 
+@pytest.mark.parametrize("name", ["token-mlp-mse", "small-maps-depthwise"])
+@pytest.mark.parametrize("slice_elements", [1 << 19, 700])
+def test_shallow_products_give_the_loops_counts_in_float64(name, slice_elements, monkeypatch):
+    # Linear layers on 5 tokens and convolutions on 2x2 and 4x4 maps form their per-sample gradients a
+    # slice of weight rows or columns at a time for all samples; in float64 every count is the loop's
+    monkeypatch.setattr(engine_module, "SLICE_ELEMENTS", slice_elements)
+    make, kind = MODELS[name]
+    torch.manual_seed(0)
+    model = make().double()
+    x, y, loss = batch(kind)
+    x, y = x.double(), y.double() if y.is_floating_point() else y
+    loss = loss or F.cross_entropy
+    reference = sign_counts(copy.deepcopy(model), x, y, loss, engine="loop")
+    for chunk_size in (None, 5):
+        counts = sign_counts(copy.deepcopy(model), x, y, loss, engine="auto", chunk_size=chunk_size)
+        assert all(torch.equal(counts[k], reference[k]) for k in reference)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 5])
 def test_the_verified_samples_share_a_pass_whatever_the_chunk_size(chunk_size):
-    # the default engine compares the first two samples' batched gradients with single-sample ones
+    # the default engine compares the second sample's batched gradients with its single-sample ones
     make, kind = MODELS["bn-running-stats"]
     torch.manual_seed(0)
     model = make()

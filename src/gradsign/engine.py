@@ -66,6 +66,13 @@ SLICE_ELEMENTS = 1 << 19
 MATMUL_POSITIONS = 64
 #: the same for grouped convolutions (one product per sample and group): faster only on 2x2 maps
 GROUPED_MATMUL_POSITIONS = 4
+#: per-sample gradients that are products over at most this many positions or rows of a sample (an
+#: ungrouped convolution on maps of up to 4x4, a Linear on up to 16 tokens) are formed a slice of weight
+#: rows (or columns) at a time for all samples of the chunk at once, the larger of the weight's two sides
+#: sliced, so that each slice's sign sum is final (sample slices need one more pass to add theirs up):
+#: 1.1-2x faster at depth 4, within 10% either way at 16, up to 10% slower deeper (`bench/kernels.py
+#: --products --threads 1 --batch-size 32`)
+SHALLOW_PRODUCT_DEPTH = 16
 #: the sample whose batched per-sample gradients ``auto`` compares with its single-sample gradients: the
 #: second, so that in the first pass it has a neighbour on each side (a dependence on earlier or on later
 #: samples changes it) and a single batch-of-one pass is the reference
@@ -427,13 +434,7 @@ def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tenso
                          scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row dL/dW of a Conv2d, shape (rows, *W.shape), from its input and output gradient. ``scratch``:
     a flat buffer the result may be written into (when the chosen way can and it is large enough)."""
-    if x.dim() != 4:
-        raise UnsupportedModelError("Conv2d called on unbatched input")
-    padding = conv.padding
-    if isinstance(padding, str) or conv.padding_mode != "zeros":
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-        padding = 0
+    x, padding = _padded_input(conv, x)
     if _use_forward_convolution(conv, x, grad_out):
         return _depthwise_sample_grads(conv, x, grad_out, padding)
     if _use_matmul(conv, x, grad_out):
@@ -445,6 +446,17 @@ def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tenso
         grad_out.reshape(1, -1, *grad_out.shape[2:]), stride=conv.stride, padding=padding,
         dilation=conv.dilation, groups=batch * conv.groups)
     return grads.reshape(batch, *conv.weight.shape)
+
+
+def _padded_input(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | int]:
+    """``x`` and the zero padding left to the convolution: padding given by a string or of another mode
+    than zeros is applied to ``x`` itself."""
+    if x.dim() != 4:
+        raise UnsupportedModelError("Conv2d called on unbatched input")
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0
+    return x, conv.padding
 
 
 def _use_forward_convolution(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
@@ -484,11 +496,11 @@ def _use_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> boo
     return pointwise or positions <= MATMUL_POSITIONS
 
 
-def _conv2d_sample_grads_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
-                                padding: tuple[int, int] | int, scratch: torch.Tensor | None = None
-                                ) -> torch.Tensor:
-    """Sample i's dL/dW for group g = grad_out_ig (C_out/G x P) times its unfolded input
-    (P x C_in/G k k), P positions: one batched product over samples and groups."""
+def _conv2d_factors(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, padding: tuple[int, int] | int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns), (batch * groups, C_out/G, P) and (batch * groups, C_in/G k k, P) for P output
+    positions: sample i's dL/dW for group g is rows_ig columns_ig^T (its output gradient times its
+    unfolded input)."""
     batch, groups = x.shape[0], conv.groups
     if conv.weight.shape[2:] == (1, 1) and padding in (0, (0, 0)) and conv.dilation == (1, 1):
         x = x[:, :, ::conv.stride[0], ::conv.stride[1]][:, :, :grad_out.shape[2], :grad_out.shape[3]]
@@ -496,8 +508,16 @@ def _conv2d_sample_grads_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torc
     else:
         columns = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
     columns = columns.reshape(batch * groups, -1, columns.shape[-1])
-    rows = grad_out.reshape(batch * groups, -1, columns.shape[-1])
-    shape = (batch * groups, rows.shape[1], columns.shape[1])
+    return grad_out.reshape(batch * groups, -1, columns.shape[-1]), columns
+
+
+def _conv2d_sample_grads_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
+                                padding: tuple[int, int] | int, scratch: torch.Tensor | None = None
+                                ) -> torch.Tensor:
+    """Per-sample dL/dW by one batched product over samples and groups of ``_conv2d_factors``."""
+    rows, columns = _conv2d_factors(conv, x, grad_out, padding)
+    batch = x.shape[0]
+    shape = (len(rows), rows.shape[1], columns.shape[1])
     out = _scratch_view(scratch, shape, rows.dtype)
     grads = torch.bmm(rows, columns.transpose(1, 2), out=out) if out is not None else torch.bmm(
         rows, columns.transpose(1, 2))
@@ -634,6 +654,8 @@ class _SignCountHooks:
         rows = len(x) // self.samples
         if not self.pending_calls[name] and name not in self.partial:
             # the layer's only call: reduce to sign counts slice by slice
+            if rows == 1 and self._add_shallow_conv_signs(name, module, x, grad_out):
+                return
             step = self._slice(module.weight.numel() * rows, x)
             scratch = self._scratch(step * module.weight.numel(), x)
             for part in _chunks(self.samples, step):
@@ -655,6 +677,48 @@ class _SignCountHooks:
             self._reduce_linear(name)
         else:
             self._add_signs(name, self.partial.pop(name), 0)
+
+    def _add_shallow_conv_signs(self, name: str, conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor
+                                ) -> bool:
+        """Sign counts of an ungrouped Conv2d's one call by ``_add_product_signs`` when its per-sample
+        gradients are products over at most ``SHALLOW_PRODUCT_DEPTH`` positions (True), else False."""
+        if conv.groups != 1 or grad_out.dim() != 4 or grad_out.shape[2] * grad_out.shape[3] > SHALLOW_PRODUCT_DEPTH:
+            return False
+        x, padding = _padded_input(conv, x)
+        if not _use_matmul(conv, x, grad_out):
+            return False
+        rows, columns = _conv2d_factors(conv, x, grad_out, padding)
+        self._add_product_signs(name, rows, columns.transpose(1, 2), conv.weight.shape)
+        return True
+
+    def _add_product_signs(self, name: str, a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> None:
+        """Sign counts, into the chunk's, of per-sample gradients that are products ``a_n b_n`` (``a``:
+        (samples, out, depth), ``b``: (samples, depth, in); reshaped to the weight's ``shape``). They are
+        formed for all samples at once a slice of the larger side at a time (of about ``SLICE_ELEMENTS``
+        floats on a CPU), the smaller side spanning each product's rows, so that every slice's sign sum
+        is already its rows' sum over the chunk."""
+        samples, transposed = len(a), b.shape[2] > a.shape[1]
+        if transposed:  # slices of the input side: products b_n^T a_n^T, whose sums are the counts transposed
+            a, b = b.transpose(1, 2), a.transpose(1, 2)
+        sliced, whole = a.shape[1], b.shape[2]
+        step = max(1, SLICE_ELEMENTS // (samples * whole)) if a.device.type == "cpu" else sliced
+        buffer = self._scratch(samples * min(step, sliced) * whole, a)
+        sums = a.new_empty(sliced, whole)
+        kept = a.new_empty(sliced, whole) if self.first_chunk and self.verified is not None else None
+        for part in _chunks(sliced, step):
+            out = _scratch_view(buffer, (samples, part.stop - part.start, whole), a.dtype)
+            products = torch.bmm(a[:, part], b, out=out)
+            if kept is not None:
+                kept[part] = products[self.verified]
+            torch.sum(torch.sign(products, out=products), 0, out=sums[part])
+        if kept is not None:
+            self.prefix[name] = (kept.t() if transposed else kept).reshape(1, *shape)
+        sums = (sums.t() if transposed else sums).reshape(shape)
+        total = self.chunk_counts.get(name)
+        if total is None:
+            self.chunk_counts[name] = sums
+        else:
+            total += sums
 
     def _slice(self, per_sample: int, x: torch.Tensor) -> int:
         """Samples per slice: per-sample gradients of about ``SLICE_ELEMENTS`` floats on a CPU."""
@@ -681,6 +745,9 @@ class _SignCountHooks:
             return
         if x.shape[1] == 1:
             self._add_outer_product_signs(name, x[:, 0], grad_out[:, 0])
+            return
+        if x.shape[1] <= SHALLOW_PRODUCT_DEPTH:
+            self._add_product_signs(name, grad_out.transpose(1, 2), x, self.counts[name].shape)
             return
         step = self._slice(x.shape[2] * grad_out.shape[2], x)
         scratch = self._scratch(step * x.shape[2] * grad_out.shape[2], x)
