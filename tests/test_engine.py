@@ -629,6 +629,41 @@ def test_transformer_encoder_layer_matches_the_definition(caplog):
         assert "not exact" not in caplog.text
 
 
+class KeywordCrossAttention(nn.Module):
+    """``nn.MultiheadAttention`` called by keywords, with 3 learned queries attending over the sequence."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.queries = nn.Parameter(torch.randn(3, 12))
+        self.attention = nn.MultiheadAttention(12, 2, batch_first=batch_first)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        queries = self.queries.expand(len(x), -1, -1)
+        if not self.batch_first:
+            queries, x = queries.transpose(0, 1), x.transpose(0, 1)
+        h, _ = self.attention(query=queries, key=x, value=x, need_weights=False)
+        return self.head(torch.tanh(h).mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_shapes_come_from_the_reference_pass(batch_first, monkeypatch, caplog):
+    # the out_proj call the batched form makes is read from the attention's call in the reference pass
+    # (queries shorter than keys, passed by keyword): no extra one-sample probe, the loop's value
+    def no_probe(*args):
+        raise AssertionError("probed the call shapes again")
+
+    monkeypatch.setattr(engine_module, "_single_sample_input_shapes", no_probe)
+    torch.manual_seed(0)
+    model = KeywordCrossAttention(batch_first)
+    x, y = torch.randn(8, 5, 12), torch.randint(0, 3, (8,))
+    with caplog.at_level("WARNING", logger="gradsign"):
+        score = gradsign.score(model, x, y)
+    assert "not exact" not in caplog.text
+    assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
+
+
 @pytest.mark.parametrize("make, kind, falls_back", [
     (TiedLinears, "features", False), (TiedEmbedding, "tokens", False), (PaddedTiedEmbedding, "tokens", False),
     (FunctionalReuse, "features", False), (KeywordFunctionalReuse, "sequence", False),

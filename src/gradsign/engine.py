@@ -35,7 +35,7 @@ import logging
 import math
 import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -317,7 +317,8 @@ def _reference_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     if not len(inputs):
         return [], None
     shapes = _CallShapes()
-    with _input_shapes_recorded(_weight_users(model, layers), shapes):
+    attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    with _input_shapes_recorded(_weight_users(model, layers), shapes, attentions=attentions):
         grads = list(_single_sample_grads(model, inputs[:1], targets[:1], loss_fn, layers))
     grads += _single_sample_grads(model, inputs[1:], targets[1:], loss_fn, layers)
     return grads, shapes
@@ -327,12 +328,10 @@ def _reference_then_batched_form(model: nn.Module, inputs: torch.Tensor, targets
                                  loss_fn: LossFn, layers: list[tuple[str, nn.Module]]
                                  ) -> tuple[list[dict[str, torch.Tensor | None]],
                                             _CallShapes | None, BatchedForm]:
-    """``_reference_grads`` of ``inputs``, then ``model`` put in its ``BatchedForm``. The call shapes the
-    reference recorded are dropped (None: the batched pass reads them itself) when the form makes an
-    attention's out_proj a module call, which it is not in the model as it is."""
+    """``_reference_grads`` of ``inputs``, then ``model`` put in its ``BatchedForm``, and the call shapes
+    the reference recorded (None without inputs: the batched pass reads them itself)."""
     reference, single_shapes = _reference_grads(model, inputs, targets, loss_fn, layers)
-    swap = BatchedForm(model)
-    return reference, None if swap.attentions else single_shapes, swap
+    return reference, single_shapes, BatchedForm(model)
 
 
 def _loop_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
@@ -902,26 +901,47 @@ class _FunctionalLinearCalls(TorchFunctionMode):
         return output
 
 
+def _modular_out_proj_shape(attention: nn.MultiheadAttention, args: tuple, kwargs: dict) -> torch.Size:
+    """The input shape of the ``out_proj`` call that ``BatchedForm``'s attention makes, for this call of
+    ``attention`` (samples first, as ``_attention_with_modular_out_proj`` calls it)."""
+    query = args[0] if args else kwargs["query"]
+    if query.dim() < 3:
+        return torch.Size((query.shape[0], attention.embed_dim))
+    samples, length = query.shape[:2] if attention.batch_first else query.shape[1::-1]
+    return torch.Size((samples, length, attention.embed_dim))
+
+
 @contextlib.contextmanager
 def _input_shapes_recorded(users: list[tuple[str, nn.Module]], shapes: _CallShapes, *,
-                           functional: bool = False) -> Iterator[None]:
+                           functional: bool = False, attentions: Iterable[nn.MultiheadAttention] = ()
+                           ) -> Iterator[None]:
     """Within the block, forwards record the input shape of each call of each counted module in ``shapes``;
     with ``functional``, also of each ``F.linear`` call on a counted Linear weight outside its modules
-    (seeing them costs Python work on every torch call of the forward)."""
-    def record(name: str, x: torch.Tensor) -> None:
-        shapes[(name, sum(key[0] == name for key in shapes))] = x.shape
+    (seeing them costs Python work on every torch call of the forward). Each call of one of
+    ``attentions`` whose out_proj is counted records the out_proj call it makes in the ``BatchedForm`` (in
+    the model as it is, out_proj's weight is used inside the functional attention)."""
+    def record(name: str, shape: torch.Size) -> None:
+        shapes[(name, sum(key[0] == name for key in shapes))] = shape
 
     def recorder(name: str):
         def hook(module: nn.Module, args: tuple, output) -> None:
-            record(name, args[0])
+            record(name, args[0].shape)
         return hook
 
     def record_functional(name: str, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         shapes.functional = True
-        record(name, x)
+        record(name, x.shape)
         return output
 
+    def attention_recorder(name: str):
+        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
+            record(name, _modular_out_proj_shape(module, args, kwargs))
+        return hook
+
     handles = [m.register_forward_hook(recorder(name)) for name, m in users]
+    names = {id(m): name for name, m in users}
+    handles += [m.register_forward_pre_hook(attention_recorder(names[id(m.out_proj)]), with_kwargs=True)
+                for m in attentions if id(m.out_proj) in names]
     try:
         with _FunctionalLinearCalls(users, record_functional) if functional else contextlib.nullcontext():
             yield
