@@ -740,6 +740,33 @@ def test_float32_noise_is_settled_in_float64_without_a_fallback(monkeypatch, cap
     assert "vmap engine" in caplog.text
 
 
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_the_float64_check_gives_back_the_models_own_tensors(interrupted, monkeypatch):
+    # the check runs on the model itself in float64; afterwards (also after Ctrl-C inside it) every
+    # parameter and buffer holds its own float32 tensor again, and the counts are the loop's
+    torch.manual_seed(0)
+    model = cnn(nn.BatchNorm2d)
+    x, y, _ = batch("image")
+    tensors = lambda: ([(id(p), p.data_ptr(), p.dtype, p.grad) for p in model.parameters()]
+                       + [(id(b), b.data_ptr(), b.dtype) for b in model.buffers()])
+    before = tensors()
+    monkeypatch.setattr(engine_module, "FLOAT32_TOLERANCE", -1.0)  # every float32 comparison "fails"
+
+    def loss(outputs, targets):
+        if interrupted and outputs.dtype == torch.float64:
+            raise KeyboardInterrupt
+        return F.cross_entropy(outputs, targets)
+
+    if interrupted:
+        with pytest.raises(KeyboardInterrupt):
+            sign_counts(model, x, y, loss)
+    else:
+        counts = sign_counts(model, x, y, loss)
+        reference = sign_counts(copy.deepcopy(model), x, y, loss, engine="loop")
+        assert all(torch.equal(counts[k], reference[k]) for k in reference)
+    assert tensors() == before
+
+
 def test_engine_warnings_collects_the_fallback_causes_of_a_block():
     from gradsign.engine import engine_warnings
 
