@@ -35,7 +35,9 @@ def cnn(norm, *, classes: int = 10, depthwise: bool = False) -> nn.Module:
 def small_map_cnn() -> nn.Module:
     """Convolutions whose per-sample gradients the engine forms in other ways: depthwise 5x5 (strided)
     and 7x7 (dilated, 'same' padding); 3x3 (plain, strided with reflect padding, dilated) and strided
-    1x1 convolutions on maps of at most 64 positions; grouped and depthwise 3x3 convolutions on 2x2 maps."""
+    1x1 convolutions on maps of at most 64 positions; grouped and depthwise 3x3 convolutions on 2x2 maps;
+    ungrouped 3x3 convolutions on a 2x2 map, strided onto a 1x1 map and on a 1x1 map (products of depth
+    4 and 1, kernel offsets that read only padding)."""
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
         nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8), nn.ReLU(),
@@ -46,6 +48,9 @@ def small_map_cnn() -> nn.Module:
         nn.Conv2d(12, 16, 1, stride=2), nn.ReLU(),
         nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.ReLU(),
         nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 

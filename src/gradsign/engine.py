@@ -568,9 +568,9 @@ class _SignCountHooks:
     or, for a Linear, ``samples`` along the second dimension (sequence-first); the verification checks
     the reading."""
 
-    def __init__(self, users: list[tuple[str, nn.Module]], counts: dict[str, torch.Tensor],
+    def __init__(self, users: list[tuple[str, nn.Module]], totals: dict[str, torch.Tensor],
                  verified: int | None, single_shapes: _CallShapes):
-        self.counts = counts
+        self.totals = totals
         self.verified = verified
         self.prefix: dict[str, torch.Tensor] = {}
         self.samples = 0
@@ -580,7 +580,6 @@ class _SignCountHooks:
         self.pending_calls: dict[str, int] = {}
         self.partial: dict[str, torch.Tensor] = {}
         self.linear_rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.chunk_counts: dict[str, torch.Tensor] = {}
         self.scratch: dict[str, torch.Tensor] = {}
         self.chunk_inputs: torch.Tensor | None = None
         self.handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in users]
@@ -690,7 +689,7 @@ class _SignCountHooks:
         return True
 
     def _add_product_signs(self, name: str, a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> None:
-        """Sign counts, into the chunk's, of per-sample gradients that are products ``a_n b_n`` (``a``:
+        """Sign counts, added to the totals, of per-sample gradients that are products ``a_n b_n`` (``a``:
         (samples, out, depth), ``b``: (samples, depth, in); reshaped to the weight's ``shape``). They are
         formed for all samples at once a slice of the larger side at a time (of about ``SLICE_ELEMENTS``
         floats on a CPU), the smaller side spanning each product's rows, so that every slice's sign sum
@@ -701,7 +700,7 @@ class _SignCountHooks:
         sliced, whole = a.shape[1], b.shape[2]
         step = max(1, SLICE_ELEMENTS // (samples * whole)) if a.device.type == "cpu" else sliced
         buffer = self._scratch(samples * min(step, sliced) * whole, a)
-        sums = a.new_empty(sliced, whole)
+        sums = self._scratch(sliced * whole, a, "sums")[:sliced * whole].view(sliced, whole)
         kept = a.new_empty(sliced, whole) if self.first_chunk and self.verified is not None else None
         for part in _chunks(sliced, step):
             out = _scratch_view(buffer, (samples, part.stop - part.start, whole), a.dtype)
@@ -711,12 +710,8 @@ class _SignCountHooks:
             torch.sum(torch.sign(products, out=products), 0, out=sums[part])
         if kept is not None:
             self.prefix[name] = (kept.t() if transposed else kept).reshape(1, *shape)
-        sums = (sums.t() if transposed else sums).reshape(shape)
-        total = self.chunk_counts.get(name)
-        if total is None:
-            self.chunk_counts[name] = sums
-        else:
-            total += sums
+        total = self.totals[name].view(-1, whole if not transposed else sliced)
+        total += sums.t() if transposed else sums
 
     def _slice(self, per_sample: int, x: torch.Tensor) -> int:
         """Samples per slice: per-sample gradients of about ``SLICE_ELEMENTS`` floats on a CPU."""
@@ -745,7 +740,7 @@ class _SignCountHooks:
             self._add_outer_product_signs(name, x[:, 0], grad_out[:, 0])
             return
         if x.shape[1] <= SHALLOW_PRODUCT_DEPTH:
-            self._add_product_signs(name, grad_out.transpose(1, 2), x, self.counts[name].shape)
+            self._add_product_signs(name, grad_out.transpose(1, 2), x, self.totals[name].shape)
             return
         step = self._slice(x.shape[2] * grad_out.shape[2], x)
         scratch = self._scratch(step * x.shape[2] * grad_out.shape[2], x)
@@ -760,26 +755,22 @@ class _SignCountHooks:
         if self.first_chunk and self.verified is not None:
             v = self.verified
             self.prefix[name] = (grad_out[v:v + 1, :, None] * x[v:v + 1, None, :]).detach()
-        signs = torch.sign(grad_out).transpose(0, 1) @ torch.sign(x)
-        self.counts[name] += signs.round().to(torch.int32)
+        total = self.totals[name]
+        total.addmm_(torch.sign(grad_out).transpose(0, 1).to(total.dtype), torch.sign(x).to(total.dtype))
 
     def _add_signs(self, name: str, sample_grads: torch.Tensor, first: int) -> None:
         if self.first_chunk and self.verified is not None and 0 <= self.verified - first < len(sample_grads):
             v = self.verified - first
             self.prefix[name] = sample_grads[v:v + 1].detach().clone()
-        # signs in place, summed in float32 (exact for integers below 2^24) and turned into int32 once per
-        # chunk: no copy of the per-sample gradients, whose memory traffic dominates on wide layers
+        # signs in place (no copy of the per-sample gradients, whose memory traffic dominates on wide
+        # layers), summed into a reused buffer and added to the totals
         signs = torch.sign(sample_grads, out=sample_grads)
         if len(signs) == 1:
             summed = signs[0]
         else:
             summed = torch.sum(signs, 0, out=self._scratch(signs[0].numel(), signs, "sums")[:signs[0].numel()]
                                .view(signs.shape[1:]))
-        total = self.chunk_counts.get(name)
-        if total is None:
-            self.chunk_counts[name] = summed.clone()
-        else:
-            total += summed
+        self.totals[name] += summed
 
     def finish_chunk(self) -> None:
         """Close the chunk: calls whose output got no gradient contribute zero."""
@@ -787,9 +778,6 @@ class _SignCountHooks:
             self._reduce_linear(name)  # takes the weight's other calls' gradients along
         for name, sample_grads in self.partial.items():
             self._add_signs(name, sample_grads, 0)
-        for name, total in self.chunk_counts.items():
-            self.counts[name] += total.to(torch.int32)
-        self.chunk_counts.clear()
         self.partial.clear()
         self.pending_calls.clear()
         self.calls.clear()
@@ -820,14 +808,17 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     one-sample probe reads them otherwise); where they include functional ``F.linear`` calls, the forwards
     run under ``_FunctionalLinearCalls`` so that those calls are counted too."""
     model.requires_grad_(False)
-    counts = _zero_counts(layers)
+    # sign sums in float32 or wider (exact integers below 2^24 samples), added to in place and turned into
+    # int32 once at the end
+    totals = {name: torch.zeros(m.weight.shape, dtype=torch.promote_types(m.weight.dtype, torch.float32),
+                                device=m.weight.device) for name, m in layers}
     users = _weight_users(model, layers)
     if single_shapes is None:
         single_shapes = _single_sample_input_shapes(model, inputs[:1], users)
     # the verified sample shares the first pass with a sample on each side, whatever chunk size was asked for
     least = 0 if verified is None else min(verified + 2, len(inputs))
     chunk_size = max(chunk_size or _batched_chunk(layers, single_shapes, inputs), least)
-    hooks = _SignCountHooks(users, counts, verified, single_shapes)
+    hooks = _SignCountHooks(users, totals, verified, single_shapes)
     floating = inputs.is_floating_point()
     leaf_hooks = [] if floating else _make_leaves_hooks(model)
     try:
@@ -847,7 +838,7 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
         hooks.remove()
         for handle in leaf_hooks:
             handle.remove()
-    return counts, hooks.prefix
+    return {name: total.to(torch.int32) for name, total in totals.items()}, hooks.prefix
 
 
 class _CallShapes(dict):
