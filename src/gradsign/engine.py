@@ -952,33 +952,48 @@ def _single_sample_input_shapes(model: nn.Module, x: torch.Tensor, users: list[t
 
 def _first_mismatch(batched: dict[str, torch.Tensor], reference: list[dict[str, torch.Tensor | None]],
                     tolerance: float) -> tuple[str, str] | None:
-    """(layer, how much) for the first counted weight whose batched per-sample gradients of the first
-    samples differ from their single-sample gradients of the model as it is (``reference``, its own norm
-    layers), or None when all agree within ``tolerance``.
+    """(layer, how much) for the first counted weight whose batched per-sample gradients (``batched``, a
+    row per verified sample) differ from the single-sample gradients of the model as it is (``reference``,
+    its own norm layers), or None when all agree within ``tolerance``.
 
     A weight's differences are measured against its largest gradient, but never against less than
     ``NOISE_FLOOR`` of the largest gradient of any weight for that sample: weights whose exact gradient
     is zero (e.g. a branch ending in BatchNorm right before global pooling, whose pooled output is its
     bias for every single sample) get rounding noise of that size in any implementation."""
     for i, single in enumerate(reference):
-        largest = max((float(g.abs().max()) for g in single.values() if g is not None and g.numel()),
-                      default=0.0)
+        grads = [g for g in single.values() if g is not None]
+        largest = max(map(_largest_magnitude, grads), default=0.0)
+        # one buffer for every weight's differences (fresh weight-sized arrays are paged in anew)
+        buffer = torch.empty(max((g.numel() for g in grads), default=0), dtype=grads[0].dtype,
+                             device=grads[0].device) if grads else None
         for name, grad in single.items():
             difference = _difference(batched[name][i] if name in batched else None, grad, tolerance,
-                                     NOISE_FLOOR * largest)
+                                     NOISE_FLOOR * largest, buffer)
             if difference is not None:
                 return name, difference
     return None
 
 
+def _largest_magnitude(t: torch.Tensor) -> float:
+    """max |t| (0 when empty; NaN if any is), without forming |t| (4x faster over a model's weights)."""
+    if not t.numel():
+        return 0.0
+    low, high = torch.aminmax(t)
+    return max(float(high), -float(low))
+
+
 def _difference(batched: torch.Tensor | None, single: torch.Tensor | None, tolerance: float,
-                floor: float = 0.0) -> str | None:
+                floor: float = 0.0, buffer: torch.Tensor | None = None) -> str | None:
+    """None when ``batched`` equals ``single`` within ``tolerance`` times the larger of ``single``'s
+    largest magnitude and ``floor`` (None stands for zeros), else how far it is. ``buffer``: a flat
+    array the differences may be written into."""
     if single is None:
         single = torch.zeros(()) if batched is None else torch.zeros_like(batched)
     if batched is None:
         batched = torch.zeros_like(single)
-    scale = max(float(single.abs().max()), floor)
-    error = float((batched.to(single.dtype) - single).abs().max())
+    out = _scratch_view(buffer, single.shape, single.dtype) if batched.shape == single.shape else None
+    scale = max(_largest_magnitude(single), floor)
+    error = _largest_magnitude(torch.sub(batched.to(single.dtype), single, out=out))
     if error <= tolerance * scale or (scale == 0 and error == 0):
         return None
     return f"largest difference {error:.3g} of {scale:.3g}"
