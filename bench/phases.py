@@ -1,0 +1,120 @@
+"""Where the default engine's time goes on the model zoo, as fractions of one batched forward+backward.
+
+For each zoo model ("bench" size, batch 32, weights seed 0, batch seed 1), over ``--repeats`` calls of
+``gradsign.score`` after a warm-up, the seconds spent in each phase of the default engine divided by
+the median seconds of one plain batched forward+backward (as bench/zoo.py times it):
+
+- ``reference``: the verification's single-sample reference pass (``_reference_grads``);
+- ``batched``: the batched passes (``_batched_counts``), of which ``hooks`` is forming the per-sample
+  gradients and their sign sums inside the gradient hooks;
+- ``compare``: comparing the verified sample's gradients (``_first_mismatch``);
+- ``probe``: one-sample probes for call shapes (``_single_sample_input_shapes``);
+- ``float64``: the float64 check, when float32 rounding left a doubt (its own passes included);
+- ``rest``: everything else (lending the model, scoring mode, the API).
+
+Phases nested in the float64 check are counted in it only. Also printed: one batch-of-one
+forward+backward as a fraction of the batch of 32 (1/32 would be free of per-call costs).
+
+    python bench/phases.py [--models a,b] [--repeats 5] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import statistics
+import time
+
+import torch
+
+import gradsign
+from gradsign import engine, zoo
+
+from zoo import forward_backward
+
+PHASES = {"_reference_grads": "reference", "_batched_counts": "batched", "_first_mismatch": "compare",
+          "_single_sample_input_shapes": "probe", "_float64_mismatch": "float64"}
+
+
+class PhaseClock:
+    """Wraps the engine's phase functions and the hooks' ``_accumulate`` and ``_reduce_linear`` to add up
+    seconds per phase (a call inside a running call of the same phase, or inside the float64 check, is
+    not counted again)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.running: collections.Counter = collections.Counter()
+        self.originals: list[tuple[object, str, object]] = []
+
+    def __enter__(self):
+        for function, phase in PHASES.items():
+            self._wrap(engine, function, phase)
+        for method in ("_accumulate", "_reduce_linear"):
+            self._wrap(engine._SignCountHooks, method, "hooks")
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, original in reversed(self.originals):
+            setattr(owner, name, original)
+
+    def _wrap(self, owner, name: str, phase: str) -> None:
+        original = getattr(owner, name)
+        self.originals.append((owner, name, original))
+
+        def timed(*args, **kwargs):
+            counted = not self.running[phase] and not self.running["float64"]
+            self.running[phase] += 1
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.running[phase] -= 1
+                if counted:
+                    self.seconds[phase] += time.perf_counter() - start
+        setattr(owner, name, timed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", help="comma-separated zoo names (default: all)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = args.models.split(",") if args.models else zoo.names()
+    columns = ["reference", "batched", "hooks", "compare", "probe", "float64", "rest"]
+    print(f"batch 32, {torch.get_num_threads()} torch threads, {args.repeats} calls per model; "
+          "fractions of one batched forward+backward")
+    print("| model | fwd+bwd ms | score | " + " | ".join(columns) + " | batch of one |")
+    print("|---" * (len(columns) + 4) + "|")
+    for name in names:
+        model = zoo.build(name, "bench", 0)
+        x, y = zoo.example_batch(name, 32, "bench", 1)
+        plain_model = engine.scoring_mode(copy.deepcopy(model)).requires_grad_(True)
+        forward_backward(plain_model, x, y)
+        gradsign.score(model, x, y)
+        plain, scored = [], 0.0
+        with PhaseClock() as clock:
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                forward_backward(plain_model, x, y)
+                middle = time.perf_counter()
+                gradsign.score(model, x, y)
+                plain.append(middle - start)
+                scored += time.perf_counter() - middle
+        one = statistics.median(plain)
+        single = []
+        for i in range(args.repeats):
+            start = time.perf_counter()
+            forward_backward(plain_model, x[i:i + 1], y[i:i + 1])
+            single.append(time.perf_counter() - start)
+        total = scored / args.repeats / one
+        fractions = {phase: clock.seconds.get(phase, 0.0) / args.repeats / one for phase in columns[:-1]}
+        fractions["rest"] = total - sum(v for k, v in fractions.items() if k != "hooks")
+        print(f"| {name} | {one * 1e3:.1f} | {total:.2f}x | "
+              + " | ".join(f"{fractions[c]:.2f}" for c in columns)
+              + f" | {statistics.median(single) / one:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
