@@ -231,7 +231,7 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
         finally:
             swap.undo()
     if mismatch and cause is None:
-        # float32 noise (e.g. normalising near-constant maps) or a real difference: decide in float64
+        # float32 noise (e.g. normalising near-constant maps) or a real difference: decide in float64, on
         # the verified sample with its neighbours
         cause = _float64_mismatch(model, inputs[:verified + 2], targets[:verified + 2], loss_fn, verified)
     if cause is None:
@@ -558,7 +558,7 @@ def _sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, samp
 
 class _SignCountHooks:
     """Forward hooks that attach, to each counted module's output, a gradient hook forming the module's
-    per-sample weight gradients and adding their signs to ``counts``. A weight used in several calls in
+    per-sample weight gradients and adding their signs to ``totals``. A weight used in several calls in
     one forward (a reused module, or modules sharing it) has its per-sample gradients summed over the
     calls before the sign is taken. The per-sample gradients of sample ``verified`` of the first chunk
     (if any) are kept in ``prefix``, one row per weight, for verification.
