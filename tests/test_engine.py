@@ -758,6 +758,31 @@ def test_the_float64_check_gives_back_the_models_own_tensors(interrupted, monkey
     assert tensors() == before
 
 
+class FixedProjection(nn.Module):
+    """A Linear, then a product with a float32 tensor the model keeps as a plain attribute (neither a
+    parameter nor a buffer, so converting the model to float64 leaves it float32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.projection = torch.randn(6, 3)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x)) @ self.projection
+
+
+def test_a_doubt_the_float64_check_cannot_settle_falls_back_with_its_cause(monkeypatch, caplog):
+    torch.manual_seed(0)
+    model = FixedProjection()
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    monkeypatch.setattr(engine_module, "FLOAT32_TOLERANCE", -1.0)  # every float32 comparison "fails"
+    with caplog.at_level("WARNING", logger="gradsign"):
+        counts = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy)
+    assert "does not run in float64" in caplog.text and "vmap engine" in caplog.text
+    reference = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="loop")
+    assert all(torch.equal(counts[k], reference[k]) for k in reference)
+
+
 def test_engine_warnings_collects_the_fallback_causes_of_a_block():
     from gradsign.engine import engine_warnings
 

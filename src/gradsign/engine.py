@@ -227,7 +227,7 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
             if not verify or _single_sample_error(error):
                 raise
             counts, mismatch = None, None
-            cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+            cause = _first_line(error)
         finally:
             swap.undo()
     if mismatch and cause is None:
@@ -267,10 +267,14 @@ def _exact_fallback(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
         log.warning("gradsign: batched engine is not exact for this model (%s); used the vmap engine", cause)
         return counts
     except Exception as error:  # vmap cannot run every model (in-place ops on inputs, .item(), ...)
-        vmap_error = str(error).splitlines()[0] if str(error) else type(error).__name__
+        vmap_error = _first_line(error)
     log.warning("gradsign: batched engine is not exact for this model (%s) and vmap cannot run it (%s); "
                 "used the loop engine", cause, vmap_error)
     return _loop_counts(model, inputs, targets, loss_fn, layers)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _zero_counts(layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
@@ -1011,13 +1015,17 @@ def _float64_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     layers = counted_layers(model)
     sample = slice(verified, verified + 1)
     with _in_float64(model), _requires_grad_kept(model):
-        reference, single_shapes, swap = _reference_then_batched_form(model, inputs[sample], targets[sample],
-                                                                      loss_fn, layers)
+        try:
+            reference, single_shapes, swap = _reference_then_batched_form(model, inputs[sample], targets[sample],
+                                                                          loss_fn, layers)
+        except (RuntimeError, ValueError, NotImplementedError) as error:  # e.g. float32 tensors the model holds
+            return f"float32 rounding cannot be told from a difference: the model does not run in float64 " \
+                   f"({_first_line(error)})"
         try:
             _, mismatch = _verified_batched_counts(model, inputs, targets, loss_fn, layers, len(inputs), verified,
                                                    reference, single_shapes, FLOAT64_TOLERANCE)
         except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
-            return str(error).splitlines()[0] if str(error) else type(error).__name__
+            return _first_line(error)
         finally:
             swap.undo()
         if mismatch is None:
