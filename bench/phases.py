@@ -30,7 +30,7 @@ import torch
 import gradsign
 from gradsign import engine, zoo
 
-from zoo import forward_backward
+from zoo import forward_backward  # bench/zoo.py: the plain forward+backward it times
 
 PHASES = {"_reference_grads": "reference", "_batched_counts": "batched", "_first_mismatch": "compare",
           "_single_sample_input_shapes": "probe", "_float64_mismatch": "float64"}
