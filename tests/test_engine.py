@@ -139,6 +139,21 @@ def test_engines_match_reference_loop(name, engine):
     assert fast == pytest.approx(reference, rel=1e-3)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_the_float64_check_passes_every_exact_model(name, monkeypatch, caplog):
+    # every float32 comparison "fails", so the float64 check (which forms the verified sample's
+    # gradients alone) decides: it must find these models exact, and the counts are the batched pass's
+    make, kind = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    x, y, loss = batch(kind)
+    batched = gradsign.score(model, x, y, loss_fn=loss, engine="batched")
+    monkeypatch.setattr(engine_module, "FLOAT32_TOLERANCE", -1.0)
+    with caplog.at_level("WARNING", logger="gradsign"):
+        assert gradsign.score(model, x, y, loss_fn=loss) == batched
+    assert caplog.text == ""
+
+
 @pytest.mark.parametrize("name", ["bn-running-stats", "token-mlp-mse", "small-maps-depthwise"])
 @pytest.mark.parametrize("slice_elements", [1 << 19, 700])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -660,7 +675,11 @@ def test_attention_shapes_come_from_the_reference_pass(batch_first, monkeypatch,
     (FunctionalReuse, "features", False), (KeywordFunctionalReuse, "sequence", False),
     (MatmulReuse, "features", True),
     (WindowFolding, "image", False), (SequenceFirst, "sequence", False), (SampleMinorFolding, "features", True)])
-def test_shared_functional_and_folded_weights_match_the_definition(make, kind, falls_back, caplog):
+@pytest.mark.parametrize("doubted", [False, True])
+def test_shared_functional_and_folded_weights_match_the_definition(make, kind, falls_back, doubted, caplog,
+                                                                   monkeypatch):
+    if doubted:  # every float32 comparison "fails": the float64 check decides
+        monkeypatch.setattr(engine_module, "FLOAT32_TOLERANCE", -1.0)
     torch.manual_seed(0)
     model = make()
     g = torch.Generator().manual_seed(3)

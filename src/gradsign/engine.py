@@ -242,19 +242,21 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
 def _verified_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
                              layers: list[tuple[str, nn.Module]], chunk_size: int | None, verified: int | None,
                              reference: list[dict[str, torch.Tensor | None]], single_shapes: _CallShapes | None,
-                             tolerance: float) -> tuple[dict[str, torch.Tensor], tuple[str, str] | None]:
+                             tolerance: float, *, verified_only: bool = False
+                             ) -> tuple[dict[str, torch.Tensor], tuple[str, str] | None]:
     """Batched counts (model in its batched form) and the first mismatch of the per-sample gradients they
     formed for sample ``verified`` with its single-sample ``reference`` gradients (None: they agree). On a
     mismatch, if the model calls ``F.linear`` on a counted weight outside its layers (the reference's
-    shapes do not look for such calls), the pass is run again counting those calls too."""
+    shapes do not look for such calls), the pass is run again counting those calls too. ``verified_only``:
+    form only the verified sample's gradients (the counts are then its alone)."""
     counts, prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size, verified=verified,
-                                     single_shapes=single_shapes)
+                                     single_shapes=single_shapes, verified_only=verified_only)
     mismatch = _first_mismatch(prefix, reference, tolerance)
     if mismatch and not (single_shapes is not None and single_shapes.functional):
         shapes = _single_sample_input_shapes(model, inputs[:1], _weight_users(model, layers))
         if shapes.functional:
             counts, prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
-                                             verified=verified, single_shapes=shapes)
+                                             verified=verified, single_shapes=shapes, verified_only=verified_only)
             mismatch = _first_mismatch(prefix, reference, tolerance)
     return counts, mismatch
 
@@ -565,7 +567,8 @@ class _SignCountHooks:
     per-sample weight gradients and adding their signs to ``totals``. A weight used in several calls in
     one forward (a reused module, or modules sharing it) has its per-sample gradients summed over the
     calls before the sign is taken. The per-sample gradients of sample ``verified`` of the first chunk
-    (if any) are kept in ``prefix``, one row per weight, for verification.
+    (if any) are kept in ``prefix``, one row per weight, for verification; with ``verified_only``, only
+    that sample's are formed (the totals then count it alone).
 
     How a call's input holds the samples is read by comparing its shape with the same call's input shape
     for a single sample (``single_shapes``): ``samples`` times as many rows (a sample's rows consecutive),
@@ -573,9 +576,10 @@ class _SignCountHooks:
     the reading."""
 
     def __init__(self, users: list[tuple[str, nn.Module]], totals: dict[str, torch.Tensor],
-                 verified: int | None, single_shapes: _CallShapes):
+                 verified: int | None, single_shapes: _CallShapes, *, verified_only: bool = False):
         self.totals = totals
         self.verified = verified
+        self.verified_only = verified_only and verified is not None
         self.prefix: dict[str, torch.Tensor] = {}
         self.samples = 0
         self.first_chunk = True
@@ -613,11 +617,29 @@ class _SignCountHooks:
         self.pending_calls[name] = self.pending_calls.get(name, 0) + 1
         x = x.detach()
         if sequence_first:  # a Linear acts on each position alone: put the samples first
-            output.register_hook(lambda grad: self._accumulate(name, module, x.transpose(0, 1),
-                                                               grad.transpose(0, 1)))
+            output.register_hook(lambda grad: self._accumulate(name, module, *self._formed(x.transpose(0, 1),
+                                                                                           grad.transpose(0, 1))))
         else:
-            output.register_hook(lambda grad: self._accumulate(name, module, x, grad))
+            output.register_hook(lambda grad: self._accumulate(name, module, *self._formed(x, grad)))
         return output
+
+    def _formed(self, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of a call whose per-sample gradients are formed: the chunk's, or with
+        ``verified_only`` the verified sample's."""
+        if not self.verified_only:
+            return x, grad_out
+        rows = len(x) // self.samples
+        return x.narrow(0, self.verified * rows, rows), grad_out.narrow(0, self.verified * rows, rows)
+
+    @property
+    def formed_samples(self) -> int:
+        return 1 if self.verified_only else self.samples
+
+    def _kept_sample(self) -> int | None:
+        """Which of the formed samples' gradients go to ``prefix`` now (None: none)."""
+        if not self.first_chunk or self.verified is None:
+            return None
+        return 0 if self.verified_only else self.verified
 
     def _reads_chunk_inputs(self, x: torch.Tensor) -> bool:
         inputs = self.chunk_inputs
@@ -645,26 +667,27 @@ class _SignCountHooks:
             # every call's rows of the sample side by side: the per-sample gradient of all calls together is
             # one product grad_out_i^T x_i over them, formed once when the last call's gradient arrives
             self.linear_rows.setdefault(name, []).append(
-                (x.reshape(self.samples, -1, x.shape[-1]), grad_out.reshape(self.samples, -1, grad_out.shape[-1])))
+                (x.reshape(self.formed_samples, -1, x.shape[-1]),
+                 grad_out.reshape(self.formed_samples, -1, grad_out.shape[-1])))
             if not self.pending_calls[name]:
                 self._reduce_linear(name)
             return
         if isinstance(module, nn.Embedding):
-            self._add_call(name, _embedding_sample_grads(module, x, grad_out, self.samples))
+            self._add_call(name, _embedding_sample_grads(module, x, grad_out, self.formed_samples))
             return
-        rows = len(x) // self.samples
+        rows = len(x) // self.formed_samples
         if not self.pending_calls[name] and name not in self.partial:
             # the layer's only call: reduce to sign counts slice by slice
             if rows == 1 and self._add_shallow_conv_signs(name, module, x, grad_out):
                 return
             step = self._slice(module.weight.numel() * rows, x)
             scratch = self._scratch(step * module.weight.numel(), x)
-            for part in _chunks(self.samples, step):
+            for part in _chunks(self.formed_samples, step):
                 rows_part = slice(part.start * rows, part.stop * rows)
                 grads = _sample_grads(module, x[rows_part], grad_out[rows_part], part.stop - part.start, scratch)
                 self._add_signs(name, grads, part.start)
             return
-        self._add_call(name, _sample_grads(module, x, grad_out, self.samples))
+        self._add_call(name, _sample_grads(module, x, grad_out, self.formed_samples))
 
     def _add_call(self, name: str, sample_grads: torch.Tensor) -> None:
         """One call's per-sample gradients of a weight used in several calls: summed with the other calls',
@@ -705,12 +728,13 @@ class _SignCountHooks:
         step = max(1, SLICE_ELEMENTS // (samples * whole)) if a.device.type == "cpu" else sliced
         buffer = self._scratch(samples * min(step, sliced) * whole, a)
         sums = self._scratch(sliced * whole, a, "sums")[:sliced * whole].view(sliced, whole)
-        kept = a.new_empty(sliced, whole) if self.first_chunk and self.verified is not None else None
+        kept_sample = self._kept_sample()
+        kept = a.new_empty(sliced, whole) if kept_sample is not None else None
         for part in _chunks(sliced, step):
             out = _scratch_view(buffer, (samples, part.stop - part.start, whole), a.dtype)
             products = torch.bmm(a[:, part], b, out=out)
             if kept is not None:
-                kept[part] = products[self.verified]
+                kept[part] = products[kept_sample]
             torch.sum(torch.sign(products, out=products), 0, out=sums[part])
         if kept is not None:
             self.prefix[name] = (kept.t() if transposed else kept).reshape(1, *shape)
@@ -719,7 +743,7 @@ class _SignCountHooks:
 
     def _slice(self, per_sample: int, x: torch.Tensor) -> int:
         """Samples per slice: per-sample gradients of about ``SLICE_ELEMENTS`` floats on a CPU."""
-        return max(1, SLICE_ELEMENTS // per_sample) if x.device.type == "cpu" else self.samples
+        return max(1, SLICE_ELEMENTS // per_sample) if x.device.type == "cpu" else self.formed_samples
 
     def _scratch(self, numel: int, like: torch.Tensor, purpose: str = "grads") -> torch.Tensor:
         """A flat buffer of at least ``numel`` elements, one per ``purpose``, reused by every slice of every
@@ -748,7 +772,7 @@ class _SignCountHooks:
             return
         step = self._slice(x.shape[2] * grad_out.shape[2], x)
         scratch = self._scratch(step * x.shape[2] * grad_out.shape[2], x)
-        for part in _chunks(self.samples, step):
+        for part in _chunks(self.formed_samples, step):
             out = _scratch_view(scratch, (part.stop - part.start, grad_out.shape[2], x.shape[2]), grad_out.dtype)
             self._add_signs(name, torch.bmm(grad_out[part].transpose(1, 2), x[part], out=out), part.start)
 
@@ -756,15 +780,16 @@ class _SignCountHooks:
         """A Linear called once with one row per sample: sample i's gradient is the outer product
         grad_out_i x_i^T, whose signs are sign(grad_out_i) sign(x_i)^T, so the counts are one matrix
         product of signs (exact: integer sums far below float32's 2^24)."""
-        if self.first_chunk and self.verified is not None:
-            v = self.verified
+        v = self._kept_sample()
+        if v is not None:
             self.prefix[name] = (grad_out[v:v + 1, :, None] * x[v:v + 1, None, :]).detach()
         total = self.totals[name]
         total.addmm_(torch.sign(grad_out).transpose(0, 1).to(total.dtype), torch.sign(x).to(total.dtype))
 
     def _add_signs(self, name: str, sample_grads: torch.Tensor, first: int) -> None:
-        if self.first_chunk and self.verified is not None and 0 <= self.verified - first < len(sample_grads):
-            v = self.verified - first
+        kept_sample = self._kept_sample()
+        if kept_sample is not None and 0 <= kept_sample - first < len(sample_grads):
+            v = kept_sample - first
             self.prefix[name] = sample_grads[v:v + 1].detach().clone()
         # signs in place (no copy of the per-sample gradients, whose memory traffic dominates on wide
         # layers), summed into a reused buffer and added to the totals
@@ -804,10 +829,11 @@ def _make_leaves_hooks(model: nn.Module) -> list:
 
 def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
                     layers: list[tuple[str, nn.Module]], chunk_size: int | None, *, verified: int | None = None,
-                    single_shapes: _CallShapes | None = None
+                    single_shapes: _CallShapes | None = None, verified_only: bool = False
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Sign counts from batched passes, and the per-sample gradients of sample ``verified`` (one row per
-    counted weight; none without it).
+    counted weight; none without it). With ``verified_only`` only that sample's gradients are formed
+    (the other samples still run through the model, and the counts are that sample's alone).
     ``single_shapes``: the counted weights' calls' input shapes for one sample, when already known (a
     one-sample probe reads them otherwise); where they include functional ``F.linear`` calls, the forwards
     run under ``_FunctionalLinearCalls`` so that those calls are counted too."""
@@ -822,7 +848,7 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     # the verified sample shares the first pass with a sample on each side, whatever chunk size was asked for
     least = 0 if verified is None else min(verified + 2, len(inputs))
     chunk_size = max(chunk_size or _batched_chunk(layers, single_shapes, inputs), least)
-    hooks = _SignCountHooks(users, totals, verified, single_shapes)
+    hooks = _SignCountHooks(users, totals, verified, single_shapes, verified_only=verified_only)
     floating = inputs.is_floating_point()
     leaf_hooks = [] if floating else _make_leaves_hooks(model)
     try:
@@ -1023,7 +1049,7 @@ def _float64_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
                    f"({_first_line(error)})"
         try:
             _, mismatch = _verified_batched_counts(model, inputs, targets, loss_fn, layers, len(inputs), verified,
-                                                   reference, single_shapes, FLOAT64_TOLERANCE)
+                                                   reference, single_shapes, FLOAT64_TOLERANCE, verified_only=True)
         except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
             return _first_line(error)
         finally:
