@@ -706,11 +706,10 @@ class _SignCountHooks:
                                 ) -> bool:
         """Sign counts of an ungrouped Conv2d's one call by ``_add_product_signs`` when its per-sample
         gradients are products over at most ``SHALLOW_PRODUCT_DEPTH`` positions (True), else False."""
-        if conv.groups != 1 or grad_out.dim() != 4 or grad_out.shape[2] * grad_out.shape[3] > SHALLOW_PRODUCT_DEPTH:
+        if (conv.groups != 1 or grad_out.dim() != 4 or grad_out.shape[2] * grad_out.shape[3] > SHALLOW_PRODUCT_DEPTH
+                or not _use_matmul(conv, x, grad_out)):
             return False
         x, padding = _padded_input(conv, x)
-        if not _use_matmul(conv, x, grad_out):
-            return False
         rows, columns = _conv2d_factors(conv, x, grad_out, padding)
         self._add_product_signs(name, rows, columns.transpose(1, 2), conv.weight.shape)
         return True
@@ -1117,8 +1116,7 @@ def samples_interact(model: nn.Module, x: torch.Tensor, *, rtol: float, relative
             alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
     finally:
         swap.undo()
-    scale = float(alone.abs().max()) if alone.numel() else 0.0
-    return not torch.allclose(together, alone, rtol=max(rtol, 0.0), atol=relative_atol * scale)
+    return not torch.allclose(together, alone, rtol=max(rtol, 0.0), atol=relative_atol * _largest_magnitude(alone))
 
 
 def _vmap_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
