@@ -61,7 +61,7 @@ VMAP_WEIGHT_BUDGET = 1 << 21
 SLICE_ELEMENTS = 1 << 19
 #: ungrouped convolutions with at most this many output positions (8x8 maps) form per-sample gradients by a
 #: batched matrix product over unfolded inputs on a CPU (faster there than the grouped convolution, whose
-#: time also jumps with the number of groups; bench/kernels.py)
+#: time also jumps with the number of groups; bench/layer_kernels.py)
 MATMUL_POSITIONS = 64
 #: the same for grouped convolutions (one product per sample and group): faster only on 2x2 maps
 GROUPED_MATMUL_POSITIONS = 4
@@ -69,7 +69,7 @@ GROUPED_MATMUL_POSITIONS = 4
 #: ungrouped convolution on maps of up to 4x4, a Linear on up to 16 tokens) are formed a slice of weight
 #: rows (or columns) at a time for all samples of the chunk at once, the larger of the weight's two sides
 #: sliced, so that each slice's sign sum is final (sample slices need one more pass to add theirs up):
-#: 1.1-2x faster at depth 4, within 10% either way at 16, up to 10% slower deeper (`bench/kernels.py
+#: 1.1-2x faster at depth 4, within 10% either way at 16, up to 10% slower deeper (`bench/layer_kernels.py
 #: --products --threads 1 --batch-size 32`)
 SHALLOW_PRODUCT_DEPTH = 16
 #: the sample whose batched per-sample gradients ``auto`` compares with its single-sample gradients: the
@@ -466,7 +466,7 @@ def _padded_input(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple
 def _use_forward_convolution(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
     """Depthwise convolutions on a CPU with kernels larger than 3x3, or on maps of at most
     ``GROUPED_MATMUL_POSITIONS`` output positions, where a forward convolution forms their per-sample
-    gradients several times faster than the grouped weight-gradient one (bench/kernels.py)."""
+    gradients several times faster than the grouped weight-gradient one (bench/layer_kernels.py)."""
     return (x.device.type == "cpu" and conv.groups == conv.in_channels == conv.out_channels
             and (conv.weight.shape[2] * conv.weight.shape[3] > 9
                  or grad_out.shape[2] * grad_out.shape[3] <= GROUPED_MATMUL_POSITIONS))
@@ -490,7 +490,7 @@ def _use_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> boo
     """A batched matrix product instead of the grouped weight-gradient convolution, on a CPU: for ungrouped
     convolutions that are 1x1 without padding (no unfolding needed) or have at most ``MATMUL_POSITIONS``
     output positions, and for grouped ones with at most ``GROUPED_MATMUL_POSITIONS`` (where the grouped
-    convolution is slower; measured by bench/kernels.py)."""
+    convolution is slower; measured by bench/layer_kernels.py)."""
     if x.device.type != "cpu":
         return False
     positions = grad_out.shape[2] * grad_out.shape[3]
@@ -747,7 +747,7 @@ class _SignCountHooks:
     def _scratch(self, numel: int, like: torch.Tensor, purpose: str = "grads") -> torch.Tensor:
         """A flat buffer of at least ``numel`` elements, one per ``purpose``, reused by every slice of every
         layer: a fresh allocation of a wide layer's slice is paged in anew each time, which doubled the
-        cost of forming its per-sample gradients (bench/kernels.py)."""
+        cost of forming its per-sample gradients (bench/layer_kernels.py)."""
         buffer = self.scratch.get(purpose)
         if (buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype
                 or buffer.device != like.device):

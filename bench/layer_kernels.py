@@ -13,7 +13,7 @@ slice (batched product, signs, sum, added to the chunk's counts) against the eng
 ``_add_product_signs`` (slices of the larger of out and in for all samples at once), each as a ratio to
 the batched weight gradient; ``SHALLOW_PRODUCT_DEPTH`` says which the engine uses.
 
-    python bench/kernels.py [--threads N] [--repeats 7] [--batch-size 64] [--products]
+    python bench/layer_kernels.py [--threads N] [--repeats 7] [--batch-size 64] [--products]
 """
 from __future__ import annotations
 
