@@ -1,5 +1,7 @@
 """The per-sample gradient engines against the reference loop, and the API's promises."""
+import collections
 import copy
+import functools
 
 import pytest
 import torch
@@ -696,6 +698,66 @@ def test_shared_functional_and_folded_weights_match_the_definition(make, kind, f
     counts = {e: sign_counts(copy.deepcopy(model).double(), x.double() if x.is_floating_point() else x,
                              y, F.cross_entropy, engine=e) for e in ("auto", "loop")}
     assert all(torch.equal(counts["auto"][k], counts["loop"][k]) for k in counts["loop"])
+
+
+class PhaseCalls:
+    """Counts calls of engine functions (monkeypatched wrappers around the originals)."""
+
+    def __init__(self, monkeypatch, *names):
+        self.calls = {name: 0 for name in names}
+        for name in names:
+            monkeypatch.setattr(engine_module, name, self._counted(name, getattr(engine_module, name)))
+
+    def _counted(self, name, original):
+        def counted(*args, **kwargs):
+            self.calls[name] += 1
+            return original(*args, **kwargs)
+        return counted
+
+
+@pytest.mark.parametrize("make, x, outside", [
+    (FunctionalReuse, torch.randn(1, 5), {"hidden": 1}), (KeywordFunctionalReuse, torch.randn(1, 4, 5), {"hidden": 1}),
+    (MatmulReuse, torch.randn(1, 5), {"hidden": 1}), (TiedLinears, torch.randn(1, 6), {}),
+    (TiedEmbedding, torch.randint(0, 12, (1, 5)), {}), (LentModel, torch.randn(1, 3, 4, 4), {}),
+    (functools.partial(KeywordCrossAttention, False), torch.randn(1, 4, 12), {})], ids=lambda v: "")
+def test_the_reference_graph_shows_uses_outside_the_modules(make, x, outside):
+    # a weight's uses in the single-sample graph beyond its modules' calls (and attentions' out_proj)
+    torch.manual_seed(0)
+    model = engine_module.scoring_mode(make())
+    layers, y = engine_module.counted_layers(model), torch.zeros(1, dtype=torch.long)
+    _, shapes = engine_module._reference_grads(model, x, y, F.cross_entropy, layers)
+    calls = collections.Counter(name for name, _ in shapes)
+    with engine_module._counted_weights_only(model, layers):
+        _, loss = engine_module._sample_gradients(model, x, y, F.cross_entropy, layers)
+        uses = engine_module._graph_uses(loss, layers)
+    assert {name: uses[name] - calls[name] for name in uses if uses[name] != calls[name]} == outside
+    assert shapes.used_elsewhere == bool(outside)
+
+
+def test_a_float32_doubt_probes_no_model_whose_weights_stay_in_their_modules(monkeypatch, caplog):
+    # LentModel: BatchNorm, attention (out_proj used inside the functional attention), a frozen Linear
+    monkeypatch.setattr(engine_module, "FLOAT32_TOLERANCE", -1.0)
+    phases = PhaseCalls(monkeypatch, "_single_sample_input_shapes", "_batched_counts")
+    torch.manual_seed(0)
+    model = LentModel()
+    x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 10, (8,))
+    with caplog.at_level("WARNING", logger="gradsign"):
+        score = gradsign.score(model, x, y)
+    assert caplog.text == ""
+    assert phases.calls == {"_single_sample_input_shapes": 0, "_batched_counts": 2}  # float32, float64
+    assert score == pytest.approx(gradsign.score(model, x, y, engine="loop"), rel=1e-3)
+
+
+def test_a_functional_use_is_probed_once_before_the_one_batched_pass(monkeypatch, caplog):
+    phases = PhaseCalls(monkeypatch, "_single_sample_input_shapes", "_batched_counts")
+    torch.manual_seed(0)
+    model = FunctionalReuse()
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    with caplog.at_level("WARNING", logger="gradsign"):
+        score = gradsign.score(model, x, y)
+    assert caplog.text == ""
+    assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
+    assert phases.calls == {"_single_sample_input_shapes": 1, "_batched_counts": 1}
 
 
 def test_tied_weights_count_once():

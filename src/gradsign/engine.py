@@ -29,6 +29,7 @@ Engines:
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -245,20 +246,15 @@ def _verified_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: to
                              tolerance: float, *, verified_only: bool = False
                              ) -> tuple[dict[str, torch.Tensor], tuple[str, str] | None]:
     """Batched counts (model in its batched form) and the first mismatch of the per-sample gradients they
-    formed for sample ``verified`` with its single-sample ``reference`` gradients (None: they agree). On a
-    mismatch, if the model calls ``F.linear`` on a counted weight outside its layers (the reference's
-    shapes do not look for such calls), the pass is run again counting those calls too. ``verified_only``:
-    form only the verified sample's gradients (the counts are then its alone)."""
+    formed for sample ``verified`` with its single-sample ``reference`` gradients (None: they agree).
+    Where the reference's graph used a counted weight outside its modules' calls, a one-sample probe
+    looks for ``F.linear`` calls on it first, so that the batched pass counts them too.
+    ``verified_only``: form only the verified sample's gradients (the counts are then its alone)."""
+    if single_shapes is not None and single_shapes.used_elsewhere:
+        single_shapes = _single_sample_input_shapes(model, inputs[:1], _weight_users(model, layers))
     counts, prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size, verified=verified,
                                      single_shapes=single_shapes, verified_only=verified_only)
-    mismatch = _first_mismatch(prefix, reference, tolerance)
-    if mismatch and not (single_shapes is not None and single_shapes.functional):
-        shapes = _single_sample_input_shapes(model, inputs[:1], _weight_users(model, layers))
-        if shapes.functional:
-            counts, prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
-                                             verified=verified, single_shapes=shapes, verified_only=verified_only)
-            mismatch = _first_mismatch(prefix, reference, tolerance)
-    return counts, mismatch
+    return counts, _first_mismatch(prefix, reference, tolerance)
 
 
 def _exact_fallback(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
@@ -285,21 +281,55 @@ def _zero_counts(layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]
 
 def _single_sample_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
                          layers: list[tuple[str, nn.Module]]) -> Iterator[dict[str, torch.Tensor | None]]:
-    """For each sample alone: the gradient of its loss for every counted weight (None: no gradient). Only
-    the counted weights require grad meanwhile (no work on other parameters' gradients)."""
+    """For each sample alone: the gradient of its loss for every counted weight (None: no gradient)."""
+    with _counted_weights_only(model, layers):
+        for i in range(len(inputs)):
+            yield _sample_gradients(model, inputs[i:i + 1], targets[i:i + 1], loss_fn, layers)[0]
+
+
+@contextlib.contextmanager
+def _counted_weights_only(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> Iterator[None]:
+    """Within the block only the counted weights require grad (no work on other parameters' gradients);
+    afterwards the flags are as before and the gradients dropped."""
     with _requires_grad_kept(model):
         model.requires_grad_(False)
         for _, m in layers:
             m.weight.requires_grad_(True)
         try:
-            for i in range(len(inputs)):
-                model.zero_grad(set_to_none=True)
-                loss = loss_fn(model(inputs[i:i + 1]), targets[i:i + 1])
-                if loss.requires_grad:
-                    loss.backward()
-                yield {name: m.weight.grad for name, m in layers}
+            yield
         finally:
             model.zero_grad(set_to_none=True)
+
+
+def _sample_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: LossFn,
+                      layers: list[tuple[str, nn.Module]]
+                      ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
+    """The gradient of the loss of ``x`` (one sample) for every counted weight (None: no gradient), and
+    the loss, whose graph still shows where each weight was used (its saved tensors are freed)."""
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), target)
+    if loss.requires_grad:
+        loss.backward()
+    return {name: m.weight.grad for name, m in layers}, loss
+
+
+def _graph_uses(loss: torch.Tensor, layers: list[tuple[str, nn.Module]]) -> collections.Counter:
+    """For each counted weight, how many operations in ``loss``'s autograd graph take the weight itself as
+    an input (its uses that reach the loss; a module call uses its weight once)."""
+    names = {id(m.weight): name for name, m in layers}
+    uses: collections.Counter = collections.Counter()
+    seen, pending = set(), [loss.grad_fn] if loss.grad_fn is not None else []
+    while pending:
+        for child, _ in pending.pop().next_functions:
+            if child is None:
+                continue
+            if hasattr(child, "variable"):  # a leaf's gradient accumulator: one edge per use
+                uses[names.get(id(child.variable))] += 1
+            elif child not in seen:
+                seen.add(child)
+                pending.append(child)
+    del uses[None]
+    return uses
 
 
 @contextlib.contextmanager
@@ -318,15 +348,19 @@ def _reference_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
                      layers: list[tuple[str, nn.Module]]
                      ) -> tuple[list[dict[str, torch.Tensor | None]], _CallShapes | None]:
     """The single-sample gradients of each of ``inputs`` (may be none) and, from the first sample's
-    forward, the input shape of each call of each counted module for one sample (None without inputs)."""
+    forward, the input shape of each call of each counted module for one sample (None without inputs),
+    marked ``used_elsewhere`` if its graph uses a counted weight more often than its modules' calls."""
     if not len(inputs):
         return [], None
     shapes = _CallShapes()
     attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
-    with _input_shapes_recorded(_weight_users(model, layers), shapes, attentions=attentions):
-        grads = list(_single_sample_grads(model, inputs[:1], targets[:1], loss_fn, layers))
-    grads += _single_sample_grads(model, inputs[1:], targets[1:], loss_fn, layers)
-    return grads, shapes
+    with _input_shapes_recorded(_weight_users(model, layers), shapes, attentions=attentions), \
+            _counted_weights_only(model, layers):
+        first, loss = _sample_gradients(model, inputs[:1], targets[:1], loss_fn, layers)
+        uses = _graph_uses(loss, layers)
+    calls = collections.Counter(name for name, _ in shapes)
+    shapes.used_elsewhere = any(count > calls[name] for name, count in uses.items())
+    return [first, *_single_sample_grads(model, inputs[1:], targets[1:], loss_fn, layers)], shapes
 
 
 def _reference_then_batched_form(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
@@ -872,9 +906,11 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
 
 class _CallShapes(dict):
     """(counted name, call number) -> that call's input shape for one sample, calls numbered in forward
-    order; ``functional``: some call was ``F.linear`` on a counted Linear weight outside its modules."""
+    order; ``functional``: some call was ``F.linear`` on a counted Linear weight outside its modules;
+    ``used_elsewhere``: the forward's graph used some counted weight more often than the calls recorded."""
 
     functional = False
+    used_elsewhere = False
 
 
 class _FunctionalLinearCalls(TorchFunctionMode):
