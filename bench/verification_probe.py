@@ -4,22 +4,26 @@ agreement after a float32 doubt, or a fallback, and how far the batched score li
 For every ``--step``-th arch (CIFAR-10 canonical batch of 64, network built with ``torch.manual_seed(0)``)
 it scores GradSign with the default engine and records which way its verification went; for up to
 ``--compare`` archs that needed the float64 check it also scores the loop and prints the relative
-difference of the two scores.
+difference of the two scores. With ``--float64 I,J``, instead: for those arch indices, GradSign of the
+default engine and of the loop in float32 and in float64 (the network and batch in float64), and the
+layer where the float32 signs of the default engine differ most often from the float64 signs.
 
-    python bench/verification_probe.py [--step 25] [--compare 10]
+    python bench/verification_probe.py [--step 25] [--compare 10] [--float64 3500]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 
 import gradsign
 from gradsign import engine
 from gradsign.datasets import canonical_batch
-from gradsign.engine import engine_warnings
+from gradsign.engine import engine_warnings, sign_counts
 from gradsign.spaces import get_space
 
 
@@ -27,10 +31,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--step", type=int, default=25, help="score every step-th arch index")
     parser.add_argument("--compare", type=int, default=10, help="score this many float64-checked archs by the loop")
+    parser.add_argument("--float64", metavar="INDICES", help="instead: float32 against float64 on these archs")
     args = parser.parse_args()
     torch.set_num_threads(1)
     space = get_space("nb201")
     x, y = canonical_batch("cifar10", 64, 0)
+    if args.float64:
+        return float32_against_float64(space, [int(i) for i in args.float64.split(",")], x, y)
     float64_checks: list[int] = []
     original = engine._float64_mismatch
 
@@ -64,6 +71,28 @@ def main() -> None:
     for index, model, score in doubted[:args.compare]:
         loop = gradsign.score(model, x, y, engine="loop")
         print(f"| {index} | {space.arch(index)} | {score:.0f} | {loop:.0f} | {(score - loop) / loop:+.1e} |")
+
+
+def float32_against_float64(space, indices: list[int], x: torch.Tensor, y: torch.Tensor) -> None:
+    print("| index | default f32 | loop f32 | default f64 | loop f64 | (default f32 - f64) / f64 | (loop f32 - f64) / f64 "
+          "| layer with most sign flips: default, loop, of counts |")
+    print("|---|---|---|---|---|---|---|---|")
+    for index in indices:
+        torch.manual_seed(0)
+        model = space.build(space.arch(index), num_classes=10)
+        counts = {(engine_name, dtype): sign_counts(copy.deepcopy(model).to(dtype), x.to(dtype), y, F.cross_entropy,
+                                                    engine=engine_name)
+                  for engine_name in ("auto", "loop") for dtype in (torch.float32, torch.float64)}
+        totals = {key: sum(int(c.abs().sum()) for c in value.values()) for key, value in counts.items()}
+        exact = counts["auto", torch.float64]
+        flips = {name: [int((counts[e, torch.float32][name] != exact[name]).sum()) for e in ("auto", "loop")]
+                 for name in exact}
+        worst = max(flips, key=lambda name: flips[name][0])
+        truth = totals["auto", torch.float64]
+        print(f"| {index} | {totals['auto', torch.float32]} | {totals['loop', torch.float32]} | {truth} | "
+              f"{totals['loop', torch.float64]} | {(totals['auto', torch.float32] - truth) / truth:+.1e} | "
+              f"{(totals['loop', torch.float32] - truth) / truth:+.1e} | {worst}: {flips[worst][0]:,}, "
+              f"{flips[worst][1]:,} of {exact[worst].numel():,} |")
 
 
 if __name__ == "__main__":
