@@ -235,7 +235,7 @@ def test_bundled_proxy_table_matches_the_earlier_all_proxy_run_and_a_fresh_score
         keep = np.isfinite(ours) & np.isfinite(theirs)
         if proxy in LOSS_GRADIENT_PROXIES:
             # these four moved by up to 0.7% (grasp: 24% on one arch) on a few archs since the earlier run,
-            # with a median change of 1e-7..1e-4 (scores recomputed now equal the bundled ones, below)
+            # with a median change of 1e-7..1e-4 (scores recomputed now equal the bundled ones up to float32 rounding, below)
             relative = np.abs(ours[keep] - theirs[keep]) / np.maximum(np.abs(theirs[keep]), 1e-12)
             assert np.median(relative) < 1e-3 and stats.spearmanr(ours[keep], theirs[keep])[0] > 0.999, proxy
         else:
@@ -245,6 +245,9 @@ def test_bundled_proxy_table_matches_the_earlier_all_proxy_run_and_a_fresh_score
     recomputed = ("params", "synflow", *LOSS_GRADIENT_PROXIES)
     fresh, computed = score_archs(ScoringSetup(space, dataset, recomputed, 64, 0), archs, recompute=True)
     assert computed == 2
+    # float32 rounding differs between CPUs: on an AMD EPYC the table's grasp values (bundled on another
+    # CPU) came out 8e-5..9e-5 relative off (its Hessian-gradient product cancels), the others at most 2e-7
+    tolerance = {"grasp": 1e-3}
     for k, arch in enumerate(archs):
         for proxy in recomputed:
-            assert fresh[arch][proxy].value == pytest.approx(values[proxy][k], rel=1e-6), proxy
+            assert fresh[arch][proxy].value == pytest.approx(values[proxy][k], rel=tolerance.get(proxy, 1e-5)), proxy
