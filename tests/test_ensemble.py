@@ -235,7 +235,8 @@ def test_bundled_proxy_table_matches_the_earlier_all_proxy_run_and_a_fresh_score
         keep = np.isfinite(ours) & np.isfinite(theirs)
         if proxy in LOSS_GRADIENT_PROXIES:
             # these four moved by up to 0.7% (grasp: 24% on one arch) on a few archs since the earlier run,
-            # with a median change of 1e-7..1e-4 (scores recomputed now equal the bundled ones up to float32 rounding, below)
+            # with a median change of 1e-7..1e-4 (scores recomputed now equal the bundled ones up to float32
+            # rounding, below)
             relative = np.abs(ours[keep] - theirs[keep]) / np.maximum(np.abs(theirs[keep]), 1e-12)
             assert np.median(relative) < 1e-3 and stats.spearmanr(ours[keep], theirs[keep])[0] > 0.999, proxy
         else:
