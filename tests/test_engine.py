@@ -637,6 +637,61 @@ def test_transformer_encoder_layer_matches_the_definition(caplog):
         assert "not exact" not in caplog.text
 
 
+class AttentionVariants(nn.Module):
+    """Learned queries attending to the tokens through ``nn.MultiheadAttention`` called in one of several
+    ways: ``kind`` "self", "cross", "kdim" (keys and values of another width: separate input weights),
+    "no-bias", "dropout" (off while scoring), "weights" (need_weights=True), "padding" (a key padding
+    mask from the tokens), "causal" (an attention mask with is_causal)."""
+
+    def __init__(self, kind: str, batch_first: bool = True):
+        super().__init__()
+        self.kind, self.batch_first = kind, batch_first
+        width = 6 if kind == "kdim" else 12
+        self.embed = nn.Linear(5, width)
+        self.queries = nn.Parameter(torch.randn(4 if kind not in ("self", "causal") else 5, 12))
+        self.attention = nn.MultiheadAttention(12, 3, bias=kind != "no-bias", dropout=0.3 if kind == "dropout" else 0.0,
+                                               kdim=width, vdim=width, batch_first=batch_first)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        tokens = self.embed(x)
+        queries = self.queries.expand(len(x), -1, -1)
+        if self.kind in ("self", "causal"):
+            queries = tokens = queries + torch.tanh(tokens)
+        options = {"need_weights": self.kind == "weights"}
+        if self.kind == "padding":
+            options["key_padding_mask"] = x[..., 0] > 1.0
+        if self.kind == "causal":
+            options["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+            options["is_causal"] = True
+        if not self.batch_first:
+            queries, tokens = queries.transpose(0, 1), tokens.transpose(0, 1)
+        h, _ = self.attention(queries, tokens, tokens, **options)
+        return self.head(torch.tanh(h).mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("kind", ["self", "cross", "kdim", "no-bias", "dropout", "weights", "padding", "causal"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_is_computed_directly_where_it_can_be(kind, batch_first, monkeypatch, caplog):
+    # unmasked attention without weights returned runs without the identity projection inside the
+    # functional attention; every variant gives the definition's value without a fallback
+    identity_projections = []
+    original = engine_module._IdentityProjection
+    monkeypatch.setattr(engine_module, "_IdentityProjection",
+                        lambda projection: identity_projections.append(1) or original(projection))
+    torch.manual_seed(0)
+    model = AttentionVariants(kind, batch_first)
+    x, y = torch.randn(8, 5, 5), torch.randint(0, 3, (8,))
+    with caplog.at_level("WARNING", logger="gradsign"):
+        score = gradsign.score(model, x, y)
+    assert caplog.text == ""
+    assert bool(identity_projections) == (kind in ("weights", "padding", "causal"))
+    assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
+    counts = {e: sign_counts(copy.deepcopy(model).double(), x.double(), y, F.cross_entropy, engine=e)
+              for e in ("auto", "loop")}
+    assert all(torch.equal(counts["auto"][k], counts["loop"][k]) for k in counts["loop"])
+
+
 class KeywordCrossAttention(nn.Module):
     """``nn.MultiheadAttention`` called by keywords, with 3 learned queries attending over the sequence."""
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 import logging
 import math
 import types
@@ -428,9 +429,21 @@ class _IdentityProjection(nn.Module):
         self.register_buffer("bias", torch.zeros(like.shape[0], dtype=like.dtype, device=like.device))
 
 
+_ATTENTION_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
 def _attention_with_modular_out_proj(self: nn.MultiheadAttention, query: torch.Tensor, *args, **kwargs):
     """``nn.MultiheadAttention.forward`` with the output projection applied by calling ``out_proj`` as a
-    module (exactly the same product) instead of inside the functional attention."""
+    module (exactly the same product). Unmasked attention without weights returned, extra key/value
+    biases or zero attention, on batched inputs, is computed directly (``_plain_attention``); any other
+    call runs the functional attention with an identity projection inside it and the product after."""
+    call = _ATTENTION_SIGNATURE.bind(self, query, *args, **kwargs)
+    call.apply_defaults()
+    options = call.arguments
+    if (query.dim() == 3 and options["key_padding_mask"] is None and options["attn_mask"] is None
+            and not options["is_causal"] and not options["need_weights"] and self.bias_k is None
+            and not self.add_zero_attn):
+        return _plain_attention(self, query, options["key"], options["value"]), None
     projection = self.out_proj
     self._modules["out_proj"] = _IdentityProjection(projection)
     try:
@@ -440,6 +453,31 @@ def _attention_with_modular_out_proj(self: nn.MultiheadAttention, query: torch.T
     if self.batch_first or output.dim() < 3:
         return projection(output), weights
     return projection(output.transpose(0, 1)).transpose(0, 1), weights
+
+
+def _plain_attention(attention: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention softmax(q k^T / sqrt(d)) v of each head, as ``F.multi_head_attention_forward``
+    computes it without masks (query, key and value projected by the attention's input weights, the
+    heads' outputs side by side), then ``out_proj`` called as a module on (samples, tokens, features)."""
+    embed, heads = attention.embed_dim, attention.num_heads
+    if attention._qkv_same_embed_dim and query is key is value:  # self-attention: one product, as torch
+        projected = F.linear(query, attention.in_proj_weight, attention.in_proj_bias).chunk(3, -1)
+    else:
+        weights = (attention.in_proj_weight.split(embed) if attention._qkv_same_embed_dim else
+                   (attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight))
+        biases = attention.in_proj_bias.split(embed) if attention.in_proj_bias is not None else (None,) * 3
+        projected = [F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases)]
+
+    def heads_first(x: torch.Tensor) -> torch.Tensor:  # (samples, heads, tokens, head features)
+        if not attention.batch_first:
+            x = x.transpose(0, 1)
+        return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+    dropout = attention.dropout if attention.training else 0.0
+    output = F.scaled_dot_product_attention(*map(heads_first, projected), dropout_p=dropout)
+    output = attention.out_proj(output.transpose(1, 2).flatten(2))
+    return output if attention.batch_first else output.transpose(0, 1)
 
 
 class BatchedForm:
