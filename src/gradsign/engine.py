@@ -361,7 +361,8 @@ def _reference_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
         uses = _graph_uses(loss, layers)
     calls = collections.Counter(name for name, _ in shapes)
     shapes.used_elsewhere = any(count > calls[name] for name, count in uses.items())
-    return [first, *_single_sample_grads(model, inputs[1:], targets[1:], loss_fn, layers)], shapes
+    others = _single_sample_grads(model, inputs[1:], targets[1:], loss_fn, layers) if len(inputs) > 1 else ()
+    return [first, *others], shapes
 
 
 def _reference_then_batched_form(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
