@@ -692,6 +692,28 @@ def test_attention_is_computed_directly_where_it_can_be(kind, batch_first, monke
     assert all(torch.equal(counts["auto"][k], counts["loop"][k]) for k in counts["loop"])
 
 
+class WrappedAttention(nn.MultiheadAttention):
+    """A subclass whose forward adds to torch's (which uses out_proj's weight inside the functional call)."""
+
+    def forward(self, query, key, value, **options):
+        output, weights = super().forward(query, key, value, **options)
+        return 2.0 * output + query, weights
+
+
+def test_an_attention_subclass_with_its_own_forward_falls_back_naming_the_unseen_weight(caplog):
+    # the batched form cannot rewrite a forward it does not know: out_proj's weight is then used where
+    # no hook sees it, and the fallback says so (before, the rewrite dropped the subclass's own work and
+    # the fallback blamed the batch dimension)
+    model = AttentionVariants("self")
+    torch.manual_seed(0)
+    model.attention = WrappedAttention(12, 3, batch_first=True)
+    x, y = torch.randn(8, 5, 5), torch.randint(0, 3, (8,))
+    with caplog.at_level("WARNING", logger="gradsign"):
+        score = gradsign.score(model, x, y)
+    assert "attention.out_proj gets gradient outside the layer's own call" in caplog.text
+    assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
+
+
 class KeywordCrossAttention(nn.Module):
     """``nn.MultiheadAttention`` called by keywords, with 3 learned queries attending over the sequence."""
 

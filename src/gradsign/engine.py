@@ -354,7 +354,7 @@ def _reference_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     if not len(inputs):
         return [], None
     shapes = _CallShapes()
-    attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    attentions = [m for m in model.modules() if _stock_attention(m)]
     with _input_shapes_recorded(_weight_users(model, layers), shapes, attentions=attentions), \
             _counted_weights_only(model, layers):
         first, loss = _sample_gradients(model, inputs[:1], targets[:1], loss_fn, layers)
@@ -433,6 +433,12 @@ class _IdentityProjection(nn.Module):
 _ATTENTION_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 
+def _stock_attention(module: nn.Module) -> bool:
+    """An ``nn.MultiheadAttention`` running torch's own forward (a subclass's forward may do anything
+    around it, so the batched form leaves such modules as they are)."""
+    return isinstance(module, nn.MultiheadAttention) and type(module).forward is nn.MultiheadAttention.forward
+
+
 def _attention_with_modular_out_proj(self: nn.MultiheadAttention, query: torch.Tensor, *args, **kwargs):
     """``nn.MultiheadAttention.forward`` with the output projection applied by calling ``out_proj`` as a
     module (exactly the same product). Unmasked attention without weights returned, extra key/value
@@ -483,14 +489,15 @@ def _plain_attention(attention: nn.MultiheadAttention, query: torch.Tensor, key:
 
 class BatchedForm:
     """The model rewritten for the batched engine, exactly: every BatchNorm that normalises by batch
-    statistics replaced with ``_PerSampleNorm``, and every ``nn.MultiheadAttention`` calling its out_proj
-    as a module (so that its gradient hook sees it); ``undo`` restores the model."""
+    statistics replaced with ``_PerSampleNorm``, and every ``nn.MultiheadAttention`` that runs torch's own
+    forward calling its out_proj as a module (so that its gradient hook sees it); ``undo`` restores the
+    model."""
 
     def __init__(self, model: nn.Module, *, attention: bool = True):
         self.swapped: list[tuple[nn.Module, str, nn.Module]] = []
         self.attentions: list[nn.MultiheadAttention] = []
         for parent in list(model.modules()):
-            if attention and isinstance(parent, nn.MultiheadAttention):
+            if attention and _stock_attention(parent):
                 parent.forward = types.MethodType(_attention_with_modular_out_proj, parent)
                 self.attentions.append(parent)
             for name, child in parent.named_children():
