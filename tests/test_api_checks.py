@@ -33,3 +33,29 @@ def test_no_warning_for_a_loss_that_depends_on_the_weights():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert gradsign.score(tiny(2), x, y) > 0
+
+
+class MatrixLayer(nn.Module):
+    """A linear layer that is neither nn.Linear nor nn.Conv2d (as transformers' GPT-2 Conv1D: x W + b)."""
+
+    def __init__(self, features_in: int, features_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features_in, features_out) / features_in ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(features_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x, self.weight)
+
+
+def test_gradsign_says_when_most_weights_are_in_layers_it_does_not_count():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), MatrixLayer(12, 16), nn.Tanh(), MatrixLayer(16, 16), nn.Tanh(),
+                          nn.Linear(16, 2))
+    x, y = torch.randn(6, 3, 2, 2), torch.tensor([0, 1, 0, 1, 1, 0])
+    with pytest.warns(UserWarning, match=r"counts Conv2d and Linear weights only \(32 here\).*MatrixLayer 448"):
+        assert gradsign.score(model, x, y) > 0
+    assert gradsign.engine.uncounted_weights(tiny(2)) == {}
+    # attention input projections and position tables count as uncounted, embeddings do not
+    attention = nn.MultiheadAttention(8, 2)
+    assert gradsign.engine.uncounted_weights(nn.ModuleList([attention, nn.Embedding(50, 8)])) == {
+        "MultiheadAttention": 3 * 8 * 8}

@@ -142,6 +142,24 @@ def counted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
+def uncounted_weights(model: nn.Module) -> dict[str, int]:
+    """Elements of ``model``'s parameters with two or more dimensions that GradSign does not count, by the
+    type of the module holding them: any but the counted layers' weights and ``nn.Embedding`` tables
+    (e.g. ``transformers``' ``Conv1D`` in GPT-2, ``nn.Conv1d``, attention input projections)."""
+    counted = {id(m.weight) for _, m in counted_layers(model)}
+    found: dict[str, int] = {}
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            continue
+        for p in module._parameters.values():
+            if p is not None and p.dim() >= 2 and id(p) not in counted and id(p) not in seen:
+                seen.add(id(p))
+                kind = type(module).__name__
+                found[kind] = found.get(kind, 0) + p.numel()
+    return found
+
+
 def _weight_users(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     """(counted name, module) for every module that uses a counted weight in its call, named by the layer
     that holds the weight: Conv2d and Linear modules, and Embeddings tied to a counted Linear (a language

@@ -1,10 +1,12 @@
 """GradSign (Zhang & Jia, ICLR 2022): agreement in sign of per-sample gradients at initialisation."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
-from gradsign.engine import LossFn, sign_counts
+from gradsign.engine import LossFn, sign_counts, uncounted_weights
 from gradsign.proxies.registry import register
 
 AGGREGATIONS = ("sum", "mean")
@@ -23,7 +25,18 @@ def gradsign(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
     counts = sign_counts(model, inputs, targets, loss_fn, engine=engine, chunk_size=chunk_size)
+    _warn_if_mostly_uncounted(model, sum(c.numel() for c in counts.values()))
     total = sum(int(c.abs().sum()) for c in counts.values())
     if aggregation == "mean":
         return total / max(1, sum(c.numel() for c in counts.values()))
     return float(total)
+
+
+def _warn_if_mostly_uncounted(model: nn.Module, counted: int) -> None:
+    """GradSign's definition counts Conv2d and Linear weights only: say so where most of a model's weight
+    matrices are elsewhere (its score then describes a small part of the network)."""
+    uncounted = uncounted_weights(model)
+    if sum(uncounted.values()) > counted:
+        kinds = ", ".join(f"{kind} {n:,}" for kind, n in sorted(uncounted.items(), key=lambda kv: -kv[1]))
+        warnings.warn(f"gradsign counts Conv2d and Linear weights only ({counted:,} here); more of this model's "
+                      f"weights are in other layers, which it does not count: {kinds}", stacklevel=4)
