@@ -1,0 +1,206 @@
+"""The default engine on more `transformers` families than the model zoo holds: exactness and fallbacks.
+
+Each family is built from a small config with random weights (seed 0) and scored on one random batch
+of 8 (images N(0, 1) or token ids uniform in [3, 100), seed 1; class targets below 3):
+- the default engine's GradSign relative to the loop's in float32, and whether the two give the same
+  total in float64 (model and floating inputs in double precision);
+- the fallback, if any, with the cause the warning names, or the error that refuses the model;
+- the share of the model's parameters in counted weights (Conv2d and Linear: other layer types, such
+  as GPT-2's `Conv1D`, are not counted by GradSign's definition);
+- the largest |dL/dW| of the first sample over the counted weights, in float64: about 1e-15 where the
+  output does not depend on the weights in exact arithmetic (a BatchNorm right before global pooling
+  gives its bias for every single sample), so that every count is a sign of rounding noise and any two
+  implementations differ.
+
+    python bench/families.py [--families a,b] [--write]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradsign
+from gradsign.engine import counted_layers, scoring_mode
+
+from doc_sections import engine_version, write_section
+from zoo import _Logits, score_with_warnings
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- families:begin (written by bench/families.py) -->", "<!-- families:end -->"
+INTRO = ("### More `transformers` families: exactness and fallbacks\n\n"
+         "Small configs of families outside the zoo, scored on a batch of 8 (the protocol is in the docstring\n"
+         "of `bench/families.py`); no timings.\n\n")
+IMAGE = {"num_labels": 3}
+TEXT = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64, "num_labels": 3, "max_position_embeddings": 64}
+
+
+def _families(t) -> dict[str, tuple]:
+    """name -> (builder, input kind, input shape); ``t`` is the transformers module."""
+    image, tokens = "image", "tokens"
+    return {
+        "DeiT": (lambda: t.DeiTForImageClassification(t.DeiTConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, **IMAGE)), image, (3, 32, 32)),
+        "BEiT": (lambda: t.BeitForImageClassification(t.BeitConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, use_relative_position_bias=True, **IMAGE)), image, (3, 32, 32)),
+        "DINOv2": (lambda: t.Dinov2ForImageClassification(t.Dinov2Config(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+            **IMAGE)), image, (3, 32, 32)),
+        "ConvNeXtV2": (lambda: t.ConvNextV2ForImageClassification(t.ConvNextV2Config(
+            num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], patch_size=2, **IMAGE)), image, (3, 32, 32)),
+        "LeViT": (lambda: t.LevitForImageClassification(t.LevitConfig(
+            image_size=64, hidden_sizes=[32, 48, 64], num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
+            key_dim=[8, 8, 8], **IMAGE)), image, (3, 64, 64)),
+        "PoolFormer": (lambda: t.PoolFormerForImageClassification(t.PoolFormerConfig(
+            hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], **IMAGE)), image, (3, 32, 32)),
+        "MobileNetV1": (lambda: t.MobileNetV1ForImageClassification(t.MobileNetV1Config(
+            image_size=64, depth_multiplier=0.25, **IMAGE)), image, (3, 64, 64)),
+        "SegFormer": (lambda: t.SegformerForImageClassification(t.SegformerConfig(
+            num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
+            patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2], **IMAGE)), image, (3, 32, 32)),
+        "BiT": (lambda: t.BitForImageClassification(t.BitConfig(
+            embedding_size=32, hidden_sizes=[32, 64], depths=[1, 1], layer_type="preactivation", num_groups=8,
+            **IMAGE)), image, (3, 32, 32)),
+        "ResNet (bottleneck)": (lambda: t.ResNetForImageClassification(t.ResNetConfig(
+            embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], layer_type="bottleneck", **IMAGE)),
+            image, (3, 32, 32)),
+        "RegNetY": (lambda: t.RegNetForImageClassification(t.RegNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, layer_type="y", **IMAGE)),
+            image, (3, 32, 32)),
+        "Swinv2": (lambda: t.Swinv2ForImageClassification(t.Swinv2Config(
+            image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=4, **IMAGE)),
+            image, (3, 32, 32)),
+        "FocalNet": (lambda: t.FocalNetForImageClassification(t.FocalNetConfig(
+            image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], **IMAGE)), image, (3, 32, 32)),
+        "PVTv2": (lambda: t.PvtV2ForImageClassification(t.PvtV2Config(
+            image_size=32, depths=[1, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2], sr_ratios=[2, 1],
+            patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2], num_encoder_blocks=2, **IMAGE)),
+            image, (3, 32, 32)),
+        "MobileViTV2": (lambda: t.MobileViTV2ForImageClassification(t.MobileViTV2Config(
+            image_size=64, width_multiplier=0.5, **IMAGE)), image, (3, 64, 64)),
+        "DistilBERT": (lambda: t.DistilBertForSequenceClassification(t.DistilBertConfig(
+            vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, num_labels=3, max_position_embeddings=64)),
+            tokens, (12,)),
+        "RoBERTa": (lambda: t.RobertaForSequenceClassification(t.RobertaConfig(**TEXT)), tokens, (12,)),
+        "ALBERT": (lambda: t.AlbertForSequenceClassification(t.AlbertConfig(embedding_size=16, **TEXT)),
+                   tokens, (12,)),
+        "ELECTRA": (lambda: t.ElectraForSequenceClassification(t.ElectraConfig(embedding_size=16, **TEXT)),
+                    tokens, (12,)),
+        "DeBERTa-v2": (lambda: t.DebertaV2ForSequenceClassification(t.DebertaV2Config(
+            relative_attention=True, pos_att_type=["p2c", "c2p"], **TEXT)), tokens, (12,)),
+        "MPNet": (lambda: t.MPNetForSequenceClassification(t.MPNetConfig(**TEXT)), tokens, (12,)),
+        "Funnel": (lambda: t.FunnelForSequenceClassification(t.FunnelConfig(
+            vocab_size=100, block_sizes=[1, 1], d_model=32, n_head=2, d_head=16, d_inner=64, num_labels=3)),
+            tokens, (12,)),
+        "GPT-2": (lambda: t.GPT2ForSequenceClassification(t.GPT2Config(
+            vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, num_labels=3, pad_token_id=0,
+            bos_token_id=1, eos_token_id=1)), tokens, (12,)),
+        "Llama": (lambda: t.LlamaForSequenceClassification(t.LlamaConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, num_labels=3, pad_token_id=0, max_position_embeddings=64)), tokens, (12,)),
+        "OPT": (lambda: t.OPTForSequenceClassification(t.OPTConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2, num_labels=3,
+            pad_token_id=1, max_position_embeddings=64, word_embed_proj_dim=32)), tokens, (12,)),
+        "BLOOM": (lambda: t.BloomForSequenceClassification(t.BloomConfig(
+            vocab_size=100, hidden_size=32, n_layer=2, n_head=2, num_labels=3, pad_token_id=0)), tokens, (12,)),
+    }
+
+
+def batch(kind: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    if kind == "image":
+        inputs = torch.randn(8, *shape, generator=generator)
+    else:  # ids from 3 up: below are the configs' pad/bos/eos ids
+        inputs = torch.randint(3, 100, (8, *shape), generator=generator)
+    return inputs, torch.randint(0, 3, (8,), generator=generator)
+
+
+def largest_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """max |dL/dW| of the first sample over the counted weights (model as GradSign scores it)."""
+    plain = scoring_mode(_Logits(copy.deepcopy(model)))
+    weights = [m.weight for _, m in counted_layers(plain)]
+    grads = torch.autograd.grad(F.cross_entropy(plain(x[:1]), y[:1]), weights, allow_unused=True)
+    return max((float(g.abs().max()) for g in grads if g is not None), default=0.0)
+
+
+def measure(build, kind: str, shape: tuple[int, ...]) -> dict:
+    torch.manual_seed(0)
+    model = build()
+    x, y = batch(kind, shape)
+    counted = sum(m.weight.numel() for _, m in counted_layers(model))
+    row = {"params": sum(p.numel() for p in model.parameters()), "counted_share": 0.0}
+    row["counted_share"] = counted / row["params"]
+    try:
+        value, warned = score_with_warnings(model, x, y)
+    except ValueError as error:  # a model GradSign refuses
+        return {**row, "refused": str(error).splitlines()[0]}
+    loop = gradsign.score(model, x, y, engine="loop")
+    model64 = model.double()
+    x64 = x.double() if x.is_floating_point() else x
+    value64, warned64 = score_with_warnings(model64, x64, y)
+    loop64 = gradsign.score(model64, x64, y, engine="loop")
+    causes = sorted({m.removeprefix("gradsign: ") for m in warned + warned64})
+    return {**row, "relative_to_loop": (value - loop) / abs(loop) if loop else float("nan"),
+            "float64_equal": value64 == loop64, "relative64": (value64 - loop64) / abs(loop64) if loop64 else 0.0,
+            "largest_gradient64": largest_gradient(model64, x64, y), "causes": causes}
+
+
+def table(rows: dict[str, dict], command: str) -> str:
+    import transformers
+
+    lines = [f"Command: `{command}` (torch {torch.__version__}, transformers {transformers.__version__}, "
+             f"src/gradsign/engine.py at {engine_version()}).", "",
+             "| family | params | counted share | default vs loop, float32 | float64 equal | largest float64 gradient "
+             "| fallback (cause) or refusal |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {name} | | | | | | error: {r['error']} |")
+            continue
+        head = f"| {name} | {r['params']:,} | {r['counted_share']:.0%} |"
+        if "refused" in r:
+            lines.append(f"{head} | | | refused: {r['refused'].replace('|', '/')} |")
+            continue
+        equal = "yes" if r["float64_equal"] else f"NO ({r['relative64']:+.1e})"
+        cause = "; ".join(r["causes"]).replace("|", "/") or "no"
+        lines.append(f"{head} {r['relative_to_loop']:+.1e} | {equal} | {r['largest_gradient64']:.1e} | {cause} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import shlex
+
+    import transformers
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", help="comma-separated names (default: all)")
+    parser.add_argument("--write", action="store_true", help="put the table into docs/performance.md")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    families = _families(transformers)
+    names = args.families.split(",") if args.families else list(families)
+    unknown = [n for n in names if n not in families]
+    if unknown:
+        sys.exit(f"unknown families: {', '.join(unknown)}; known: {', '.join(families)}")
+    rows = {}
+    for name in names:
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        try:
+            rows[name] = measure(*families[name])
+        except Exception as error:  # a family this transformers version cannot build is a row, not a crash
+            rows[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+    body = table(rows, ("python bench/families.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip())
+    print(body)
+    if args.write:
+        write_section(ROOT / "docs" / "performance.md", BEGIN, END, body, INTRO)
+
+
+if __name__ == "__main__":
+    main()
