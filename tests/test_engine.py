@@ -673,8 +673,8 @@ class AttentionVariants(nn.Module):
 @pytest.mark.parametrize("kind", ["self", "cross", "kdim", "no-bias", "dropout", "weights", "padding", "causal"])
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_attention_is_computed_directly_where_it_can_be(kind, batch_first, monkeypatch, caplog):
-    # unmasked attention without weights returned runs without the identity projection inside the
-    # functional attention; every variant gives the definition's value without a fallback
+    # unmasked attention runs without the identity projection inside the functional attention; every
+    # variant gives the definition's value without a fallback
     identity_projections = []
     original = engine_module._IdentityProjection
     monkeypatch.setattr(engine_module, "_IdentityProjection",
@@ -685,11 +685,32 @@ def test_attention_is_computed_directly_where_it_can_be(kind, batch_first, monke
     with caplog.at_level("WARNING", logger="gradsign"):
         score = gradsign.score(model, x, y)
     assert caplog.text == ""
-    assert bool(identity_projections) == (kind in ("weights", "padding", "causal"))
+    assert bool(identity_projections) == (kind in ("padding", "causal"))
     assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
     counts = {e: sign_counts(copy.deepcopy(model).double(), x.double(), y, F.cross_entropy, engine=e)
               for e in ("auto", "loop")}
     assert all(torch.equal(counts["auto"][k], counts["loop"][k]) for k in counts["loop"])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("options", [{"need_weights": False}, {}, {"average_attn_weights": False}])
+@pytest.mark.parametrize("cross", [False, True])
+def test_the_direct_attention_returns_what_torch_returns(batch_first, options, cross):
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(12, 3, batch_first=batch_first).eval()
+    x = torch.randn(4, 5, 12) if batch_first else torch.randn(5, 4, 12)
+    memory = torch.randn(4, 7, 12) if batch_first else torch.randn(7, 4, 12)
+    key = memory if cross else x
+    expected = attention(x, key, key, **options)
+    form = engine_module.BatchedForm(attention)
+    try:
+        got = attention(x, key, key, **options)
+    finally:
+        form.undo()
+    assert torch.allclose(got[0], expected[0], atol=1e-6)
+    assert (got[1] is None) == (expected[1] is None)
+    if expected[1] is not None:
+        assert got[1].shape == expected[1].shape and torch.allclose(got[1], expected[1], atol=1e-6)
 
 
 class WrappedAttention(nn.MultiheadAttention):

@@ -459,16 +459,16 @@ def _stock_attention(module: nn.Module) -> bool:
 
 def _attention_with_modular_out_proj(self: nn.MultiheadAttention, query: torch.Tensor, *args, **kwargs):
     """``nn.MultiheadAttention.forward`` with the output projection applied by calling ``out_proj`` as a
-    module (exactly the same product). Unmasked attention without weights returned, extra key/value
-    biases or zero attention, on batched inputs, is computed directly (``_plain_attention``); any other
-    call runs the functional attention with an identity projection inside it and the product after."""
+    module (exactly the same product). Unmasked attention on batched inputs without extra key/value biases
+    or zero attention is computed directly (``_plain_attention``); any other call runs the functional
+    attention with an identity projection inside it and the product after."""
     call = _ATTENTION_SIGNATURE.bind(self, query, *args, **kwargs)
     call.apply_defaults()
     options = call.arguments
     if (query.dim() == 3 and options["key_padding_mask"] is None and options["attn_mask"] is None
-            and not options["is_causal"] and not options["need_weights"] and self.bias_k is None
-            and not self.add_zero_attn):
-        return _plain_attention(self, query, options["key"], options["value"]), None
+            and not options["is_causal"] and self.bias_k is None and not self.add_zero_attn):
+        return _plain_attention(self, query, options["key"], options["value"],
+                                need_weights=options["need_weights"], average_weights=options["average_attn_weights"])
     projection = self.out_proj
     self._modules["out_proj"] = _IdentityProjection(projection)
     try:
@@ -481,10 +481,13 @@ def _attention_with_modular_out_proj(self: nn.MultiheadAttention, query: torch.T
 
 
 def _plain_attention(attention: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,
-                     value: torch.Tensor) -> torch.Tensor:
+                     value: torch.Tensor, *, need_weights: bool, average_weights: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Multi-head attention softmax(q k^T / sqrt(d)) v of each head, as ``F.multi_head_attention_forward``
     computes it without masks (query, key and value projected by the attention's input weights, the
-    heads' outputs side by side), then ``out_proj`` called as a module on (samples, tokens, features)."""
+    heads' outputs side by side), then ``out_proj`` called as a module on (samples, tokens, features).
+    With ``need_weights`` the attention weights are formed explicitly, as torch does then, and returned
+    (averaged over heads with ``average_weights``)."""
     embed, heads = attention.embed_dim, attention.num_heads
     if attention._qkv_same_embed_dim and query is key is value:  # self-attention: one product, as torch
         projected = F.linear(query, attention.in_proj_weight, attention.in_proj_bias).chunk(3, -1)
@@ -499,10 +502,19 @@ def _plain_attention(attention: nn.MultiheadAttention, query: torch.Tensor, key:
             x = x.transpose(0, 1)
         return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
+    q, k, v = map(heads_first, projected)
     dropout = attention.dropout if attention.training else 0.0
-    output = F.scaled_dot_product_attention(*map(heads_first, projected), dropout_p=dropout)
+    scores = None
+    if need_weights:
+        scores = torch.softmax((q * (1.0 / q.shape[-1]) ** 0.5) @ k.transpose(-2, -1), dim=-1)
+        output = F.dropout(scores, dropout) @ v if dropout else scores @ v
+    else:
+        output = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
     output = attention.out_proj(output.transpose(1, 2).flatten(2))
-    return output if attention.batch_first else output.transpose(0, 1)
+    output = output if attention.batch_first else output.transpose(0, 1)
+    if scores is not None and average_weights:
+        scores = scores.mean(dim=1)
+    return output, scores
 
 
 class BatchedForm:
