@@ -506,7 +506,7 @@ def _plain_attention(attention: nn.MultiheadAttention, query: torch.Tensor, key:
     dropout = attention.dropout if attention.training else 0.0
     scores = None
     if need_weights:
-        scores = torch.softmax((q * (1.0 / q.shape[-1]) ** 0.5) @ k.transpose(-2, -1), dim=-1)
+        scores = torch.softmax((q * math.sqrt(1.0 / q.shape[-1])) @ k.transpose(-2, -1), dim=-1)
         output = F.dropout(scores, dropout) @ v if dropout else scores @ v
     else:
         output = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
