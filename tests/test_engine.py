@@ -858,6 +858,31 @@ def test_a_functional_use_is_probed_once_before_the_one_batched_pass(monkeypatch
     assert phases.calls == {"_single_sample_input_shapes": 1, "_batched_counts": 1}
 
 
+class InPlaceAfterLayers(nn.Module):
+    """Layer outputs changed in place: the first layer's (it reads the batch itself) and a later one's."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.first(x)
+        h.tanh_()
+        g = self.second(h)
+        g += h
+        return self.head(g.relu_())
+
+
+def test_layer_outputs_changed_in_place_are_scored_by_the_batched_engine(caplog):
+    torch.manual_seed(0)
+    model = InPlaceAfterLayers()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with caplog.at_level("WARNING", logger="gradsign"):
+        score = gradsign.score(model, x, y)
+    assert caplog.text == ""
+    assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
+
+
 def test_tied_weights_count_once():
     torch.manual_seed(0)
     model = TiedLinears()

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -142,15 +143,24 @@ def counted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
+def parametrized_layers(model: nn.Module) -> list[str]:
+    """Names of the Conv2d and Linear layers whose weight a parametrization computes (``weight_norm``,
+    ``spectral_norm``, ... of ``torch.nn.utils.parametrizations``): a new tensor at every access, whose
+    gradient no engine can read, so that GradSign counts no sign for them."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and parametrize.is_parametrized(module, "weight")]
+
+
 def uncounted_weights(model: nn.Module) -> dict[str, int]:
     """Elements of ``model``'s parameters with two or more dimensions that GradSign does not count, by the
-    type of the module holding them: any but the counted layers' weights and ``nn.Embedding`` tables
-    (e.g. ``transformers``' ``Conv1D`` in GPT-2, ``nn.Conv1d``, attention input projections)."""
+    type of the module holding them: any but the counted layers' weights, ``nn.Embedding`` tables and
+    the parameters of parametrized weights (``parametrized_layers``) (e.g. ``transformers``' ``Conv1D``
+    in GPT-2, ``nn.Conv1d``, attention input projections)."""
     counted = {id(m.weight) for _, m in counted_layers(model)}
     found: dict[str, int] = {}
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, nn.Embedding):
+        if isinstance(module, (nn.Embedding, parametrize.ParametrizationList)):
             continue
         for p in module._parameters.values():
             if p is not None and p.dim() >= 2 and id(p) not in counted and id(p) not in seen:
@@ -721,9 +731,10 @@ class _SignCountHooks:
         sequence_first = self._sequence_first(name, module, x)
         if not output.requires_grad or self._reads_chunk_inputs(x):
             # the input does not depend on the batch (e.g. zeros from a cut-off path), or is the
-            # batch itself, whose gradient nobody needs: make the output a leaf, so that the gradient
-            # arriving at it is still seen and none is computed for the input
-            output = output.detach().requires_grad_(True)
+            # batch itself, whose gradient nobody needs: start the graph anew at the output, so that the
+            # gradient arriving at it is still seen and none is computed for the input (a copy of a leaf:
+            # the model may change the output in place, which a leaf that requires grad refuses)
+            output = output.detach().requires_grad_(True).clone()
         self.pending_calls[name] = self.pending_calls.get(name, 0) + 1
         x = x.detach()
         if sequence_first:  # a Linear acts on each position alone: put the samples first
