@@ -59,3 +59,17 @@ def test_gradsign_says_when_most_weights_are_in_layers_it_does_not_count():
     attention = nn.MultiheadAttention(8, 2)
     assert gradsign.engine.uncounted_weights(nn.ModuleList([attention, nn.Embedding(50, 8)])) == {
         "MultiheadAttention": 3 * 8 * 8}
+
+
+def test_gradsign_names_the_parametrized_layers_it_cannot_count():
+    # weight_norm computes the weight anew at every access: no engine can read its gradient
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), weight_norm(nn.Linear(12, 16)), nn.Tanh(), spectral_norm(nn.Linear(16, 8)),
+                          nn.Tanh(), nn.Linear(8, 2))
+    x, y = torch.randn(6, 3, 2, 2), torch.tensor([0, 1, 0, 1, 1, 0])
+    with pytest.warns(UserWarning, match=r"no sign for the weights of 2 layer\(s\).*: model\.1, model\.3"):
+        score = gradsign.score(model, x, y)
+    assert score == gradsign.score(model, x, y, engine="loop") > 0
+    assert gradsign.engine.uncounted_weights(model) == {}

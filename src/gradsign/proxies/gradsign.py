@@ -6,7 +6,7 @@ import warnings
 import torch
 from torch import nn
 
-from gradsign.engine import LossFn, sign_counts, uncounted_weights
+from gradsign.engine import LossFn, parametrized_layers, sign_counts, uncounted_weights
 from gradsign.proxies.registry import register
 
 AGGREGATIONS = ("sum", "mean")
@@ -34,7 +34,13 @@ def gradsign(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss
 
 def _warn_if_mostly_uncounted(model: nn.Module, counted: int) -> None:
     """GradSign's definition counts Conv2d and Linear weights only: say so where most of a model's weight
-    matrices are elsewhere (its score then describes a small part of the network)."""
+    matrices are elsewhere (its score then describes a small part of the network), and name the layers
+    of those types it cannot count (parametrized weights)."""
+    parametrized = parametrized_layers(model)
+    if parametrized:
+        warnings.warn(f"gradsign counts no sign for the weights of {len(parametrized)} layer(s) that a "
+                      f"parametrization computes (weight_norm, spectral_norm, ...): {', '.join(parametrized[:5])}"
+                      + (", ..." if len(parametrized) > 5 else ""), stacklevel=4)
     uncounted = uncounted_weights(model)
     if sum(uncounted.values()) > counted:
         kinds = ", ".join(f"{kind} {n:,}" for kind, n in sorted(uncounted.items(), key=lambda kv: -kv[1]))
