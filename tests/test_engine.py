@@ -883,6 +883,30 @@ def test_layer_outputs_changed_in_place_are_scored_by_the_batched_engine(caplog)
     assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
 
 
+class FrozenByNoGrad(nn.Module):
+    """A feature layer run under torch.no_grad() inside the model: its weight gets no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen, self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.frozen(x)
+        return self.head(torch.relu(self.conv(torch.relu(h))).mean((2, 3)))
+
+
+def test_a_layer_called_under_no_grad_counts_zero_without_a_fallback(caplog):
+    torch.manual_seed(0)
+    model = FrozenByNoGrad()
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,))
+    with caplog.at_level("WARNING", logger="gradsign"):
+        counts = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy)
+    assert caplog.text == ""
+    assert not counts["frozen"].any()
+    assert sum(int(c.abs().sum()) for c in counts.values()) == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
+
+
 def test_tied_weights_count_once():
     torch.manual_seed(0)
     model = TiedLinears()
