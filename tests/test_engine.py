@@ -110,6 +110,15 @@ def plain_gradsign(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=F
     return float(sum(t.abs().sum() for t in total))
 
 
+def scored_without_warnings(model: nn.Module, x: torch.Tensor, y: torch.Tensor, caplog) -> float:
+    """``gradsign.score`` of the model, asserting that the "gradsign" logger warned of nothing (no fallback)."""
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gradsign"):
+        score = gradsign.score(model, x, y)
+    assert caplog.text == ""
+    return score
+
+
 MODELS = {
     "bn-running-stats": (lambda: cnn(nn.BatchNorm2d), "image"),
     "bn-no-running-stats": (lambda: cnn(lambda c: nn.BatchNorm2d(c, track_running_stats=False)), "image"),
@@ -682,9 +691,7 @@ def test_attention_is_computed_directly_where_it_can_be(kind, batch_first, monke
     torch.manual_seed(0)
     model = AttentionVariants(kind, batch_first)
     x, y = torch.randn(8, 5, 5), torch.randint(0, 3, (8,))
-    with caplog.at_level("WARNING", logger="gradsign"):
-        score = gradsign.score(model, x, y)
-    assert caplog.text == ""
+    score = scored_without_warnings(model, x, y, caplog)
     assert bool(identity_projections) == (kind in ("padding", "causal"))
     assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
     counts = {e: sign_counts(copy.deepcopy(model).double(), x.double(), y, F.cross_entropy, engine=e)
@@ -839,9 +846,7 @@ def test_a_float32_doubt_probes_no_model_whose_weights_stay_in_their_modules(mon
     torch.manual_seed(0)
     model = LentModel()
     x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 10, (8,))
-    with caplog.at_level("WARNING", logger="gradsign"):
-        score = gradsign.score(model, x, y)
-    assert caplog.text == ""
+    score = scored_without_warnings(model, x, y, caplog)
     assert phases.calls == {"_single_sample_input_shapes": 0, "_batched_counts": 2}  # float32, float64
     assert score == pytest.approx(gradsign.score(model, x, y, engine="loop"), rel=1e-3)
 
@@ -851,9 +856,7 @@ def test_a_functional_use_is_probed_once_before_the_one_batched_pass(monkeypatch
     torch.manual_seed(0)
     model = FunctionalReuse()
     x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
-    with caplog.at_level("WARNING", logger="gradsign"):
-        score = gradsign.score(model, x, y)
-    assert caplog.text == ""
+    score = scored_without_warnings(model, x, y, caplog)
     assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
     assert phases.calls == {"_single_sample_input_shapes": 1, "_batched_counts": 1}
 
@@ -877,9 +880,7 @@ def test_layer_outputs_changed_in_place_are_scored_by_the_batched_engine(caplog)
     torch.manual_seed(0)
     model = InPlaceAfterLayers()
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
-    with caplog.at_level("WARNING", logger="gradsign"):
-        score = gradsign.score(model, x, y)
-    assert caplog.text == ""
+    score = scored_without_warnings(model, x, y, caplog)
     assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
 
 
