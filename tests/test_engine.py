@@ -650,7 +650,8 @@ class AttentionVariants(nn.Module):
     """Learned queries attending to the tokens through ``nn.MultiheadAttention`` called in one of several
     ways: ``kind`` "self", "cross", "kdim" (keys and values of another width: separate input weights),
     "no-bias", "dropout" (off while scoring), "weights" (need_weights=True), "padding" (a key padding
-    mask from the tokens), "causal" (an attention mask with is_causal)."""
+    mask from the tokens), "causal" (an attention mask with is_causal), "bias-kv" (learned extra key and
+    value)."""
 
     def __init__(self, kind: str, batch_first: bool = True):
         super().__init__()
@@ -659,7 +660,8 @@ class AttentionVariants(nn.Module):
         self.embed = nn.Linear(5, width)
         self.queries = nn.Parameter(torch.randn(4 if kind not in ("self", "causal") else 5, 12))
         self.attention = nn.MultiheadAttention(12, 3, bias=kind != "no-bias", dropout=0.3 if kind == "dropout" else 0.0,
-                                               kdim=width, vdim=width, batch_first=batch_first)
+                                               add_bias_kv=kind == "bias-kv", kdim=width, vdim=width,
+                                               batch_first=batch_first)
         self.head = nn.Linear(12, 3)
 
     def forward(self, x):
@@ -679,11 +681,12 @@ class AttentionVariants(nn.Module):
         return self.head(torch.tanh(h).mean(1 if self.batch_first else 0))
 
 
-@pytest.mark.parametrize("kind", ["self", "cross", "kdim", "no-bias", "dropout", "weights", "padding", "causal"])
+@pytest.mark.parametrize("kind", ["self", "cross", "kdim", "no-bias", "dropout", "weights", "padding", "causal",
+                                  "bias-kv"])
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_attention_is_computed_directly_where_it_can_be(kind, batch_first, monkeypatch, caplog):
-    # unmasked attention runs without the identity projection inside the functional attention; every
-    # variant gives the definition's value without a fallback
+    # attention runs without the identity projection inside the functional attention, except with extra
+    # key/value biases; every variant gives the definition's value without a fallback
     identity_projections = []
     original = engine_module._IdentityProjection
     monkeypatch.setattr(engine_module, "_IdentityProjection",
@@ -692,26 +695,45 @@ def test_attention_is_computed_directly_where_it_can_be(kind, batch_first, monke
     model = AttentionVariants(kind, batch_first)
     x, y = torch.randn(8, 5, 5), torch.randint(0, 3, (8,))
     score = scored_without_warnings(model, x, y, caplog)
-    assert bool(identity_projections) == (kind in ("padding", "causal"))
+    assert bool(identity_projections) == (kind == "bias-kv")
     assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
     counts = {e: sign_counts(copy.deepcopy(model).double(), x.double(), y, F.cross_entropy, engine=e)
               for e in ("auto", "loop")}
     assert all(torch.equal(counts["auto"][k], counts["loop"][k]) for k in counts["loop"])
 
 
+def _masks(kind: str, samples: int, queries: int, keys: int, heads: int) -> dict:
+    g = torch.Generator().manual_seed(5)
+    padding = torch.rand(samples, keys, generator=g) < 0.3
+    padding[:, 0] = False  # every query sees at least one key
+    causal = nn.Transformer.generate_square_subsequent_mask(keys)[:queries]
+    return {"none": {},
+            "padding": {"key_padding_mask": padding},
+            "float padding": {"key_padding_mask": torch.randn(samples, keys, generator=g)},
+            "bool mask": {"attn_mask": torch.rand(queries, keys, generator=g) < 0.2},
+            "per-head mask": {"attn_mask": torch.randn(samples * heads, queries, keys, generator=g)},
+            "causal": {"attn_mask": causal, "is_causal": True},
+            "causal padding": {"attn_mask": causal.isinf(), "is_causal": True, "key_padding_mask": padding}}[kind]
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("options", [{"need_weights": False}, {}, {"average_attn_weights": False}])
+@pytest.mark.parametrize("masks", ["none", "padding", "float padding", "bool mask", "per-head mask", "causal",
+                                   "causal padding"])
 @pytest.mark.parametrize("cross", [False, True])
-def test_the_direct_attention_returns_what_torch_returns(batch_first, options, cross):
+def test_the_direct_attention_returns_what_torch_returns(batch_first, options, masks, cross):
     torch.manual_seed(0)
     attention = nn.MultiheadAttention(12, 3, batch_first=batch_first).eval()
-    x = torch.randn(4, 5, 12) if batch_first else torch.randn(5, 4, 12)
-    memory = torch.randn(4, 7, 12) if batch_first else torch.randn(7, 4, 12)
-    key = memory if cross else x
-    expected = attention(x, key, key, **options)
+    keys = 7 if cross and not masks.startswith("causal") else 5
+    x = torch.randn(4, 5, 12)
+    memory = torch.randn(4, keys, 12) if cross else x
+    if not batch_first:
+        x, memory = x.transpose(0, 1), memory.transpose(0, 1)
+    options = {**options, **_masks(masks, 4, 5, keys, 3)}
+    expected = attention(x, memory, memory, **options)
     form = engine_module.BatchedForm(attention)
     try:
-        got = attention(x, key, key, **options)
+        got = attention(x, memory, memory, **options)
     finally:
         form.undo()
     assert torch.allclose(got[0], expected[0], atol=1e-6)

@@ -469,15 +469,16 @@ def _stock_attention(module: nn.Module) -> bool:
 
 def _attention_with_modular_out_proj(self: nn.MultiheadAttention, query: torch.Tensor, *args, **kwargs):
     """``nn.MultiheadAttention.forward`` with the output projection applied by calling ``out_proj`` as a
-    module (exactly the same product). Unmasked attention on batched inputs without extra key/value biases
-    or zero attention is computed directly (``_plain_attention``); any other call runs the functional
-    attention with an identity projection inside it and the product after."""
+    module (exactly the same product). Attention on batched inputs without extra key/value biases or zero
+    attention is computed directly (``_plain_attention``); any other call runs the functional attention
+    with an identity projection inside it and the product after."""
     call = _ATTENTION_SIGNATURE.bind(self, query, *args, **kwargs)
     call.apply_defaults()
     options = call.arguments
-    if (query.dim() == 3 and options["key_padding_mask"] is None and options["attn_mask"] is None
-            and not options["is_causal"] and self.bias_k is None and not self.add_zero_attn):
-        return _plain_attention(self, query, options["key"], options["value"],
+    if (query.dim() == 3 and self.bias_k is None and not self.add_zero_attn
+            and not (options["is_causal"] and options["attn_mask"] is None)):  # torch refuses that call
+        return _plain_attention(self, query, options["key"], options["value"], options["key_padding_mask"],
+                                options["attn_mask"], is_causal=options["is_causal"],
                                 need_weights=options["need_weights"], average_weights=options["average_attn_weights"])
     projection = self.out_proj
     self._modules["out_proj"] = _IdentityProjection(projection)
@@ -491,13 +492,16 @@ def _attention_with_modular_out_proj(self: nn.MultiheadAttention, query: torch.T
 
 
 def _plain_attention(attention: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,
-                     value: torch.Tensor, *, need_weights: bool, average_weights: bool
+                     value: torch.Tensor, key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
+                     *, is_causal: bool, need_weights: bool, average_weights: bool
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Multi-head attention softmax(q k^T / sqrt(d)) v of each head, as ``F.multi_head_attention_forward``
-    computes it without masks (query, key and value projected by the attention's input weights, the
-    heads' outputs side by side), then ``out_proj`` called as a module on (samples, tokens, features).
-    With ``need_weights`` the attention weights are formed explicitly, as torch does then, and returned
-    (averaged over heads with ``average_weights``)."""
+    """Multi-head attention softmax(q k^T / sqrt(d) + mask) v of each head, as
+    ``F.multi_head_attention_forward`` computes it (query, key and value projected by the attention's
+    input weights; boolean masks mean -inf where True, float masks are added, the key padding mask to
+    every query and head; ``is_causal`` replaces the given causal mask only where torch does so: no key
+    padding mask, no weights returned), the heads' outputs side by side, then ``out_proj`` called as a
+    module on (samples, tokens, features). With ``need_weights`` the attention weights are formed
+    explicitly, as torch does then, and returned (averaged over heads with ``average_weights``)."""
     embed, heads = attention.embed_dim, attention.num_heads
     if attention._qkv_same_embed_dim and query is key is value:  # self-attention: one product, as torch
         projected = F.linear(query, attention.in_proj_weight, attention.in_proj_bias).chunk(3, -1)
@@ -513,18 +517,42 @@ def _plain_attention(attention: nn.MultiheadAttention, query: torch.Tensor, key:
         return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
     q, k, v = map(heads_first, projected)
+    causal = is_causal and key_padding_mask is None and not need_weights
+    mask = None if causal else _attention_mask(attn_mask, key_padding_mask, q)
     dropout = attention.dropout if attention.training else 0.0
     scores = None
     if need_weights:
-        scores = torch.softmax((q * math.sqrt(1.0 / q.shape[-1])) @ k.transpose(-2, -1), dim=-1)
+        logits = (q * math.sqrt(1.0 / q.shape[-1])) @ k.transpose(-2, -1)
+        scores = torch.softmax(logits if mask is None else logits + mask, dim=-1)
         output = F.dropout(scores, dropout) @ v if dropout else scores @ v
     else:
-        output = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        output = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
     output = attention.out_proj(output.transpose(1, 2).flatten(2))
     output = output if attention.batch_first else output.transpose(0, 1)
     if scores is not None and average_weights:
         scores = scores.mean(dim=1)
     return output, scores
+
+
+def _attention_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, q: torch.Tensor
+                    ) -> torch.Tensor | None:
+    """The additive mask, broadcastable to (samples, heads, queries, keys), of an attention call's
+    ``attn_mask`` ((queries, keys) or (samples * heads, queries, keys)) and ``key_padding_mask``
+    ((samples, keys)); a boolean mask is -inf where True. ``q``: the queries, (samples, heads, queries, d)."""
+    def additive(mask: torch.Tensor) -> torch.Tensor:
+        if mask.dtype == torch.bool:
+            return torch.zeros_like(mask, dtype=q.dtype).masked_fill_(mask, float("-inf"))
+        return mask.to(q.dtype)
+
+    samples, heads = q.shape[:2]
+    mask = None
+    if attn_mask is not None:
+        mask = additive(attn_mask)
+        mask = mask.view(samples, heads, *mask.shape[1:]) if mask.dim() == 3 else mask
+    if key_padding_mask is not None:
+        padding = additive(key_padding_mask).view(samples, 1, 1, -1)
+        mask = padding if mask is None else mask + padding
+    return mask
 
 
 class BatchedForm:
