@@ -25,17 +25,17 @@ def gradsign(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
     counts = sign_counts(model, inputs, targets, loss_fn, engine=engine, chunk_size=chunk_size)
-    _warn_if_mostly_uncounted(model, sum(c.numel() for c in counts.values()))
+    _warn_about_uncounted_weights(model, sum(c.numel() for c in counts.values()))
     total = sum(int(c.abs().sum()) for c in counts.values())
     if aggregation == "mean":
         return total / max(1, sum(c.numel() for c in counts.values()))
     return float(total)
 
 
-def _warn_if_mostly_uncounted(model: nn.Module, counted: int) -> None:
-    """GradSign's definition counts Conv2d and Linear weights only: say so where most of a model's weight
-    matrices are elsewhere (its score then describes a small part of the network), and name the layers
-    of those types it cannot count (parametrized weights)."""
+def _warn_about_uncounted_weights(model: nn.Module, counted: int) -> None:
+    """GradSign's definition counts Conv2d and Linear weights only: name the layers of those types whose
+    weights it cannot count (parametrized), and say so where most of a model's weight matrices are in
+    other layers (the score then describes a small part of the network)."""
     parametrized = parametrized_layers(model)
     if parametrized:
         warnings.warn(f"gradsign counts no sign for the weights of {len(parametrized)} layer(s) that a "
