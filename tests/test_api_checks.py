@@ -1,5 +1,6 @@
 """The public API refuses a batch whose inputs and targets differ in length, and says why a loss-based
 proxy scored exactly 0 instead of returning the 0 silently."""
+import math
 import warnings
 
 import pytest
@@ -69,7 +70,11 @@ def test_gradsign_names_the_parametrized_layers_it_cannot_count():
     model = nn.Sequential(nn.Flatten(), weight_norm(nn.Linear(12, 16)), nn.Tanh(), spectral_norm(nn.Linear(16, 8)),
                           nn.Tanh(), nn.Linear(8, 2))
     x, y = torch.randn(6, 3, 2, 2), torch.tensor([0, 1, 0, 1, 1, 0])
-    with pytest.warns(UserWarning, match=r"no sign for the weights of 2 layer\(s\).*: model\.1, model\.3"):
+    with pytest.warns(UserWarning, match=r"does not count the weights of 2 layer\(s\).*: model\.1, model\.3"):
         score = gradsign.score(model, x, y)
     assert score == gradsign.score(model, x, y, engine="loop") > 0
+    assert [name for name, _ in gradsign.engine.counted_layers(model)] == ["5"]
     assert gradsign.engine.uncounted_weights(model) == {}
+    # every proxy that reads layer weights runs on it (their weights are a new tensor at each access)
+    for proxy in ("grad_norm", "snip", "grasp", "fisher", "synflow"):
+        assert math.isfinite(gradsign.score(model, x, y, proxy=proxy))

@@ -133,11 +133,14 @@ def scoring_mode(model: nn.Module) -> nn.Module:
 
 def counted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Conv2d and Linear layers of ``model`` whose weights GradSign counts: one layer per distinct
-    weight (the first module that holds it)."""
+    weight (the first module that holds it). Not those whose weight a parametrization computes
+    (``parametrized_layers``): a new tensor at every access, so neither its gradient nor its identity
+    can be kept."""
     seen: set[int] = set()
     layers = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and id(module.weight) not in seen:
+        if (isinstance(module, (nn.Conv2d, nn.Linear)) and not parametrize.is_parametrized(module, "weight")
+                and id(module.weight) not in seen):
             seen.add(id(module.weight))
             layers.append((name, module))
     return layers
@@ -146,7 +149,7 @@ def counted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def parametrized_layers(model: nn.Module) -> list[str]:
     """Names of the Conv2d and Linear layers whose weight a parametrization computes (``weight_norm``,
     ``spectral_norm``, ... of ``torch.nn.utils.parametrizations``): a new tensor at every access, whose
-    gradient no engine can read, so that GradSign counts no sign for them."""
+    gradient no engine can read; they are not among the ``counted_layers``."""
     return [name for name, module in model.named_modules()
             if isinstance(module, (nn.Conv2d, nn.Linear)) and parametrize.is_parametrized(module, "weight")]
 

@@ -38,7 +38,7 @@ def _warn_about_uncounted_weights(model: nn.Module, counted: int) -> None:
     other layers (the score then describes a small part of the network)."""
     parametrized = parametrized_layers(model)
     if parametrized:
-        warnings.warn(f"gradsign counts no sign for the weights of {len(parametrized)} layer(s) that a "
+        warnings.warn(f"gradsign does not count the weights of {len(parametrized)} layer(s) that a "
                       f"parametrization computes (weight_norm, spectral_norm, ...): {', '.join(parametrized[:5])}"
                       + (", ..." if len(parametrized) > 5 else ""), stacklevel=4)
     uncounted = uncounted_weights(model)
