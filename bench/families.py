@@ -1,10 +1,11 @@
 """The default engine on more `transformers` families than the model zoo holds: exactness and fallbacks.
 
 Each family is built from a small config with random weights (seed 0) and scored on one random batch
-of 8 (images N(0, 1) or token ids uniform in [3, 100), seed 1; class targets below 3):
+of 8 (images or raw audio N(0, 1), or token ids uniform in [3, 100), seed 1; class targets below 3):
 - the default engine's GradSign relative to the loop's in float32, and whether the two give the same
   total in float64 (model and floating inputs in double precision);
 - the fallback, if any, with the cause the warning names, or the error that refuses the model;
+- where the float64 totals differ, the layers whose counts differ and by how much;
 - the share of the model's parameters in counted weights (Conv2d and Linear: other layer types, such
   as GPT-2's `Conv1D`, are not counted by GradSign's definition);
 - the largest |dL/dW| of the first sample over the counted weights, in float64: about 1e-15 where the
@@ -29,7 +30,7 @@ import gradsign
 from gradsign.engine import counted_layers, scoring_mode
 
 from doc_sections import engine_version, write_section
-from zoo import _Logits, score_with_warnings
+from zoo import _Logits, float64_diagnosis, score_with_warnings
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- families:begin (written by bench/families.py) -->", "<!-- families:end -->"
@@ -111,12 +112,46 @@ def _families(t) -> dict[str, tuple]:
             pad_token_id=1, max_position_embeddings=64, word_embed_proj_dim=32)), tokens, (12,)),
         "BLOOM": (lambda: t.BloomForSequenceClassification(t.BloomConfig(
             vocab_size=100, hidden_size=32, n_layer=2, n_head=2, num_labels=3, pad_token_id=0)), tokens, (12,)),
+        "Data2VecVision": (lambda: t.Data2VecVisionForImageClassification(t.Data2VecVisionConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, **IMAGE)), image, (3, 32, 32)),
+        "CLIP (vision)": (lambda: t.CLIPForImageClassification(t.CLIPConfig(
+            vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+                           "num_attention_heads": 2, "intermediate_size": 64},
+            text_config={"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                         "intermediate_size": 64}, **IMAGE)), image, (3, 32, 32)),
+        "ViT-MSN": (lambda: t.ViTMSNForImageClassification(t.ViTMSNConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, **IMAGE)), image, (3, 32, 32)),
+        "Wav2Vec2": (lambda: t.Wav2Vec2ForSequenceClassification(t.Wav2Vec2Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16),
+            conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+            num_labels=3)), "audio", (1600,)),
+        "SqueezeBERT": (lambda: t.SqueezeBertForSequenceClassification(t.SqueezeBertConfig(embedding_size=32, **TEXT)),
+                        tokens, (12,)),
+        "MobileBERT": (lambda: t.MobileBertForSequenceClassification(t.MobileBertConfig(
+            embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16, num_feedforward_networks=2, **TEXT)),
+            tokens, (12,)),
+        "ConvBERT": (lambda: t.ConvBertForSequenceClassification(t.ConvBertConfig(embedding_size=32, **TEXT)),
+                     tokens, (12,)),
+        "XLM-RoBERTa": (lambda: t.XLMRobertaForSequenceClassification(t.XLMRobertaConfig(**TEXT)), tokens, (12,)),
+        "BigBird (full attention)": (lambda: t.BigBirdForSequenceClassification(t.BigBirdConfig(
+            attention_type="original_full", **TEXT)), tokens, (12,)),
+        "Nystromformer": (lambda: t.NystromformerForSequenceClassification(t.NystromformerConfig(
+            num_landmarks=4, segment_means_seq_len=12, **TEXT)), tokens, (12,)),
+        "Mistral": (lambda: t.MistralForSequenceClassification(t.MistralConfig(
+            num_key_value_heads=1, pad_token_id=0, **TEXT)), tokens, (12,)),
+        "Qwen2": (lambda: t.Qwen2ForSequenceClassification(t.Qwen2Config(
+            num_key_value_heads=1, pad_token_id=0, **TEXT)), tokens, (12,)),
+        "GPT-Neo": (lambda: t.GPTNeoForSequenceClassification(t.GPTNeoConfig(
+            vocab_size=100, hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global", "local"], 1]],
+            window_size=4, num_labels=3, pad_token_id=0, max_position_embeddings=64)), tokens, (12,)),
     }
 
 
 def batch(kind: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    if kind == "image":
+    if kind in ("image", "audio"):
         inputs = torch.randn(8, *shape, generator=generator)
     else:  # ids from 3 up: below are the configs' pad/bos/eos ids
         inputs = torch.randint(3, 100, (8, *shape), generator=generator)
@@ -150,6 +185,7 @@ def measure(build, kind: str, shape: tuple[int, ...]) -> dict:
     causes = sorted({m.removeprefix("gradsign: ") for m in warned + warned64})
     return {**row, "relative_to_loop": (value - loop) / abs(loop) if loop else float("nan"),
             "float64_equal": value64 == loop64, "relative64": (value64 - loop64) / abs(loop64) if loop64 else 0.0,
+            "float64_differences": float64_diagnosis(model64, x64, y) if value64 != loop64 else [],
             "largest_gradient64": largest_gradient(model64, x64, y), "causes": causes}
 
 
@@ -171,6 +207,13 @@ def table(rows: dict[str, dict], command: str) -> str:
         equal = "yes" if r["float64_equal"] else f"NO ({r['relative64']:+.1e})"
         cause = "; ".join(r["causes"]).replace("|", "/") or "no"
         lines.append(f"{head} {r['relative_to_loop']:+.1e} | {equal} | {r['largest_gradient64']:.1e} | {cause} |")
+    unequal = {name: r for name, r in rows.items() if r.get("float64_differences")}
+    if unequal:
+        lines += ["", "Where the float64 counts differ (per layer: sum of |count difference| / weights):", ""]
+        for name, r in unequal.items():
+            layers = r["float64_differences"]
+            shown = "; ".join(f"`{d['layer']}` {d['differing_counts']:,} / {d['weights']:,}" for d in layers[:3])
+            lines.append(f"- {name}: {len(layers)} layer(s): {shown}" + ("; ..." if len(layers) > 3 else ""))
     return "\n".join(lines)
 
 
