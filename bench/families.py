@@ -8,10 +8,10 @@ of 8 (images or raw audio N(0, 1), or token ids uniform in [3, 100), seed 1; cla
 - where the float64 totals differ, the layers whose counts differ and by how much;
 - the share of the model's parameters in counted weights (Conv2d and Linear: other layer types, such
   as GPT-2's `Conv1D`, are not counted by GradSign's definition);
-- the largest |dL/dW| of the first sample over the counted weights, in float64: about 1e-15 where the
-  output does not depend on the weights in exact arithmetic (a BatchNorm right before global pooling
-  gives its bias for every single sample), so that every count is a sign of rounding noise and any two
-  implementations differ.
+- the largest |dL/dW| of the first sample over the counted weights, in float64: of the size of
+  rounding noise (1e-17..1e-15) where the output does not depend on the weights in exact arithmetic
+  (e.g. a BatchNorm right before global pooling gives its bias for every single sample), so that every
+  count is a sign of rounding noise and any two implementations differ.
 
     python bench/families.py [--families a,b] [--write]
 """
