@@ -170,9 +170,8 @@ def measure(build, kind: str, shape: tuple[int, ...]) -> dict:
     torch.manual_seed(0)
     model = build()
     x, y = batch(kind, shape)
-    counted = sum(m.weight.numel() for _, m in counted_layers(model))
-    row = {"params": sum(p.numel() for p in model.parameters()), "counted_share": 0.0}
-    row["counted_share"] = counted / row["params"]
+    params = sum(p.numel() for p in model.parameters())
+    row = {"params": params, "counted_share": sum(m.weight.numel() for _, m in counted_layers(model)) / params}
     try:
         value, warned = score_with_warnings(model, x, y)
     except ValueError as error:  # a model GradSign refuses

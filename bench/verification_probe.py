@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from collections import Counter
 
@@ -25,19 +26,25 @@ from gradsign import engine
 from gradsign.datasets import canonical_batch
 from gradsign.engine import engine_warnings, sign_counts
 from gradsign.spaces import get_space
+from gradsign.spaces.base import UnknownArchError
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--step", type=int, default=25, help="score every step-th arch index")
     parser.add_argument("--compare", type=int, default=10, help="score this many float64-checked archs by the loop")
-    parser.add_argument("--float64", metavar="INDICES", help="instead: float32 against float64 on these archs")
+    parser.add_argument("--float64", metavar="INDICES", type=arch_indices,
+                        help="instead: float32 against float64 on these comma-separated arch indices")
     args = parser.parse_args()
     torch.set_num_threads(1)
     space = get_space("nb201")
     x, y = canonical_batch("cifar10", 64, 0)
     if args.float64:
-        return float32_against_float64(space, [int(i) for i in args.float64.split(",")], x, y)
+        try:
+            archs = {index: space.arch(index) for index in args.float64}
+        except UnknownArchError as error:
+            sys.exit(str(error))
+        return float32_against_float64(space, archs, x, y)
     float64_checks: list[int] = []
     original = engine._float64_mismatch
 
@@ -49,9 +56,9 @@ def main() -> None:
     outcomes, doubted = Counter(), []
     start = time.perf_counter()
     indices = range(0, len(space), args.step)
-    for index in indices:
+    for index, arch in archs.items():
         torch.manual_seed(0)
-        model = space.build(space.arch(index), num_classes=10)
+        model = space.build(arch, num_classes=10)
         float64_checks.clear()
         with engine_warnings() as messages:
             score = gradsign.score(model, x, y)
@@ -73,13 +80,18 @@ def main() -> None:
         print(f"| {index} | {space.arch(index)} | {score:.0f} | {loop:.0f} | {(score - loop) / loop:+.1e} |")
 
 
-def float32_against_float64(space, indices: list[int], x: torch.Tensor, y: torch.Tensor) -> None:
+def arch_indices(text: str) -> list[int]:
+    """"3500,625" -> [3500, 625] (argparse reports a ValueError as a usage error)."""
+    return [int(i) for i in text.split(",")]
+
+
+def float32_against_float64(space, archs: dict, x: torch.Tensor, y: torch.Tensor) -> None:
     print("| index | default f32 | loop f32 | default f64 | loop f64 | (default f32 - f64) / f64 | (loop f32 - f64) / f64 "
           "| layer with most sign flips: default, loop, of counts |")
     print("|---|---|---|---|---|---|---|---|")
-    for index in indices:
+    for index, arch in archs.items():
         torch.manual_seed(0)
-        model = space.build(space.arch(index), num_classes=10)
+        model = space.build(arch, num_classes=10)
         counts = {(engine_name, dtype): sign_counts(copy.deepcopy(model).to(dtype), x.to(dtype), y, F.cross_entropy,
                                                     engine=engine_name)
                   for engine_name in ("auto", "loop") for dtype in (torch.float32, torch.float64)}
