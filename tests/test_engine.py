@@ -764,6 +764,40 @@ def test_an_attention_subclass_with_its_own_forward_falls_back_naming_the_unseen
     assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
 
 
+class ShiftedInputLinear(nn.Linear):
+    """A Linear subclass whose forward shifts its input before applying the weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x - 0.5, self.weight, self.bias)
+
+
+class ManuallyPaddedConv(nn.Conv2d):
+    """A Conv2d subclass that pads its input itself (its own ``padding`` is 0), as "same"-padding
+    convolutions of some libraries do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_a_layer_subclass_with_its_own_forward_falls_back_naming_its_class(layer, caplog):
+    # the hook sees the call's input, not what the subclass's forward multiplies the weight with: the
+    # per-sample formula is then wrong (linear) or does not fit (conv); before, the fallback blamed a
+    # shared weight or printed torch's reshape error
+    torch.manual_seed(0)
+    if layer == "linear":
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), ShiftedInputLinear(8, 3))
+        x, expected = torch.randn(8, 6), "layer model.2 is a ShiftedInputLinear with its own forward"
+    else:
+        model = nn.Sequential(ManuallyPaddedConv(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 36, 3))
+        x, expected = torch.randn(8, 3, 6, 6), "layer model.0 (a ManuallyPaddedConv with its own forward)"
+    y = torch.randint(0, 3, (8,))
+    with caplog.at_level("WARNING", logger="gradsign"):
+        score = gradsign.score(model, x, y)
+    assert expected in caplog.text and "used the vmap engine" in caplog.text
+    assert score == plain_gradsign(model, x, y)
+
+
 class KeywordCrossAttention(nn.Module):
     """``nn.MultiheadAttention`` called by keywords, with 3 learned queries attending over the sequence."""
 

@@ -771,10 +771,10 @@ class _SignCountHooks:
         self.pending_calls[name] = self.pending_calls.get(name, 0) + 1
         x = x.detach()
         if sequence_first:  # a Linear acts on each position alone: put the samples first
-            output.register_hook(lambda grad: self._accumulate(name, module, *self._formed(x.transpose(0, 1),
+            output.register_hook(lambda grad: self._accumulate_call(name, module, *self._formed(x.transpose(0, 1),
                                                                                            grad.transpose(0, 1))))
         else:
-            output.register_hook(lambda grad: self._accumulate(name, module, *self._formed(x, grad)))
+            output.register_hook(lambda grad: self._accumulate_call(name, module, *self._formed(x, grad)))
         return output
 
     def _formed(self, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -814,6 +814,19 @@ class _SignCountHooks:
         raise UnsupportedModelError(
             f"layer {name} gets an input of shape {tuple(shape)} for {self.samples} samples and "
             f"{tuple(one)} for one: its first dimension is not the sample index")
+
+    def _accumulate_call(self, name: str, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        """``_accumulate``, its failures turned into an ``UnsupportedModelError`` naming the layer."""
+        try:
+            self._accumulate(name, module, x, grad_out)
+        except RuntimeError as error:
+            if isinstance(error, torch.cuda.OutOfMemoryError):
+                raise
+            own = _own_forward(module)
+            why = f"a {own} with its own forward" if own else f"a {type(module).__name__}"
+            raise UnsupportedModelError(
+                f"layer {name} ({why}): its per-sample gradients cannot be formed from the call's input and "
+                f"output gradient ({_first_line(error)})") from error
 
     def _accumulate(self, name: str, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         self.pending_calls[name] -= 1
@@ -1244,18 +1257,32 @@ def _mismatch_cause(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
                     layers: list[tuple[str, nn.Module]], one_input: torch.Tensor, one_target: torch.Tensor,
                     name: str, difference: str) -> str:
     """Why layer ``name``'s batched per-sample gradients are wrong: samples of ``inputs`` interact; or, on
-    a batch of one (``one_input``), the hooked formula already misses gradient (the weight is used outside
-    the layer's call); or else the layer's batch dimension does not index samples."""
+    a batch of one (``one_input``), the hooked formula already misses gradient (the layer's class computes
+    its output in its own way, or the weight is used outside the layer's call); or else the layer's batch dimension does not index samples."""
     if samples_interact(model, inputs, rtol=FLOAT64_TOLERANCE):
         return "samples interact within a batch"
     _, alone = _batched_counts(model, one_input, one_target, loss_fn, layers, 1, verified=0)
     model.requires_grad_(True)
     reference = next(iter(_single_sample_grads(model, one_input, one_target, loss_fn, layers)))[name]
     if _difference(alone[name][0] if name in alone else None, reference, FLOAT64_TOLERANCE) is not None:
+        own = _own_forward(dict(layers)[name])
+        if own:
+            return (f"layer {name} is a {own} with its own forward, which does not apply the weight to the "
+                    "call's input as torch's does (it changes the weight or the input first)")
         return (f"weight of layer {name} gets gradient outside the layer's own call "
                 "(a shared weight or a functional use of it)")
     return (f"the first dimension of layer {name}'s input does not index samples (a reshaped or "
             f"transposed batch dimension; {difference})")
+
+
+def _own_forward(layer: nn.Module) -> str | None:
+    """The class name of a counted layer whose class computes its output itself (a subclass of
+    ``nn.Conv2d`` or ``nn.Linear`` overriding the forward), else None."""
+    torch_class = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear
+    methods = ("forward", "_conv_forward") if torch_class is nn.Conv2d else ("forward",)
+    if all(getattr(type(layer), m, None) is getattr(torch_class, m) for m in methods):
+        return None
+    return type(layer).__name__
 
 
 def samples_interact(model: nn.Module, x: torch.Tensor, *, rtol: float, relative_atol: float = 0.0) -> bool:
