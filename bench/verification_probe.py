@@ -4,7 +4,9 @@ agreement after a float32 doubt, or a fallback, and how far the batched score li
 For every ``--step``-th arch (CIFAR-10 canonical batch of 64, network built with ``torch.manual_seed(0)``)
 it scores GradSign with the default engine and records which way its verification went; for up to
 ``--compare`` archs that needed the float64 check it also scores the loop and prints the relative
-difference of the two scores. With ``--float64 I,J``, instead: for those arch indices, GradSign of the
+difference of the two scores, and for all of them the share of the counted weights whose float32 gradient
+signs differ between the batched pass and the single-sample reference (the default engine warns above
+``gradsign.engine.NOISY_SIGN_SHARE``). With ``--float64 I,J``, instead: for those arch indices, GradSign of the
 default engine and of the loop in float32 and in float64 (the network and batch in float64), and the
 layer where the float32 signs of the default engine differ most often from the float64 signs.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import time
 from collections import Counter
@@ -46,22 +49,30 @@ def main() -> None:
             sys.exit(str(error))
         return float32_against_float64(space, archs, x, y)
     float64_checks: list[int] = []
-    original = engine._float64_mismatch
+    shares: list[float] = []
+    original, original_share = engine._float64_mismatch, engine._sign_disagreement
 
     def counted(*call_args, **kwargs):
         float64_checks.append(1)
         return original(*call_args, **kwargs)
 
-    engine._float64_mismatch = counted
-    outcomes, doubted = Counter(), []
+    def recorded_share(*call_args):
+        shares.append(original_share(*call_args))
+        return shares[-1]
+
+    engine._float64_mismatch, engine._sign_disagreement = counted, recorded_share
+    outcomes, doubted, share_of = Counter(), [], {}
     start = time.perf_counter()
     indices = range(0, len(space), args.step)
-    for index, arch in archs.items():
+    for index in indices:
+        arch = space.arch(index)
         torch.manual_seed(0)
         model = space.build(arch, num_classes=10)
         float64_checks.clear()
+        shares_before = len(shares)
         with engine_warnings() as messages:
             score = gradsign.score(model, x, y)
+        share_of[index] = shares[shares_before:]
         if messages:
             outcomes["fallback"] += 1
             print(f"arch {index}: {messages[0]}")
@@ -70,9 +81,16 @@ def main() -> None:
             doubted.append((index, model, score))
         else:
             outcomes["float32 agreement"] += 1
-    engine._float64_mismatch = original
+    engine._float64_mismatch, engine._sign_disagreement = original, original_share
     print(f"{len(indices)} archs (every {args.step}th index), {time.perf_counter() - start:.0f} s: "
           + ", ".join(f"{n} {what}" for what, n in outcomes.items()))
+    if shares:
+        above = sum(share > engine.NOISY_SIGN_SHARE for share in shares)
+        noisiest = max((share, index) for index, measured in share_of.items() for share in measured)
+        print(f"float32 sign disagreement of the verified sample after a doubt the float64 check settled: "
+              f"median {100 * statistics.median(shares):.2f}%, largest {100 * noisiest[0]:.2f}% of the counted "
+              f"weights (arch {noisiest[1]}); {above} of {len(shares)} above "
+              f"{100 * engine.NOISY_SIGN_SHARE:g}% (warned)")
     print("| index | arch | default GradSign | loop GradSign | (default - loop) / loop |")
     print("|---|---|---|---|---|")
     for index, model, score in doubted[:args.compare]:

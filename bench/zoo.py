@@ -3,7 +3,8 @@
 For each zoo model, on one random batch (seed 1; weights from seed 0):
 - the default engine's GradSign relative to the per-sample loop's (``engine="loop"``) in float32, and
   whether the two are equal in float64 (model and floating inputs in double precision);
-- whether the default engine fell back (a warning of the "gradsign" logger) and the cause it names;
+- whether the default engine fell back (a warning of the "gradsign" logger) and the cause it names, and
+  whether it warned that float32 rounding decides many signs (``RoundingNoiseWarning``; the share it names);
 - seconds per ``gradsign.score(model, x, y)`` (default engine, including the model copy the API makes) and
   per plain batched forward+backward of the same model and batch (the model in the mode GradSign scores
   it in: eval mode except normalisation layers, every weight requiring grad, mean cross-entropy,
@@ -25,6 +26,7 @@ import shlex
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,7 +36,7 @@ from torch import nn
 import gradsign
 from gradsign import zoo
 from gradsign.api import default_output
-from gradsign.engine import engine_warnings, scoring_mode, sign_counts
+from gradsign.engine import RoundingNoiseWarning, engine_warnings, scoring_mode, sign_counts
 
 from doc_sections import engine_version, write_section
 
@@ -55,6 +57,18 @@ def score_with_warnings(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **op
     """``gradsign.score`` and the warnings the "gradsign" logger gave during the call."""
     with engine_warnings() as messages:
         return gradsign.score(model, x, y, **options), messages
+
+
+def rounding_noise_share(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """The share of signs that the default engine's ``RoundingNoiseWarning`` names for this model and
+    batch (None: it did not warn)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RoundingNoiseWarning)
+        gradsign.score(model, x, y)
+    for warning in caught:
+        if issubclass(warning.category, RoundingNoiseWarning):
+            return float(str(warning.message).split("differ in sign on ")[1].split("%")[0]) / 100
+    return None
 
 
 def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -122,6 +136,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     for _ in range(args.loop_repeats):
         t_loop, loop_value = timed(lambda: gradsign.score(model, x, y, engine="loop"))
         loop_times.append(t_loop)
+    noise = rounding_noise_share(model, x, y)
     model64 = model.double()
     x64 = x.double() if x.is_floating_point() else x
     value64, warned64 = score_with_warnings(model64, x64, y)
@@ -136,7 +151,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
             "gradsign": value, "loop_gradsign": loop_value,
             "relative_to_loop": (value - loop_value) / abs(loop_value) if loop_value else float("nan"),
             "float64_equal": value64 == loop64, "gradsign64": value64, "loop_gradsign64": loop64,
-            "float64_differences": diagnosis,
+            "float64_differences": diagnosis, "rounding_noise": noise,
             "fallback": bool(causes), "causes": causes}
 
 
@@ -166,6 +181,9 @@ def table(rows: list[dict], setup: dict, command: str) -> str:
             lines.append(f"| {r['model']} | | | | | | | | | | error: {cell(r['error'])} |")
             continue
         fallback = "yes: " + cell("; ".join(r["causes"])) if r["fallback"] else "no"
+        if r.get("rounding_noise") is not None:
+            fallback += (f" (warns that float32 rounding decides the signs: {100 * r['rounding_noise']:.0f}% "
+                         "of one sample's differ between two exact computations)")
         equal64 = "yes" if r["float64_equal"] else "NO (%+.1e)" % (
             (r["gradsign64"] - r["loop_gradsign64"]) / r["loop_gradsign64"])
         lines.append(f"| {r['model']} | {r['params']:,} | {r['input']} | {r['default_s']:.3f} | {r['fwd_bwd_s']:.3f} "

@@ -2,6 +2,7 @@
 import collections
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -160,9 +161,19 @@ def test_the_float64_check_passes_every_exact_model(name, monkeypatch, caplog):
     x, y, loss = batch(kind)
     batched = gradsign.score(model, x, y, loss_fn=loss, engine="batched")
     monkeypatch.setattr(engine_module, "FLOAT32_TOLERANCE", -1.0)
-    with caplog.at_level("WARNING", logger="gradsign"):
+    with caplog.at_level("WARNING", logger="gradsign"), warnings.catch_warnings():
+        # two float32 computations of these models' gradients agree in sign: no rounding-noise warning
+        warnings.simplefilter("error", engine_module.RoundingNoiseWarning)
         assert gradsign.score(model, x, y, loss_fn=loss) == batched
     assert caplog.text == ""
+
+
+def test_sign_disagreement_counts_zeros_and_missing_gradients_as_signs():
+    batched = {"a": torch.tensor([[1.0, -2.0, 0.0, 3.0]]), "b": torch.tensor([[0.0, 5.0]])}
+    reference = {"a": torch.tensor([1.0, 2.0, 0.0, -1e-30]), "b": None, "c": torch.tensor([0.0, 0.0])}
+    # a: two of four differ; b: its reference is zeros, one of two differs; c: formed nowhere, zeros both
+    assert engine_module._sign_disagreement(batched, reference) == pytest.approx(3 / 8)
+    assert engine_module._sign_disagreement(batched, {"a": batched["a"][0]}) == 0.0
 
 
 @pytest.mark.parametrize("name", ["bn-running-stats", "token-mlp-mse", "small-maps-depthwise"])

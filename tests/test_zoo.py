@@ -176,6 +176,21 @@ def test_batchnorm_on_flat_input_is_refused_with_a_one_line_error():
     assert "batchnorm" in message.lower().replace(" ", "") and "sample" in message.lower(), message
 
 
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs the zoo extra (transformers)")
+def test_regnet_at_64x64_is_scored_with_a_warning_that_rounding_decides_its_signs():
+    # RegNetX-400MF's last stage normalises 2x2 maps: its float32 gradients differ between two exact
+    # computations by more than their size (the float64 check finds the batched engine exact), so about
+    # half the signs of a sample's gradients are rounding noise in any engine, and the score says so
+    from gradsign.engine import RoundingNoiseWarning
+
+    model = zoo.build("regnet", "bench", seed=0)
+    x, y = zoo.example_batch("regnet", 2, "bench", seed=1)
+    with pytest.warns(RoundingNoiseWarning, match=r"differ in sign on \d+\.\d% of the counted weights") as caught:
+        gradsign.score(model, x, y)
+    share = float(str(caught[0].message).split("differ in sign on ")[1].split("%")[0])
+    assert share > 10
+
+
 def test_build_is_seeded_and_leaves_the_global_rng_alone():
     state = torch.random.get_rng_state()
     first = zoo.build("resnet16_narrow", seed=3).state_dict()

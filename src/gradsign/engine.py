@@ -85,6 +85,11 @@ FLOAT64_TOLERANCE = 1e-7
 #: smallest gradient scale a weight's differences are measured against, relative to the sample's
 #: largest weight gradient (below it, gradients are rounding noise around an exact zero)
 NOISE_FLOOR = 1e-4
+#: share of the counted weights above which, when two exact float32 computations of the verified sample's
+#: gradients (batched, and the sample alone) differ in sign that often, the default engine warns that
+#: float32 rounding decides many of the model's signs (RegNetX-400MF at 64x64: 41-53%; NAS-Bench-201 cells
+#: whose float32 comparison doubts: median 0.08%, at most 3.4%, `bench/verification_probe.py`)
+NOISY_SIGN_SHARE = 0.1
 #: normalisation layers: kept in train mode while scoring (they normalise by single-sample statistics)
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm,
                nn.LayerNorm)
@@ -94,6 +99,10 @@ log = logging.getLogger("gradsign")
 
 class UnsupportedModelError(RuntimeError):
     """The batched engine cannot compute exact per-sample gradients for this model."""
+
+
+class RoundingNoiseWarning(UserWarning):
+    """Float32 rounding decides the sign of a large share of the model's per-sample gradients."""
 
 
 class CannotScoreError(ValueError):
@@ -253,13 +262,14 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
         reference, single_shapes, swap = _reference_then_batched_form(model, inputs[sample], targets[sample],
                                                                       loss_fn, layers)
         try:
-            counts, mismatch = _verified_batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
-                                                        verified, reference, single_shapes, FLOAT32_TOLERANCE)
+            counts, mismatch, prefix = _verified_batched_counts(model, inputs, targets, loss_fn, layers,
+                                                                chunk_size, verified, reference, single_shapes,
+                                                                FLOAT32_TOLERANCE)
             cause = None
         except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
             if not verify or _single_sample_error(error):
                 raise
-            counts, mismatch = None, None
+            counts, mismatch, prefix = None, None, {}
             cause = _first_line(error)
         finally:
             swap.undo()
@@ -267,6 +277,8 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
         # float32 noise (e.g. normalising near-constant maps) or a real difference: decide in float64, on
         # the verified sample with its neighbours
         cause = _float64_mismatch(model, inputs[:verified + 2], targets[:verified + 2], loss_fn, verified)
+        if cause is None:
+            _warn_if_rounding_decides_signs(prefix, reference[0])
     if cause is None:
         return counts
     return _exact_fallback(model, inputs, targets, loss_fn, layers, chunk_size, cause)
@@ -276,9 +288,10 @@ def _verified_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: to
                              layers: list[tuple[str, nn.Module]], chunk_size: int | None, verified: int | None,
                              reference: list[dict[str, torch.Tensor | None]], single_shapes: _CallShapes | None,
                              tolerance: float, *, verified_only: bool = False
-                             ) -> tuple[dict[str, torch.Tensor], tuple[str, str] | None]:
-    """Batched counts (model in its batched form) and the first mismatch of the per-sample gradients they
-    formed for sample ``verified`` with its single-sample ``reference`` gradients (None: they agree).
+                             ) -> tuple[dict[str, torch.Tensor], tuple[str, str] | None, dict[str, torch.Tensor]]:
+    """Batched counts (model in its batched form), the first mismatch of the per-sample gradients they
+    formed for sample ``verified`` with its single-sample ``reference`` gradients (None: they agree), and
+    those per-sample gradients (one row per counted weight).
     Where the reference's graph used a counted weight outside its modules' calls, a one-sample probe
     looks for ``F.linear`` calls on it first, so that the batched pass counts them too.
     ``verified_only``: form only the verified sample's gradients (the counts are then its alone)."""
@@ -286,7 +299,7 @@ def _verified_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: to
         single_shapes = _single_sample_input_shapes(model, inputs[:1], _weight_users(model, layers))
     counts, prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size, verified=verified,
                                      single_shapes=single_shapes, verified_only=verified_only)
-    return counts, _first_mismatch(prefix, reference, tolerance)
+    return counts, _first_mismatch(prefix, reference, tolerance), prefix
 
 
 def _exact_fallback(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
@@ -1172,6 +1185,42 @@ def _first_mismatch(batched: dict[str, torch.Tensor], reference: list[dict[str, 
     return None
 
 
+def _sign_disagreement(batched: dict[str, torch.Tensor], reference: dict[str, torch.Tensor | None]) -> float:
+    """Share of the counted weights whose gradient has another sign (-1, 0, +1) in ``batched``'s first row
+    than in ``reference`` (None, or a weight missing from ``batched``: zeros)."""
+    differing = total = 0
+    for name, single in reference.items():
+        row = batched[name][0] if name in batched else None
+        if single is None and row is None:
+            continue
+        if single is None or row is None:  # against zeros: every nonzero gradient differs
+            present = row if single is None else single
+            differing += int(present.count_nonzero())
+            total += present.numel()
+        else:
+            differing += int(torch.sign(row).ne(torch.sign(single)).sum())
+            total += single.numel()
+    return differing / total if total else 0.0
+
+
+def _warn_if_rounding_decides_signs(batched: dict[str, torch.Tensor],
+                                    reference: dict[str, torch.Tensor | None]) -> None:
+    """Warn where two computations of one sample's gradients, both exact (float64 showed it), give
+    another sign on more than ``NOISY_SIGN_SHARE`` of the counted weights: that share of the counts is
+    decided by rounding, in any engine."""
+    share = _sign_disagreement(batched, reference)
+    if share <= NOISY_SIGN_SHARE:
+        return
+    dtype = next(g.dtype for g in reference.values() if g is not None)
+    precision = str(dtype).removeprefix("torch.")
+    advice = ": score a float64 copy of the model and inputs for counts without it" if dtype != torch.float64 else ""
+    warnings.warn(
+        f"{precision} rounding decides many of this model's gradient signs: two exact {precision} computations "
+        f"of one sample's gradients (in the batch, and alone) differ in sign on {share:.1%} of the counted "
+        "weights (e.g. normalisation over near-constant or 2x2 maps, or gradients vanishing into rounding "
+        f"noise); GradSign's counts carry that noise in any engine{advice}", RoundingNoiseWarning, stacklevel=2)
+
+
 def _largest_magnitude(t: torch.Tensor) -> float:
     """max |t| (0 when empty; NaN if any is), without forming |t| (4x faster over a model's weights)."""
     if not t.numel():
@@ -1216,8 +1265,9 @@ def _float64_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
             return f"float32 rounding cannot be told from a difference: the model does not run in float64 " \
                    f"({_first_line(error)})"
         try:
-            _, mismatch = _verified_batched_counts(model, inputs, targets, loss_fn, layers, len(inputs), verified,
-                                                   reference, single_shapes, FLOAT64_TOLERANCE, verified_only=True)
+            _, mismatch, _ = _verified_batched_counts(model, inputs, targets, loss_fn, layers, len(inputs),
+                                                      verified, reference, single_shapes, FLOAT64_TOLERANCE,
+                                                      verified_only=True)
         except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
             return _first_line(error)
         finally:
