@@ -4,7 +4,8 @@ Each family is built from a small config with random weights (seed 0) and scored
 of 8 (images or raw audio N(0, 1), or token ids uniform in [3, 100), seed 1; class targets below 3):
 - the default engine's GradSign relative to the loop's in float32, and whether the two give the same
   total in float64 (model and floating inputs in double precision);
-- the fallback, if any, with the cause the warning names, or the error that refuses the model;
+- the fallback, if any, with the cause the warning names, or the error that refuses the model, and
+  whether the default engine warned that float32 rounding decides many signs (the share it names);
 - where the float64 totals differ, the layers whose counts differ and by how much;
 - the share of the model's parameters in counted weights (Conv2d and Linear: other layer types, such
   as GPT-2's `Conv1D`, are not counted by GradSign's definition);
@@ -30,7 +31,7 @@ import gradsign
 from gradsign.engine import counted_layers, scoring_mode
 
 from doc_sections import engine_version, write_section
-from zoo import _Logits, float64_diagnosis, score_with_warnings
+from zoo import _Logits, float64_diagnosis, rounding_note, rounding_noise_share, score_with_warnings
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- families:begin (written by bench/families.py) -->", "<!-- families:end -->"
@@ -177,6 +178,7 @@ def measure(build, kind: str, shape: tuple[int, ...]) -> dict:
     except ValueError as error:  # a model GradSign refuses
         return {**row, "refused": str(error).splitlines()[0]}
     loop = gradsign.score(model, x, y, engine="loop")
+    noise = rounding_noise_share(model, x, y)
     model64 = model.double()
     x64 = x.double() if x.is_floating_point() else x
     value64, warned64 = score_with_warnings(model64, x64, y)
@@ -185,7 +187,7 @@ def measure(build, kind: str, shape: tuple[int, ...]) -> dict:
     return {**row, "relative_to_loop": (value - loop) / abs(loop) if loop else float("nan"),
             "float64_equal": value64 == loop64, "relative64": (value64 - loop64) / abs(loop64) if loop64 else 0.0,
             "float64_differences": float64_diagnosis(model64, x64, y) if value64 != loop64 else [],
-            "largest_gradient64": largest_gradient(model64, x64, y), "causes": causes}
+            "largest_gradient64": largest_gradient(model64, x64, y), "causes": causes, "rounding_noise": noise}
 
 
 def table(rows: dict[str, dict], command: str) -> str:
@@ -204,7 +206,7 @@ def table(rows: dict[str, dict], command: str) -> str:
             lines.append(f"{head} | | | refused: {r['refused'].replace('|', '/')} |")
             continue
         equal = "yes" if r["float64_equal"] else f"NO ({r['relative64']:+.1e})"
-        cause = "; ".join(r["causes"]).replace("|", "/") or "no"
+        cause = ("; ".join(r["causes"]).replace("|", "/") or "no") + rounding_note(r.get("rounding_noise"))
         lines.append(f"{head} {r['relative_to_loop']:+.1e} | {equal} | {r['largest_gradient64']:.1e} | {cause} |")
     unequal = {name: r for name, r in rows.items() if r.get("float64_differences")}
     if unequal:

@@ -163,6 +163,14 @@ def settings(args: argparse.Namespace) -> dict:
             "engine": engine_version(), "image_size": args.image_size}
 
 
+def rounding_note(share: float | None) -> str:
+    """A table cell's note of the ``RoundingNoiseWarning`` (empty where there was none)."""
+    if share is None:
+        return ""
+    return (f" (warns that float32 rounding decides the signs: {100 * share:.0f}% of one sample's differ "
+            "between two exact computations)")
+
+
 def table(rows: list[dict], setup: dict, command: str) -> str:
     """The markdown section: protocol, command, table, median ratio."""
     def cell(text: str) -> str:
@@ -181,9 +189,7 @@ def table(rows: list[dict], setup: dict, command: str) -> str:
             lines.append(f"| {r['model']} | | | | | | | | | | error: {cell(r['error'])} |")
             continue
         fallback = "yes: " + cell("; ".join(r["causes"])) if r["fallback"] else "no"
-        if r.get("rounding_noise") is not None:
-            fallback += (f" (warns that float32 rounding decides the signs: {100 * r['rounding_noise']:.0f}% "
-                         "of one sample's differ between two exact computations)")
+        fallback += rounding_note(r.get("rounding_noise"))
         equal64 = "yes" if r["float64_equal"] else "NO (%+.1e)" % (
             (r["gradsign64"] - r["loop_gradsign64"]) / r["loop_gradsign64"])
         lines.append(f"| {r['model']} | {r['params']:,} | {r['input']} | {r['default_s']:.3f} | {r['fwd_bwd_s']:.3f} "
