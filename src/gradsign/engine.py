@@ -1198,7 +1198,7 @@ def _sign_disagreement(batched: dict[str, torch.Tensor], reference: dict[str, to
             differing += int(present.count_nonzero())
             total += present.numel()
         else:
-            differing += int(torch.sign(row).ne(torch.sign(single)).sum())
+            differing += int(torch.count_nonzero(torch.sign(row).sub_(torch.sign(single))))
             total += single.numel()
     return differing / total if total else 0.0
 
