@@ -2,6 +2,7 @@
 import collections
 import copy
 import functools
+import math
 import warnings
 
 import pytest
@@ -807,6 +808,48 @@ def test_a_layer_subclass_with_its_own_forward_falls_back_naming_its_class(layer
         score = gradsign.score(model, x, y)
     assert expected in caplog.text and "used the vmap engine" in caplog.text
     assert score == plain_gradsign(model, x, y)
+
+
+class NaNForSomeSamples(nn.Module):
+    """Finite for most samples; for samples whose first feature exceeds 1 the output is NaN (``forward``)
+    or only the backward pass is (``backward``: the square root of a masked zero, whose derivative is
+    infinite, times the mask's zero, the ``torch.where``-style NaN of many hand-written safe functions)."""
+
+    def __init__(self, where: str):
+        super().__init__()
+        self.where = where
+        self.fc, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        flagged = (x[:, :1] > 1).float()
+        if self.where == "forward":
+            extra = torch.log(1 - 2 * flagged)  # log(-1) = NaN where flagged
+        else:
+            extra = torch.sqrt(h * 0 * flagged + 1 - flagged)  # finite; d/dh = inf * 0 = NaN where flagged
+        return self.out(torch.tanh(h) + extra)
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+@pytest.mark.parametrize("engine", ["auto", "batched", "vmap", "loop"])
+def test_a_nan_gradient_makes_gradsign_nan_in_every_engine(where, engine):
+    # torch.sign(NaN) is 0: a NaN gradient used to count as a zero one (the loop gave a number, the default
+    # engine raised torch's "atol must be greater than or equal to zero, but got -nan")
+    torch.manual_seed(0)
+    model = NaNForSomeSamples(where)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    x[:, 0] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0])  # sample 5 alone; 1 (verified) finite
+    with pytest.warns(UserWarning, match="gradsign scored NaN: .* is NaN for some sample"):
+        assert math.isnan(gradsign.score(model, x, y, engine=engine))
+    x[:, 0] = 0.0
+    assert gradsign.score(model, x, y, engine=engine) == plain_gradsign(model, x, y)
+
+
+def test_samples_interact_compares_nan_outputs_without_an_error():
+    model = nn.Sequential(nn.Linear(3, 2))
+    x = torch.randn(4, 3)
+    x[2] = float("nan")
+    assert not engine_module.samples_interact(model, x, rtol=1e-7, relative_atol=1e-6)
 
 
 class KeywordCrossAttention(nn.Module):

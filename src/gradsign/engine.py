@@ -105,6 +105,10 @@ class RoundingNoiseWarning(UserWarning):
     """Float32 rounding decides the sign of a large share of the model's per-sample gradients."""
 
 
+class NonFiniteGradientError(ValueError):
+    """Some per-sample gradient of a counted weight is NaN: its sign, and so GradSign, is undefined."""
+
+
 class CannotScoreError(ValueError):
     """The model has no per-sample semantics to score (e.g. BatchNorm over one value per channel)."""
 
@@ -235,7 +239,7 @@ def sign_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, l
             return _vmap_counts(model, inputs, targets, loss_fn, layers, chunk_size)
         return _checked_batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
                                        verify=engine == "auto")
-    except CannotScoreError:
+    except (CannotScoreError, NonFiniteGradientError):
         raise
     except (RuntimeError, ValueError) as error:
         raise _single_sample_error(error) or error
@@ -267,7 +271,7 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
                                                                 FLOAT32_TOLERANCE)
             cause = None
         except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
-            if not verify or _single_sample_error(error):
+            if not verify or _single_sample_error(error) or isinstance(error, NonFiniteGradientError):
                 raise
             counts, mismatch, prefix = None, None, {}
             cause = _first_line(error)
@@ -320,8 +324,24 @@ def _first_line(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-def _zero_counts(layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
-    return {name: torch.zeros_like(m.weight, dtype=torch.int32) for name, m in layers}
+def _zero_totals(layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
+    """Zero sign sums, float32 or wider (exact integers below 2^24 samples), one per counted weight."""
+    return {name: torch.zeros(m.weight.shape, dtype=torch.promote_types(m.weight.dtype, torch.float32),
+                              device=m.weight.device) for name, m in layers}
+
+
+def _integer_counts(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: total.to(torch.int32) for name, total in totals.items()}
+
+
+def _raise_on_nan(tensors: Iterable[torch.Tensor], what: str) -> None:
+    """``NonFiniteGradientError`` if any of ``tensors`` holds a NaN: ``torch.sign`` maps NaN to 0, so a NaN
+    gradient would count as a zero one, in every engine and in the official code alike."""
+    # a NaN makes the sum NaN; the sum is one fast pass, and only a NaN sum (also from inf - inf) is confirmed
+    if any(torch.isnan(t.sum()) and torch.isnan(t).any() for t in tensors):
+        raise NonFiniteGradientError(
+            f"{what} is NaN for some sample (a loss or output that is not finite, or a NaN in the "
+            "backward pass): its sign, and GradSign, are undefined")
 
 
 def _single_sample_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
@@ -355,7 +375,9 @@ def _sample_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor, l
     loss = loss_fn(model(x), target)
     if loss.requires_grad:
         loss.backward()
-    return {name: m.weight.grad for name, m in layers}, loss
+    grads = {name: m.weight.grad for name, m in layers}
+    _raise_on_nan((g for g in grads.values() if g is not None), "a counted weight's gradient")
+    return grads, loss
 
 
 def _graph_uses(loss: torch.Tensor, layers: list[tuple[str, nn.Module]]) -> collections.Counter:
@@ -421,12 +443,12 @@ def _reference_then_batched_form(model: nn.Module, inputs: torch.Tensor, targets
 
 def _loop_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
                  layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
-    counts = _zero_counts(layers)
+    totals = _zero_totals(layers)
     for grads in _single_sample_grads(model, inputs, targets, loss_fn, layers):
         for name, grad in grads.items():
             if grad is not None:
-                counts[name] += torch.sign(grad).to(torch.int32)
-    return counts
+                totals[name] += torch.sign(grad)
+    return _integer_counts(totals)
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -830,6 +852,8 @@ class _SignCountHooks:
 
     def _accumulate_call(self, name: str, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         """``_accumulate``, its failures turned into an ``UnsupportedModelError`` naming the layer."""
+        # a NaN output gradient gives NaN per-sample gradients, whose sign torch takes as 0
+        _raise_on_nan([grad_out], f"the output gradient of layer {name}")
         try:
             self._accumulate(name, module, x, grad_out)
         except RuntimeError as error:
@@ -1017,10 +1041,7 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     one-sample probe reads them otherwise); where they include functional ``F.linear`` calls, the forwards
     run under ``_FunctionalLinearCalls`` so that those calls are counted too."""
     model.requires_grad_(False)
-    # sign sums in float32 or wider (exact integers below 2^24 samples), added to in place and turned into
-    # int32 once at the end
-    totals = {name: torch.zeros(m.weight.shape, dtype=torch.promote_types(m.weight.dtype, torch.float32),
-                                device=m.weight.device) for name, m in layers}
+    totals = _zero_totals(layers)  # added to in place, turned into int32 counts once at the end
     users = _weight_users(model, layers)
     if single_shapes is None:
         single_shapes = _single_sample_input_shapes(model, inputs[:1], users)
@@ -1040,6 +1061,7 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
             with functional or contextlib.nullcontext():
                 outputs = model(x)
             loss = per_sample_loss_sum(outputs, targets[part], loss_fn)
+            _raise_on_nan([loss], "the loss")
             if loss.requires_grad:
                 loss.backward()
             hooks.finish_chunk()
@@ -1047,7 +1069,7 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
         hooks.remove()
         for handle in leaf_hooks:
             handle.remove()
-    return {name: total.to(torch.int32) for name, total in totals.items()}, hooks.prefix
+    return _integer_counts(totals), hooks.prefix
 
 
 class _CallShapes(dict):
@@ -1268,6 +1290,9 @@ def _float64_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
             _, mismatch, _ = _verified_batched_counts(model, inputs, targets, loss_fn, layers, len(inputs),
                                                       verified, reference, single_shapes, FLOAT64_TOLERANCE,
                                                       verified_only=True)
+        except NonFiniteGradientError:
+            return ("float32 rounding cannot be told from a difference: the model's gradients are not finite in "
+                    "float64")
         except (UnsupportedModelError, RuntimeError, ValueError, NotImplementedError) as error:
             return _first_line(error)
         finally:
@@ -1349,7 +1374,9 @@ def samples_interact(model: nn.Module, x: torch.Tensor, *, rtol: float, relative
             alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
     finally:
         swap.undo()
-    return not torch.allclose(together, alone, rtol=max(rtol, 0.0), atol=relative_atol * _largest_magnitude(alone))
+    finite = alone[torch.isfinite(alone)]
+    return not torch.allclose(together, alone, rtol=max(rtol, 0.0), atol=relative_atol * _largest_magnitude(finite),
+                              equal_nan=True)
 
 
 def _vmap_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
@@ -1370,11 +1397,12 @@ def _vmap_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     chunk_size = chunk_size or max(1, min(len(inputs), DEFAULT_ELEMENT_BUDGET // total,
                                           _default_chunk(layers, len(inputs), VMAP_WEIGHT_BUDGET)))
     sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="error")
-    counts = _zero_counts(layers)
+    totals = _zero_totals(layers)
     for part in _chunks(len(inputs), chunk_size):
         with warnings.catch_warnings():  # torch's notes on ops without a batching rule (slower, exact)
             warnings.filterwarnings("ignore", message="There is a performance drop")
             grads = sample_grads(weights, inputs[part], targets[part])
+        _raise_on_nan(grads.values(), "a counted weight's per-sample gradient")
         for name, _ in layers:
-            counts[name] += torch.sign(grads[keys[name]]).sum(0).to(torch.int32)
-    return counts
+            totals[name] += torch.sign(grads[keys[name]]).sum(0)
+    return _integer_counts(totals)

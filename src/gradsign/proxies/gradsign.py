@@ -6,7 +6,7 @@ import warnings
 import torch
 from torch import nn
 
-from gradsign.engine import LossFn, parametrized_layers, sign_counts, uncounted_weights
+from gradsign.engine import LossFn, NonFiniteGradientError, parametrized_layers, sign_counts, uncounted_weights
 from gradsign.proxies.registry import register
 
 AGGREGATIONS = ("sum", "mean")
@@ -24,7 +24,11 @@ def gradsign(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss
              aggregation: str = "sum", engine: str = "auto", chunk_size: int | None = None) -> float:
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
-    counts = sign_counts(model, inputs, targets, loss_fn, engine=engine, chunk_size=chunk_size)
+    try:
+        counts = sign_counts(model, inputs, targets, loss_fn, engine=engine, chunk_size=chunk_size)
+    except NonFiniteGradientError as error:
+        warnings.warn(f"gradsign scored NaN: {error}", stacklevel=4)
+        return float("nan")
     _warn_about_uncounted_weights(model, sum(c.numel() for c in counts.values()))
     total = sum(int(c.abs().sum()) for c in counts.values())
     if aggregation == "mean":
