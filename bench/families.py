@@ -1,7 +1,8 @@
 """The default engine on more `transformers` families than the model zoo holds: exactness and fallbacks.
 
 Each family is built from a small config with random weights (seed 0) and scored on one random batch
-of 8 (images or raw audio N(0, 1), or token ids uniform in [3, 100), seed 1; class targets below 3):
+of 8 (images, spectrograms or raw audio N(0, 1), or token ids uniform in [3, 100), the last one the
+end-of-sequence id 2 for the models that pool there; seed 1; class targets below 3):
 - the default engine's GradSign relative to the loop's in float32, and whether the two give the same
   total in float64 (model and floating inputs in double precision);
 - the fallback, if any, with the cause the warning names, or the error that refuses the model, and
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -39,6 +41,9 @@ INTRO = ("### More `transformers` families: exactness and fallbacks\n\n"
          "Small configs of families outside the zoo, scored on a batch of 8 (the protocol is in the docstring\n"
          "of `bench/families.py`); no timings.\n\n")
 IMAGE = {"num_labels": 3}
+SPEECH = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+          "conv_dim": (16, 16), "conv_stride": (5, 2), "conv_kernel": (10, 3), "num_conv_pos_embeddings": 16,
+          "num_conv_pos_embedding_groups": 4, "num_labels": 3}
 TEXT = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
         "intermediate_size": 64, "num_labels": 3, "max_position_embeddings": 64}
 
@@ -147,6 +152,69 @@ def _families(t) -> dict[str, tuple]:
         "GPT-Neo": (lambda: t.GPTNeoForSequenceClassification(t.GPTNeoConfig(
             vocab_size=100, hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global", "local"], 1]],
             window_size=4, num_labels=3, pad_token_id=0, max_position_embeddings=64)), tokens, (12,)),
+        "SwiftFormer": (lambda: t.SwiftFormerForImageClassification(t.SwiftFormerConfig(
+            depths=[1, 1, 1, 1], embed_dims=[16, 24, 32, 48], **IMAGE)), image, (3, 64, 64)),
+        "Hiera": (lambda: t.HieraForImageClassification(t.HieraConfig(
+            image_size=[64, 64], patch_size=[7, 7], patch_stride=[4, 4], patch_padding=[3, 3], embed_dim=16,
+            num_heads=[1, 2], depths=[1, 1], embed_dim_multiplier=2.0, num_query_pool=1, query_stride=[2, 2],
+            masked_unit_size=[8, 8], masked_unit_attention=[True, False], **IMAGE)), image, (3, 64, 64)),
+        "PVT": (lambda: t.PvtForImageClassification(t.PvtConfig(
+            image_size=32, num_encoder_blocks=2, depths=[1, 1], sequence_reduction_ratios=[2, 1],
+            hidden_sizes=[16, 32], patch_sizes=[4, 2], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
+            **IMAGE)), image, (3, 32, 32)),
+        "DINOv2 (registers)": (lambda: t.Dinov2WithRegistersForImageClassification(t.Dinov2WithRegistersConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+            num_register_tokens=2, **IMAGE)), image, (3, 32, 32)),
+        "I-JEPA": (lambda: t.IJepaForImageClassification(t.IJepaConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, **IMAGE)), image, (3, 32, 32)),
+        "AST": (lambda: t.ASTForAudioClassification(t.ASTConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_length=32,
+            num_mel_bins=16, patch_size=8, frequency_stride=8, time_stride=8, num_labels=3)), "audio", (32, 16)),
+        "Whisper (audio)": (lambda: t.WhisperForAudioClassification(t.WhisperConfig(
+            d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
+            decoder_attention_heads=2, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16, vocab_size=100,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, num_labels=3)),
+            "audio", (16, 32)),
+        "HuBERT": (lambda: t.HubertForSequenceClassification(t.HubertConfig(**SPEECH)), "audio", (1600,)),
+        "WavLM": (lambda: t.WavLMForSequenceClassification(t.WavLMConfig(**SPEECH)), "audio", (1600,)),
+        "SEW-D": (lambda: t.SEWDForSequenceClassification(t.SEWDConfig(squeeze_factor=2, **SPEECH)), "audio",
+                  (1600,)),
+        "BART": (lambda: t.BartForSequenceClassification(t.BartConfig(
+            vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+            num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=2)), "tokens+eos", (12,)),
+        "T5": (lambda: t.T5ForSequenceClassification(t.T5Config(
+            vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, num_labels=3,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=2)), "tokens+eos", (12,)),
+        "Longformer": (lambda: t.LongformerForSequenceClassification(t.LongformerConfig(attention_window=4, **TEXT)),
+                       tokens, (12,)),
+        "XLNet": (lambda: t.XLNetForSequenceClassification(t.XLNetConfig(
+            vocab_size=100, d_model=32, n_layer=2, n_head=2, d_inner=64, num_labels=3)), tokens, (12,)),
+        "FNet": (lambda: t.FNetForSequenceClassification(t.FNetConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_labels=3,
+            max_position_embeddings=64, use_tpu_fourier_optimizations=False)), tokens, (12,)),
+        "RoFormer": (lambda: t.RoFormerForSequenceClassification(t.RoFormerConfig(embedding_size=32, **TEXT)),
+                     tokens, (12,)),
+        "CANINE": (lambda: t.CanineForSequenceClassification(t.CanineConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_hash_functions=2,
+            num_hash_buckets=64, downsampling_rate=2, local_transformer_stride=4, num_labels=3)), tokens, (16,)),
+        "ESM": (lambda: t.EsmForSequenceClassification(t.EsmConfig(pad_token_id=1, mask_token_id=2, **TEXT)),
+                tokens, (12,)),
+        "Mixtral (MoE)": (lambda: t.MixtralForSequenceClassification(t.MixtralConfig(
+            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0, num_labels=3,
+            max_position_embeddings=64)), tokens, (12,)),
+        "GPT-NeoX": (lambda: t.GPTNeoXForSequenceClassification(t.GPTNeoXConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            num_labels=3, pad_token_id=0, max_position_embeddings=64)), tokens, (12,)),
+        "Phi": (lambda: t.PhiForSequenceClassification(t.PhiConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            num_labels=3, pad_token_id=0, max_position_embeddings=64)), tokens, (12,)),
+        "Gemma": (lambda: t.GemmaForSequenceClassification(t.GemmaConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=16, intermediate_size=64, num_labels=3, pad_token_id=0, max_position_embeddings=64)),
+            tokens, (12,)),
     }
 
 
@@ -156,6 +224,8 @@ def batch(kind: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor
         inputs = torch.randn(8, *shape, generator=generator)
     else:  # ids from 3 up: below are the configs' pad/bos/eos ids
         inputs = torch.randint(3, 100, (8, *shape), generator=generator)
+        if kind == "tokens+eos":  # models that pool at the end-of-sequence token (id 2)
+            inputs[:, -1] = 2
     return inputs, torch.randint(0, 3, (8,), generator=generator)
 
 
@@ -181,13 +251,20 @@ def measure(build, kind: str, shape: tuple[int, ...]) -> dict:
     noise = rounding_noise_share(model, x, y)
     model64 = model.double()
     x64 = x.double() if x.is_floating_point() else x
-    value64, warned64 = score_with_warnings(model64, x64, y)
-    loop64 = gradsign.score(model64, x64, y, engine="loop")
+    row = {**row, "relative_to_loop": (value - loop) / abs(loop) if loop else float("nan"),
+           "causes": sorted({m.removeprefix("gradsign: ") for m in warned}), "rounding_noise": noise}
+    try:
+        value64, warned64 = score_with_warnings(model64, x64, y)
+        loop64 = gradsign.score(model64, x64, y, engine="loop")
+    except RuntimeError as error:  # kernels without float64 (e.g. grouped matrix products of MoE layers)
+        return {**row, "no_float64": str(error).splitlines()[0]}
+    if math.isnan(value64) or math.isnan(loop64):
+        return {**row, "no_float64": "its float64 gradients are NaN, GradSign NaN"}
     causes = sorted({m.removeprefix("gradsign: ") for m in warned + warned64})
-    return {**row, "relative_to_loop": (value - loop) / abs(loop) if loop else float("nan"),
+    return {**row,
             "float64_equal": value64 == loop64, "relative64": (value64 - loop64) / abs(loop64) if loop64 else 0.0,
             "float64_differences": float64_diagnosis(model64, x64, y) if value64 != loop64 else [],
-            "largest_gradient64": largest_gradient(model64, x64, y), "causes": causes, "rounding_noise": noise}
+            "largest_gradient64": largest_gradient(model64, x64, y), "causes": causes}
 
 
 def table(rows: dict[str, dict], command: str) -> str:
@@ -205,8 +282,12 @@ def table(rows: dict[str, dict], command: str) -> str:
         if "refused" in r:
             lines.append(f"{head} | | | refused: {r['refused'].replace('|', '/')} |")
             continue
-        equal = "yes" if r["float64_equal"] else f"NO ({r['relative64']:+.1e})"
         cause = ("; ".join(r["causes"]).replace("|", "/") or "no") + rounding_note(r.get("rounding_noise"))
+        if "no_float64" in r:
+            lines.append(f"{head} {r['relative_to_loop']:+.1e} | does not run in float64 "
+                         f"({r['no_float64'].replace('|', '/')}) | | {cause} |")
+            continue
+        equal = "yes" if r["float64_equal"] else f"NO ({r['relative64']:+.1e})"
         lines.append(f"{head} {r['relative_to_loop']:+.1e} | {equal} | {r['largest_gradient64']:.1e} | {cause} |")
     unequal = {name: r for name, r in rows.items() if r.get("float64_differences")}
     if unequal:

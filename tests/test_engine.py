@@ -852,6 +852,30 @@ def test_samples_interact_compares_nan_outputs_without_an_error():
     assert not engine_module.samples_interact(model, x, rtol=1e-7, relative_atol=1e-6)
 
 
+class SharedTableBias(nn.Module):
+    """Token features plus a Linear applied to a position table shared by all samples (as relative-position
+    biases are formed): the table's Linear sees the same input for any batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(5, 4))
+        self.position = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(x + self.position(self.table))).mean(1)
+
+
+def test_a_layer_on_a_table_shared_by_all_samples_falls_back_saying_so(caplog):
+    torch.manual_seed(0)
+    model = SharedTableBias()
+    x, y = torch.randn(8, 5, 6), torch.randint(0, 3, (8,))
+    with caplog.at_level("WARNING", logger="gradsign"):
+        score = gradsign.score(model, x, y)
+    assert "layer model.position gets an input of the same shape (5, 4) for 8 samples as for one" in caplog.text
+    assert score == plain_gradsign(model, x, y)
+
+
 class KeywordCrossAttention(nn.Module):
     """``nn.MultiheadAttention`` called by keywords, with 3 learned queries attending over the sequence."""
 

@@ -846,6 +846,11 @@ class _SignCountHooks:
         if (isinstance(module, nn.Linear) and len(shape) >= 3 and one[1] == 1 and shape[1] == self.samples
                 and shape[0] == one[0] and shape[2:] == one[2:]):
             return True
+        if shape == one:
+            raise UnsupportedModelError(
+                f"layer {name} gets an input of the same shape {tuple(shape)} for {self.samples} samples as for "
+                "one: it does not hold the samples apart (a table shared by all of them, such as relative-position "
+                "embeddings), so a batched pass cannot separate their gradients")
         raise UnsupportedModelError(
             f"layer {name} gets an input of shape {tuple(shape)} for {self.samples} samples and "
             f"{tuple(one)} for one: its first dimension is not the sample index")
