@@ -805,11 +805,13 @@ class _SignCountHooks:
             output = output.detach().requires_grad_(True).clone()
         self.pending_calls[name] = self.pending_calls.get(name, 0) + 1
         x = x.detach()
+        shape = output.shape
         if sequence_first:  # a Linear acts on each position alone: put the samples first
-            output.register_hook(lambda grad: self._accumulate_call(name, module, *self._formed(x.transpose(0, 1),
-                                                                                           grad.transpose(0, 1))))
+            _hooked_tensor(output).register_hook(lambda grad: self._accumulate_call(
+                name, module, *self._formed(x.transpose(0, 1), grad.reshape(shape).transpose(0, 1))))
         else:
-            output.register_hook(lambda grad: self._accumulate_call(name, module, *self._formed(x, grad)))
+            _hooked_tensor(output).register_hook(
+                lambda grad: self._accumulate_call(name, module, *self._formed(x, grad.reshape(shape))))
         return output
 
     def _formed(self, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1023,6 +1025,18 @@ class _SignCountHooks:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def _hooked_tensor(output: torch.Tensor) -> torch.Tensor:
+    """The tensor whose gradient hook sees a layer output's gradient: the output itself, or, where the
+    output is a view reshaping a whole tensor (``F.linear`` returns one for inputs of three or more
+    dimensions), that tensor: a hook on such a view is lost when the model changes the view in place
+    (Longformer divides its global queries so), one on the tensor still sees the gradient before the change."""
+    base = output._base
+    if (base is not None and base.requires_grad and base.numel() == output.numel() and output.is_contiguous()
+            and base.is_contiguous() and output.storage_offset() == base.storage_offset()):
+        return base
+    return output
 
 
 def _make_leaves_hooks(model: nn.Module) -> list:
