@@ -903,6 +903,62 @@ def test_a_layer_output_view_changed_in_place_is_scored_batched(caplog):
     assert scored_without_warnings(model, x, y, caplog) == plain_gradsign(model, x, y)
 
 
+class RoutedExperts(nn.Module):
+    """Tokens routed to one of two Linear experts by the sign of their first feature (top-1 routing as in
+    Switch Transformers), the experts' outputs put back in place; a Linear head on the mean token."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.ModuleList([nn.Linear(6, 6) for _ in range(2)])
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        h = x.reshape(n * t, d)
+        choice = (h[:, 0] < 0).long()
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            rows = (choice == e).nonzero().flatten()
+            out = out.index_add(0, rows, expert(h[rows]))
+        return self.head(torch.tanh(out.reshape(n, t, d))).mean(1)
+
+
+class PooledAtPositions(nn.Module):
+    """One token per sample picked by ``h[torch.arange(n), positions]``, then a Linear: rows in sample order."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(x))
+        positions = (x[:, :, 1] > 0).long().argmax(1)
+        return self.head(h[torch.arange(len(x)), positions])
+
+
+def test_rows_routed_by_an_index_fall_back_even_where_the_verified_sample_lines_up(caplog):
+    # expert 0 gets 2, 2, 3 and 1 tokens of the four samples: 8 rows, twice as many as the verified sample
+    # has, so the batched reading (equal blocks of 2) passed the shape check, sample 1's block held its own
+    # rows and the verification passed, while samples 2 and 3 were misread: 142 instead of 154, silently
+    torch.manual_seed(0)
+    model = RoutedExperts()
+    x, y = torch.randn(4, 4, 6), torch.randint(0, 3, (4,))
+    first = torch.tensor([[1, 1, -1, -1], [1, -1, 1, -1], [1, 1, 1, -1], [-1, -1, 1, -1]], dtype=torch.float)
+    x[:, :, 0] = x[:, :, 0].abs() * first
+    with caplog.at_level("WARNING", logger="gradsign"):
+        score = gradsign.score(model, x, y)
+    assert "layer model.experts.0 gets rows picked by an index" in caplog.text
+    assert score == plain_gradsign(model, x, y)
+
+
+def test_one_row_per_sample_picked_in_order_stays_batched(caplog):
+    torch.manual_seed(0)
+    model = PooledAtPositions()
+    x, y = torch.randn(8, 5, 6), torch.randint(0, 3, (8,))
+    assert scored_without_warnings(model, x, y, caplog) == plain_gradsign(model, x, y)
+
+
 class KeywordCrossAttention(nn.Module):
     """``nn.MultiheadAttention`` called by keywords, with 3 learned queries attending over the sequence."""
 

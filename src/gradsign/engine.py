@@ -797,6 +797,10 @@ class _SignCountHooks:
         sequence_first = self._sequence_first(name, module, x)
         if not torch.is_grad_enabled():  # a call under no_grad: no gradient reaches the weight through it
             return output
+        if _rows_picked_by_index(x):
+            raise UnsupportedModelError(
+                f"layer {name} gets rows picked by an index (e.g. tokens routed to experts, or kept by a mask): how "
+                "many of them each sample has can differ between samples, which a batched pass cannot tell")
         if not output.requires_grad or self._reads_chunk_inputs(x):
             # the input does not depend on the batch (e.g. zeros from a cut-off path), or is the
             # batch itself, whose gradient nobody needs: start the graph anew at the output, so that the
@@ -1025,6 +1029,34 @@ class _SignCountHooks:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+#: autograd nodes of operations that keep a tensor's rows in order (looked through for an index before them)
+_ROW_KEEPING_NODES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
+                      "ToCopyBackward0", "TransposeBackward0", "PermuteBackward0"}
+
+
+def _rows_picked_by_index(x: torch.Tensor) -> bool:
+    """Whether ``x`` comes (through reshapes) from picking rows of a tensor by an index along its first
+    dimension (``h[idx]``, ``h[mask]``, ``h.index_select(0, idx)``): the number of rows each sample keeps may
+    then vary, so equal blocks of rows need not be the samples. Picking ``h[torch.arange(n), ...]`` (one row
+    per sample, in order) does not count."""
+    node = x.grad_fn
+    while node is not None and type(node).__name__ in _ROW_KEEPING_NODES:
+        node = node.next_functions[0][0] if node.next_functions else None
+    kind = type(node).__name__ if node is not None else ""
+    if kind == "IndexSelectBackward0":
+        return node._saved_dim == 0
+    if kind == "MaskedSelectBackward0":
+        return True
+    if kind != "IndexBackward0":
+        return False
+    first = node._saved_indices[0] if node._saved_indices else None
+    if first is None:
+        return False
+    in_order = first.dim() == 1 and not first.is_floating_point() and first.dtype != torch.bool and torch.equal(
+        first, torch.arange(len(first), device=first.device, dtype=first.dtype))
+    return not in_order
 
 
 def _hooked_tensor(output: torch.Tensor) -> torch.Tensor:
