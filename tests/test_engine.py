@@ -907,8 +907,9 @@ class RoutedExperts(nn.Module):
     """Tokens routed to one of two Linear experts by the sign of their first feature (top-1 routing as in
     Switch Transformers), the experts' outputs put back in place; a Linear head on the mean token."""
 
-    def __init__(self):
+    def __init__(self, pick: str = "index"):
         super().__init__()
+        self.pick = pick  # "index": h[rows]; "gather": h.gather(0, ...), as unpadding code picks tokens
         self.experts = nn.ModuleList([nn.Linear(6, 6) for _ in range(2)])
         self.head = nn.Linear(6, 3)
 
@@ -919,7 +920,8 @@ class RoutedExperts(nn.Module):
         out = torch.zeros_like(h)
         for e, expert in enumerate(self.experts):
             rows = (choice == e).nonzero().flatten()
-            out = out.index_add(0, rows, expert(h[rows]))
+            picked = h[rows] if self.pick == "index" else h.gather(0, rows[:, None].expand(-1, d))
+            out = out.index_add(0, rows, expert(picked))
         return self.head(torch.tanh(out.reshape(n, t, d))).mean(1)
 
 
@@ -937,12 +939,13 @@ class PooledAtPositions(nn.Module):
         return self.head(h[torch.arange(len(x)), positions])
 
 
-def test_rows_routed_by_an_index_fall_back_even_where_the_verified_sample_lines_up(caplog):
+@pytest.mark.parametrize("pick", ["index", "gather"])
+def test_rows_routed_by_an_index_fall_back_even_where_the_verified_sample_lines_up(pick, caplog):
     # expert 0 gets 2, 2, 3 and 1 tokens of the four samples: 8 rows, twice as many as the verified sample
     # has, so the batched reading (equal blocks of 2) passed the shape check, sample 1's block held its own
     # rows and the verification passed, while samples 2 and 3 were misread: 142 instead of 154, silently
     torch.manual_seed(0)
-    model = RoutedExperts()
+    model = RoutedExperts(pick)
     x, y = torch.randn(4, 4, 6), torch.randint(0, 3, (4,))
     first = torch.tensor([[1, 1, -1, -1], [1, -1, 1, -1], [1, 1, 1, -1], [-1, -1, 1, -1]], dtype=torch.float)
     x[:, :, 0] = x[:, :, 0].abs() * first
