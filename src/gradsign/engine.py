@@ -1039,14 +1039,15 @@ _ROW_KEEPING_NODES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackw
 def _rows_picked_by_index(x: torch.Tensor) -> bool:
     """Whether ``x`` comes (through reshapes) from picking rows of a tensor by an index along its first
     dimension (``h[idx]``, ``h[mask]``, ``h.index_select(0, idx)``, ``h.gather(0, idx)`` as unpadding code
-    does): the number of rows each sample keeps may
+    does), or from rows concatenated along it (per-sample pieces packed together): the number of rows each
+    sample keeps may
     then vary, so equal blocks of rows need not be the samples. Picking ``h[torch.arange(n), ...]`` (one row
     per sample, in order) does not count."""
     node = x.grad_fn
     while node is not None and type(node).__name__ in _ROW_KEEPING_NODES:
         node = node.next_functions[0][0] if node.next_functions else None
     kind = type(node).__name__ if node is not None else ""
-    if kind in ("IndexSelectBackward0", "GatherBackward0"):
+    if kind in ("IndexSelectBackward0", "GatherBackward0", "CatBackward0"):
         return node._saved_dim == 0
     if kind == "MaskedSelectBackward0":
         return True
