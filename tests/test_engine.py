@@ -969,6 +969,28 @@ def test_one_row_per_sample_picked_in_order_stays_batched(caplog):
     assert scored_without_warnings(model, x, y, caplog) == plain_gradsign(model, x, y)
 
 
+class NoiseLayer(nn.Module):
+    """Gaussian noise added to a hidden layer in every mode (not a dropout): the output is random."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.fc(x) + 0.1 * torch.randn(len(x), 8)))
+
+
+def test_a_model_with_random_output_falls_back_naming_the_randomness(caplog):
+    # before, the cause was "samples interact within a batch"
+    torch.manual_seed(0)
+    model = NoiseLayer()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with caplog.at_level("WARNING", logger="gradsign"):
+        gradsign.score(model, x, y)
+    assert "the model's output is random in scoring mode" in caplog.text
+    assert "samples interact" not in caplog.text
+
+
 class KeywordCrossAttention(nn.Module):
     """``nn.MultiheadAttention`` called by keywords, with 3 learned queries attending over the sequence."""
 

@@ -1384,9 +1384,16 @@ def _in_float64(model: nn.Module) -> Iterator[None]:
 def _mismatch_cause(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
                     layers: list[tuple[str, nn.Module]], one_input: torch.Tensor, one_target: torch.Tensor,
                     name: str, difference: str) -> str:
-    """Why layer ``name``'s batched per-sample gradients are wrong: samples of ``inputs`` interact; or, on
-    a batch of one (``one_input``), the hooked formula already misses gradient (the layer's class computes
-    its output in its own way, or the weight is used outside the layer's call); or else the layer's batch dimension does not index samples."""
+    """Why layer ``name``'s batched per-sample gradients are wrong: the model's output is random (two
+    passes over the same sample differ); samples of ``inputs`` interact; or, on a batch of one
+    (``one_input``), the hooked formula already misses gradient (the layer's class computes its output in
+    its own way, or the weight is used outside the layer's call); or else the layer's batch dimension does
+    not index samples."""
+    with torch.no_grad():
+        random_output = not torch.equal(model(one_input), model(one_input))
+    if random_output:
+        return ("the model's output is random in scoring mode (two passes over one sample differ: it draws "
+                "random numbers outside dropout, e.g. a noise layer), so GradSign of it is one random draw")
     if samples_interact(model, inputs, rtol=FLOAT64_TOLERANCE):
         return "samples interact within a batch"
     _, alone = _batched_counts(model, one_input, one_target, loss_fn, layers, 1, verified=0)
