@@ -909,8 +909,8 @@ class RoutedExperts(nn.Module):
 
     def __init__(self, pick: str = "index"):
         super().__init__()
-        # "index": h[rows]; "gather": h.gather(0, ...), as unpadding code picks tokens; "cat": each sample's
-        # routed tokens concatenated, as packing code does
+        # "index": h[rows] ("index, then gelu": gelu(h[rows])); "gather": h.gather(0, ...), as unpadding
+        # code picks tokens; "cat": each sample's routed tokens concatenated, as packing code does
         self.pick = pick
         self.experts = nn.ModuleList([nn.Linear(6, 6) for _ in range(2)])
         self.head = nn.Linear(6, 3)
@@ -924,6 +924,8 @@ class RoutedExperts(nn.Module):
             rows = (choice == e).nonzero().flatten()
             if self.pick == "index":
                 picked = h[rows]
+            elif self.pick == "index, then gelu":
+                picked = F.gelu(h[rows])
             elif self.pick == "gather":
                 picked = h.gather(0, rows[:, None].expand(-1, d))
             else:
@@ -946,7 +948,7 @@ class PooledAtPositions(nn.Module):
         return self.head(h[torch.arange(len(x)), positions])
 
 
-@pytest.mark.parametrize("pick", ["index", "gather", "cat"])
+@pytest.mark.parametrize("pick", ["index", "index, then gelu", "gather", "cat"])
 def test_rows_routed_by_an_index_fall_back_even_where_the_verified_sample_lines_up(pick, caplog):
     # expert 0 gets 2, 2, 3 and 1 tokens of the four samples: 8 rows, twice as many as the verified sample
     # has, so the batched reading (equal blocks of 2) passed the shape check, sample 1's block held its own

@@ -1031,21 +1031,34 @@ class _SignCountHooks:
             handle.remove()
 
 
-#: autograd nodes of operations that keep a tensor's rows in order (looked through for an index before them)
+#: autograd nodes that pick or gather rows of a tensor (``_rows_picked_by_index``)
+_ROW_PICKING_NODES = {"IndexBackward0", "IndexSelectBackward0", "GatherBackward0", "CatBackward0",
+                      "MaskedSelectBackward0"}
+#: operations that keep each row's values in their row (reshapes, activations, scalar arithmetic, layer
+#: norm), looked through for such a node (at most ``_ROW_PICKING_DEPTH`` of them, each of one
+#: differentiable input); not selections such as ``h[:, -1]``, after which rows may be whole samples again
 _ROW_KEEPING_NODES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
-                      "ToCopyBackward0", "TransposeBackward0", "PermuteBackward0"}
+                      "ToCopyBackward0", "TransposeBackward0", "PermuteBackward0", "GeluBackward0",
+                      "ReluBackward0", "TanhBackward0", "SigmoidBackward0", "SiluBackward0", "EluBackward0",
+                      "LeakyReluBackward0", "HardswishBackward0", "HardtanhBackward0", "SoftplusBackward0",
+                      "MishBackward0", "MulBackward0", "DivBackward0", "AddBackward0", "SubBackward0",
+                      "NativeLayerNormBackward0"}
+_ROW_PICKING_DEPTH = 8
 
 
 def _rows_picked_by_index(x: torch.Tensor) -> bool:
     """Whether ``x`` comes (through reshapes) from picking rows of a tensor by an index along its first
     dimension (``h[idx]``, ``h[mask]``, ``h.index_select(0, idx)``, ``h.gather(0, idx)`` as unpadding code
-    does), or from rows concatenated along it (per-sample pieces packed together): the number of rows each
-    sample keeps may
+    does), or from rows concatenated along it (per-sample pieces packed together), through operations that
+    keep rows (``gelu(h[idx])``, ``_ROW_KEEPING_NODES``): the number of rows each sample keeps may
     then vary, so equal blocks of rows need not be the samples. Picking ``h[torch.arange(n), ...]`` (one row
     per sample, in order) does not count."""
     node = x.grad_fn
-    while node is not None and type(node).__name__ in _ROW_KEEPING_NODES:
-        node = node.next_functions[0][0] if node.next_functions else None
+    for _ in range(_ROW_PICKING_DEPTH):
+        if node is None or type(node).__name__ not in _ROW_KEEPING_NODES:
+            break
+        inputs = [n for n, _ in node.next_functions if n is not None]
+        node = inputs[0] if len(inputs) == 1 else None
     kind = type(node).__name__ if node is not None else ""
     if kind in ("IndexSelectBackward0", "GatherBackward0", "CatBackward0"):
         return node._saved_dim == 0
