@@ -993,6 +993,43 @@ def test_a_model_with_random_output_falls_back_naming_the_randomness(caplog):
     assert "samples interact" not in caplog.text
 
 
+class FunctionalAttention(nn.Module):
+    """WavLM's attention in small: ``F.multi_head_attention_forward`` called with four Linear modules' weights
+    as separate projections (none called as a module), sequence-first, with a per-head float bias computed
+    from the tokens as its attention mask; a Linear head on the mean token."""
+
+    def __init__(self, need_weights: bool, width: int = 8, heads: int = 2):
+        super().__init__()
+        self.need_weights, self.heads = need_weights, heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
+        self.gate = nn.Linear(width, heads)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, _ = x.shape
+        bias = torch.tanh(self.gate(x)).transpose(1, 2)[..., None].expand(n, self.heads, t, t).reshape(-1, t, t)
+        h = x.transpose(0, 1)
+        out, _ = F.multi_head_attention_forward(
+            h, h, h, h.shape[-1], self.heads, torch.empty([0]),
+            torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)), None, None, False, 0.1,
+            self.out_proj.weight, self.out_proj.bias, self.training, None, need_weights=self.need_weights,
+            attn_mask=bias, use_separate_proj_weight=True, q_proj_weight=self.q_proj.weight,
+            k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight)
+        return self.head(out.transpose(0, 1)).mean(1)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_functional_attention_on_counted_linear_weights_is_scored_batched(need_weights, caplog):
+    # before, the projections' weights were used inside F.multi_head_attention_forward, where no hook sees
+    # them, and the model fell back to vmap ("gets gradient outside the layer's own call")
+    torch.manual_seed(0)
+    model = FunctionalAttention(need_weights)
+    x, y = torch.randn(8, 5, 8), torch.randint(0, 3, (8,))
+    assert scored_without_warnings(model, x, y, caplog) == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
+    model64, x64 = copy.deepcopy(model).double(), x.double()
+    assert scored_without_warnings(model64, x64, y, caplog) == plain_gradsign(model64, x64, y)
+
+
 class KeywordCrossAttention(nn.Module):
     """``nn.MultiheadAttention`` called by keywords, with 3 learned queries attending over the sequence."""
 

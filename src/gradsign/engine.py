@@ -540,7 +540,7 @@ def _plain_attention(attention: nn.MultiheadAttention, query: torch.Tensor, key:
     padding mask, no weights returned), the heads' outputs side by side, then ``out_proj`` called as a
     module on (samples, tokens, features). With ``need_weights`` the attention weights are formed
     explicitly, as torch does then, and returned (averaged over heads with ``average_weights``)."""
-    embed, heads = attention.embed_dim, attention.num_heads
+    embed = attention.embed_dim
     if attention._qkv_same_embed_dim and query is key is value:  # self-attention: one product, as torch
         projected = F.linear(query, attention.in_proj_weight, attention.in_proj_bias).chunk(3, -1)
     else:
@@ -548,16 +548,29 @@ def _plain_attention(attention: nn.MultiheadAttention, query: torch.Tensor, key:
                    (attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight))
         biases = attention.in_proj_bias.split(embed) if attention.in_proj_bias is not None else (None,) * 3
         projected = [F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases)]
+    output, scores = _attention_of_projections(
+        *projected, attention.num_heads, batch_first=attention.batch_first, key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask, is_causal=is_causal, need_weights=need_weights, average_weights=average_weights,
+        dropout=attention.dropout if attention.training else 0.0)
+    output = attention.out_proj(output)
+    return (output if attention.batch_first else output.transpose(0, 1)), scores
 
+
+def _attention_of_projections(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, batch_first: bool,
+                              key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
+                              is_causal: bool, need_weights: bool, average_weights: bool, dropout: float
+                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention part of ``F.multi_head_attention_forward`` on projected queries, keys and values:
+    the heads' outputs side by side as (samples, tokens, features), before the output projection, and the
+    attention weights where ``need_weights`` (see ``_plain_attention``)."""
     def heads_first(x: torch.Tensor) -> torch.Tensor:  # (samples, heads, tokens, head features)
-        if not attention.batch_first:
+        if not batch_first:
             x = x.transpose(0, 1)
         return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
-    q, k, v = map(heads_first, projected)
+    q, k, v = map(heads_first, (q, k, v))
     causal = is_causal and key_padding_mask is None and not need_weights
     mask = None if causal else _attention_mask(attn_mask, key_padding_mask, q)
-    dropout = attention.dropout if attention.training else 0.0
     scores = None
     if need_weights:
         logits = (q * math.sqrt(1.0 / q.shape[-1])) @ k.transpose(-2, -1)
@@ -565,11 +578,9 @@ def _plain_attention(attention: nn.MultiheadAttention, query: torch.Tensor, key:
         output = F.dropout(scores, dropout) @ v if dropout else scores @ v
     else:
         output = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-    output = attention.out_proj(output.transpose(1, 2).flatten(2))
-    output = output if attention.batch_first else output.transpose(0, 1)
     if scores is not None and average_weights:
         scores = scores.mean(dim=1)
-    return output, scores
+    return output.transpose(1, 2).flatten(2), scores
 
 
 def _attention_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, q: torch.Tensor
@@ -1147,11 +1158,15 @@ class _CallShapes(dict):
     used_elsewhere = False
 
 
+_FUNCTIONAL_ATTENTION_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
 class _FunctionalLinearCalls(TorchFunctionMode):
     """Within the block, each ``F.linear`` call on a counted Linear weight made outside every module call
     that uses the weight (e.g. ``F.linear(h, layer.weight)``) goes to ``on_call(name, module, x, output)``,
-    which returns the output the model goes on with. Calls inside functions that dispatch as a whole
-    (``F.multi_head_attention_forward``) are not seen."""
+    which returns the output the model goes on with. ``F.multi_head_attention_forward`` given counted Linear
+    weights as its separate query, key and value projections (as WavLM calls it) is computed here, its
+    projections by such calls; other calls inside functions that dispatch as a whole are not seen."""
 
     def __init__(self, users: list[tuple[str, nn.Module]], on_call: Callable):
         super().__init__()
@@ -1181,13 +1196,45 @@ class _FunctionalLinearCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            computed = self._attention(args, kwargs)
+            if computed is not None:
+                return computed
         output = func(*args, **kwargs)
         if func is F.linear and isinstance(output, torch.Tensor):
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            owner = self.owners.get(id(weight))
-            if owner is not None and not self.running.get(id(weight)):
-                output = self.on_call(owner[0], owner[1], args[0] if args else kwargs["input"], output)
+            output = self._seen(weight, args[0] if args else kwargs["input"], output)
         return output
+
+    def _seen(self, weight: torch.Tensor, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        owner = self.owners.get(id(weight))
+        if owner is None or self.running.get(id(weight)):
+            return output
+        return self.on_call(owner[0], owner[1], x, output)
+
+    def _attention(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``F.multi_head_attention_forward(*args, **kwargs)`` with its projections seen, where its query,
+        key and value weights are separate and counted Linear weights and the inputs are batched (torch's
+        rules otherwise); None for any other call."""
+        call = _FUNCTIONAL_ATTENTION_SIGNATURE.bind(*args, **kwargs)
+        call.apply_defaults()
+        o = call.arguments
+        weights = (o["q_proj_weight"], o["k_proj_weight"], o["v_proj_weight"])
+        if (not o["use_separate_proj_weight"] or any(id(w) not in self.owners for w in weights)
+                or o["query"].dim() != 3 or o["bias_k"] is not None or o["add_zero_attn"]
+                or o["static_k"] is not None or o["static_v"] is not None
+                or (o["is_causal"] and o["attn_mask"] is None)):
+            return None
+        embed = o["embed_dim_to_check"]
+        biases = o["in_proj_bias"].split(embed) if o["in_proj_bias"] is not None else (None,) * 3
+        projected = [self._seen(w, x, F.linear(x, w, b))
+                     for x, w, b in zip((o["query"], o["key"], o["value"]), weights, biases)]
+        output, scores = _attention_of_projections(
+            *projected, o["num_heads"], batch_first=False, key_padding_mask=o["key_padding_mask"],
+            attn_mask=o["attn_mask"], is_causal=o["is_causal"], need_weights=o["need_weights"],
+            average_weights=o["average_attn_weights"], dropout=o["dropout_p"] if o["training"] else 0.0)
+        output = self._seen(o["out_proj_weight"], output, F.linear(output, o["out_proj_weight"], o["out_proj_bias"]))
+        return output.transpose(0, 1), scores
 
 
 def _modular_out_proj_shape(attention: nn.MultiheadAttention, args: tuple, kwargs: dict) -> torch.Size:
