@@ -894,15 +894,6 @@ class GlobalQueries(nn.Module):
         return self.head(torch.tanh(queries[0]))
 
 
-def test_a_layer_output_view_changed_in_place_is_scored_batched(caplog):
-    # a gradient hook on a view is lost when the view is changed in place: the batched pass missed the
-    # layer and the default engine fell back to vmap (blaming a weight used outside the layer's call)
-    torch.manual_seed(0)
-    model = GlobalQueries()
-    x, y = torch.randn(8, 5, 6), torch.randint(0, 3, (8,))
-    assert scored_without_warnings(model, x, y, caplog) == plain_gradsign(model, x, y)
-
-
 class RoutedExperts(nn.Module):
     """Tokens routed to one of two Linear experts by the sign of their first feature (top-1 routing as in
     Switch Transformers), the experts' outputs put back in place; a Linear head on the mean token."""
@@ -964,9 +955,13 @@ def test_rows_routed_by_an_index_fall_back_even_where_the_verified_sample_lines_
     assert score == plain_gradsign(model, x, y)
 
 
-def test_one_row_per_sample_picked_in_order_stays_batched(caplog):
+@pytest.mark.parametrize("make", [GlobalQueries, PooledAtPositions])
+def test_outputs_changed_in_place_and_rows_picked_in_sample_order_stay_batched(make, caplog):
+    # GlobalQueries: a gradient hook on a view is lost when the view is changed in place, so the batched
+    # pass missed the layer and the default engine fell back to vmap (blaming a weight used outside the
+    # layer's call). PooledAtPositions: one row per sample, in order, is not a row-picking to refuse.
     torch.manual_seed(0)
-    model = PooledAtPositions()
+    model = make()
     x, y = torch.randn(8, 5, 6), torch.randint(0, 3, (8,))
     assert scored_without_warnings(model, x, y, caplog) == plain_gradsign(model, x, y)
 
