@@ -152,7 +152,7 @@ def counted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     seen: set[int] = set()
     layers = []
     for name, module in model.named_modules():
-        if (isinstance(module, (nn.Conv2d, nn.Linear)) and not parametrize.is_parametrized(module, "weight")
+        if (isinstance(module, (nn.Conv2d, nn.Linear)) and not _computed_weight(module)
                 and id(module.weight) not in seen):
             seen.add(id(module.weight))
             layers.append((name, module))
@@ -160,23 +160,30 @@ def counted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def parametrized_layers(model: nn.Module) -> list[str]:
-    """Names of the Conv2d and Linear layers whose weight a parametrization computes (``weight_norm``,
-    ``spectral_norm``, ... of ``torch.nn.utils.parametrizations``): a new tensor at every access, whose
-    gradient no engine can read; they are not among the ``counted_layers``."""
+    """Names of the Conv2d and Linear layers whose weight is computed from other parameters: by a
+    parametrization (``weight_norm``, ``spectral_norm``, ... of ``torch.nn.utils.parametrizations``: a new
+    tensor at every access) or by a forward pre-hook that sets a plain tensor (the older
+    ``torch.nn.utils.weight_norm`` and ``spectral_norm``), so that no engine can read its gradient; they are
+    not among the ``counted_layers``."""
     return [name for name, module in model.named_modules()
-            if isinstance(module, (nn.Conv2d, nn.Linear)) and parametrize.is_parametrized(module, "weight")]
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and _computed_weight(module)]
+
+
+def _computed_weight(layer: nn.Module) -> bool:
+    return parametrize.is_parametrized(layer, "weight") or not isinstance(layer.weight, nn.Parameter)
 
 
 def uncounted_weights(model: nn.Module) -> dict[str, int]:
     """Elements of ``model``'s parameters with two or more dimensions that GradSign does not count, by the
     type of the module holding them: any but the counted layers' weights, ``nn.Embedding`` tables and
-    the parameters of parametrized weights (``parametrized_layers``) (e.g. ``transformers``' ``Conv1D``
+    the parameters of computed weights (``parametrized_layers``) (e.g. ``transformers``' ``Conv1D``
     in GPT-2, ``nn.Conv1d``, attention input projections)."""
     counted = {id(m.weight) for _, m in counted_layers(model)}
     found: dict[str, int] = {}
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, (nn.Embedding, parametrize.ParametrizationList)):
+        if isinstance(module, (nn.Embedding, parametrize.ParametrizationList)) or (
+                isinstance(module, (nn.Conv2d, nn.Linear)) and _computed_weight(module)):
             continue
         for p in module.parameters(recurse=False):
             if p.dim() >= 2 and id(p) not in counted and id(p) not in seen:

@@ -38,12 +38,13 @@ def gradsign(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss
 
 def _warn_about_uncounted_weights(model: nn.Module, counted: int) -> None:
     """GradSign's definition counts Conv2d and Linear weights only: name the layers of those types whose
-    weights it cannot count (parametrized), and say so where most of a model's weight matrices are in
+    weights it cannot count (computed from other parameters), and say so where most of a model's weight matrices are in
     other layers (the score then describes a small part of the network)."""
     parametrized = parametrized_layers(model)
     if parametrized:
-        warnings.warn(f"gradsign does not count the weights of {len(parametrized)} layer(s) that a "
-                      f"parametrization computes (weight_norm, spectral_norm, ...): {', '.join(parametrized[:5])}"
+        warnings.warn(f"gradsign does not count the weights of {len(parametrized)} layer(s) whose weight is "
+                      f"computed from other parameters (weight_norm, spectral_norm, ...): "
+                      f"{', '.join(parametrized[:5])}"
                       + (", ..." if len(parametrized) > 5 else ""), stacklevel=4)
     uncounted = uncounted_weights(model)
     if sum(uncounted.values()) > counted:
