@@ -163,8 +163,8 @@ def parametrized_layers(model: nn.Module) -> list[str]:
     """Names of the Conv2d and Linear layers whose weight is computed from other parameters: by a
     parametrization (``weight_norm``, ``spectral_norm``, ... of ``torch.nn.utils.parametrizations``: a new
     tensor at every access) or by a forward pre-hook that sets a plain tensor (the older
-    ``torch.nn.utils.weight_norm`` and ``spectral_norm``), so that no engine can read its gradient; they are
-    not among the ``counted_layers``."""
+    ``torch.nn.utils.weight_norm`` and ``spectral_norm``, ``torch.nn.utils.prune``'s masks), so that no
+    engine can read its gradient; they are not among the ``counted_layers``."""
     return [name for name, module in model.named_modules()
             if isinstance(module, (nn.Conv2d, nn.Linear)) and _computed_weight(module)]
 

@@ -43,7 +43,7 @@ def _warn_about_uncounted_weights(model: nn.Module, counted: int) -> None:
     parametrized = parametrized_layers(model)
     if parametrized:
         warnings.warn(f"gradsign does not count the weights of {len(parametrized)} layer(s) whose weight is "
-                      f"computed from other parameters (weight_norm, spectral_norm, ...): "
+                      f"computed from other parameters (weight_norm, spectral_norm, a pruning mask, ...): "
                       f"{', '.join(parametrized[:5])}"
                       + (", ..." if len(parametrized) > 5 else ""), stacklevel=4)
     uncounted = uncounted_weights(model)
