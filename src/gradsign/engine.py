@@ -812,13 +812,13 @@ class _SignCountHooks:
     def call(self, name: str, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """One call of counted weight ``name`` by ``module`` (or as ``module`` would) on ``x``: attaches the
         gradient hook to ``output`` and returns the output the model goes on with."""
-        sequence_first = self._sequence_first(name, module, x)
-        if not torch.is_grad_enabled():  # a call under no_grad: no gradient reaches the weight through it
-            return output
         if _rows_picked_by_index(x):
             raise UnsupportedModelError(
                 f"layer {name} gets rows picked by an index (e.g. tokens routed to experts, or kept by a mask): how "
                 "many of them each sample has can differ between samples, which a batched pass cannot tell")
+        sequence_first = self._sequence_first(name, module, x)
+        if not torch.is_grad_enabled():  # a call under no_grad: no gradient reaches the weight through it
+            return output
         if not output.requires_grad or self._reads_chunk_inputs(x):
             # the input does not depend on the batch (e.g. zeros from a cut-off path), or is the
             # batch itself, whose gradient nobody needs: start the graph anew at the output, so that the
