@@ -1049,12 +1049,10 @@ class _SignCountHooks:
             handle.remove()
 
 
-#: autograd nodes that pick or gather rows of a tensor (``_rows_picked_by_index``)
-_ROW_PICKING_NODES = {"IndexBackward0", "IndexSelectBackward0", "GatherBackward0", "CatBackward0",
-                      "MaskedSelectBackward0"}
 #: operations that keep each row's values in their row (reshapes, activations, scalar arithmetic, layer
-#: norm), looked through for such a node (at most ``_ROW_PICKING_DEPTH`` of them, each of one
-#: differentiable input); not selections such as ``h[:, -1]``, after which rows may be whole samples again
+#: norm), looked through for an operation that picked rows (``_rows_picked_by_index``; at most
+#: ``_ROW_PICKING_DEPTH`` of them, each of one differentiable input); not selections such as ``h[:, -1]``,
+#: after which rows may be whole samples again
 _ROW_KEEPING_NODES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
                       "ToCopyBackward0", "TransposeBackward0", "PermuteBackward0", "GeluBackward0",
                       "ReluBackward0", "TanhBackward0", "SigmoidBackward0", "SiluBackward0", "EluBackward0",
