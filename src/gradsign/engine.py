@@ -87,8 +87,9 @@ FLOAT64_TOLERANCE = 1e-7
 NOISE_FLOOR = 1e-4
 #: share of the counted weights above which, when two exact float32 computations of the verified sample's
 #: gradients (batched, and the sample alone) differ in sign that often, the default engine warns that
-#: float32 rounding decides many of the model's signs (RegNetX-400MF at 64x64: 41-53%; NAS-Bench-201 cells
-#: whose float32 comparison doubts: median 0.08%, at most 3.4%, `bench/verification_probe.py`)
+#: float32 rounding decides many of the model's signs (RegNetX-400MF at 64x64: 42%, `bench/zoo.py`;
+#: NAS-Bench-201 cells whose float32 comparison doubts: median 0.08%, at most 3.35%,
+#: `bench/verification_probe.py`)
 NOISY_SIGN_SHARE = 0.1
 #: normalisation layers: kept in train mode while scoring (they normalise by single-sample statistics)
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm,
