@@ -9,6 +9,8 @@ space's own width and depth), built under ``torch.manual_seed(0)``, scored on th
 - GradSign of the default engine and of ``engine="loop"`` (float32) on the first ``--loop-batch`` images
   and their relative difference, and the default engine's fallback warning (on the full batch) if it gave
   one;
+- whether the default engine warned that float32 rounding decides many signs (``RoundingNoiseWarning``,
+  the share of one sample's signs it names);
 - dead weights: the share of counted (Conv2d/Linear) weights whose float64 single-sample gradient is below
   1e-10 in magnitude for each of the first 4 samples. With single-sample BatchNorm a branch that ends in
   BatchNorm has the BatchNorm bias as its spatial mean, so where such branches reach the logits only through
@@ -30,6 +32,7 @@ import re
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 
 import gradsign
 from gradsign.datasets import canonical_batch
-from gradsign.engine import counted_layers, engine_warnings, scoring_mode
+from gradsign.engine import RoundingNoiseWarning, counted_layers, engine_warnings, scoring_mode
 from gradsign.spaces import get_space
 from gradsign.spaces.darts_model import param_count
 from gradsign.spaces.nds import SPACES
@@ -71,11 +74,13 @@ def measure(name: str, arch: str, x: torch.Tensor, y: torch.Tensor, loop_batch: 
     torch.manual_seed(0)
     model = space.build(arch, num_classes=10)
     gradsign.score(model, x[:2], y[:2])  # warm-up
-    with engine_warnings() as messages:
+    with engine_warnings() as messages, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RoundingNoiseWarning)
         start = time.perf_counter()
         default = gradsign.score(model, x, y)
         seconds = time.perf_counter() - start
     fallback = messages[0] if messages else ""
+    noise = [str(w.message) for w in caught if issubclass(w.category, RoundingNoiseWarning)]
     plain = scoring_mode(copy.deepcopy(model))
     F.cross_entropy(plain(x[:2]), y[:2]).backward()
     start = time.perf_counter()
@@ -90,7 +95,14 @@ def measure(name: str, arch: str, x: torch.Tensor, y: torch.Tensor, loop_batch: 
             "seconds": seconds, "fwd_bwd": fwd_bwd, "loop_seconds": loop_seconds, "gradsign": default,
             "gradsign_small": small, "gradsign_loop": loop,
             "relative_difference": (small - loop) / loop if loop else float("nan"),
-            "fallback": fallback, "dead_share": dead_share(model, x, y)}
+            "fallback": fallback, "dead_share": dead_share(model, x, y),
+            "rounding_noise": float(noise[0].split("differ in sign on ")[1].split("%")[0]) / 100 if noise else None}
+
+
+def noise_cell(row: dict) -> str:
+    """The share of signs the default engine's ``RoundingNoiseWarning`` named ("-": no warning)."""
+    share = row.get("rounding_noise")
+    return "-" if share is None else f"{100 * share:.0f}% of signs"
 
 
 def table(rows: list[dict], setup: dict, command: str) -> str:
@@ -101,14 +113,14 @@ def table(rows: list[dict], setup: dict, command: str) -> str:
              "single calls, so indicative.", "",
              f"| space | width | depth | params | default s | fwd+bwd s | GradSign | loop s ({setup['loop_batch']}) "
              f"| default ({setup['loop_batch']}) | loop ({setup['loop_batch']}) | default vs loop | dead weights "
-             "| fallback |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| rounding-noise warning | fallback |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         used = re.search(r"used the (\w+) engine", r["fallback"])
         fallback = ("yes, to " + used.group(1) if used else "yes") if r["fallback"] else "no"
         lines.append(f"| {r['space']} | {r['width']} | {r['depth']} | {r['params']:,} | {r['seconds']:.2f} | "
                      f"{r['fwd_bwd']:.2f} | {r['gradsign']:,.0f} | {r['loop_seconds']:.2f} | {r['gradsign_small']:,.0f} | "
                      f"{r['gradsign_loop']:,.0f} "
-                     f"| {r['relative_difference']:+.1e} | {100 * r['dead_share']:.1f}% | {fallback} |")
+                     f"| {r['relative_difference']:+.1e} | {100 * r['dead_share']:.1f}% | {noise_cell(r)} | {fallback} |")
     lines += ["", "Seconds per model (default engine), mean per space: " + ", ".join(
         f"{name} {np.mean([r['seconds'] for r in rows if r['space'] == name]):.1f} s" for name in SPACES
         if any(r["space"] == name for r in rows)) + ".",
