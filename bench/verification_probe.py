@@ -4,9 +4,9 @@ agreement after a float32 doubt, or a fallback, and how far the batched score li
 For every ``--step``-th arch (CIFAR-10 canonical batch of 64, network built with ``torch.manual_seed(0)``)
 it scores GradSign with the default engine and records which way its verification went; for up to
 ``--compare`` archs that needed the float64 check it also scores the loop and prints the relative
-difference of the two scores, and for all of them the share of the counted weights whose float32 gradient
-signs differ between the batched pass and the single-sample reference (the default engine warns above
-``gradsign.engine.NOISY_SIGN_SHARE``). With ``--float64 I,J``, instead: for those arch indices, GradSign of the
+difference of the two scores; and for every arch the verification accepted, the share of the counted
+weights whose float32 gradient signs differ between the batched pass and the single-sample reference (the
+default engine warns above ``gradsign.engine.NOISY_SIGN_SHARE``). With ``--float64 I,J``, instead: for those arch indices, GradSign of the
 default engine and of the loop in float32 and in float64 (the network and batch in float64), and the
 layer where the float32 signs of the default engine differ most often from the float64 signs.
 
@@ -87,7 +87,8 @@ def main() -> None:
     if shares:
         above = sum(share > engine.NOISY_SIGN_SHARE for share in shares)
         noisiest = max((share, index) for index, measured in share_of.items() for share in measured)
-        print(f"float32 sign disagreement of the verified sample after a doubt the float64 check settled: "
+        print(f"float32 sign disagreement of the verified sample, batched against alone (every arch the "
+              f"verification accepted, after a float64 check or not): "
               f"median {100 * statistics.median(shares):.2f}%, largest {100 * noisiest[0]:.2f}% of the counted "
               f"weights (arch {noisiest[1]}); {above} of {len(shares)} above "
               f"{100 * engine.NOISY_SIGN_SHARE:g}% (warned)")

@@ -1025,6 +1025,40 @@ def test_functional_attention_on_counted_linear_weights_is_scored_batched(need_w
     assert scored_without_warnings(model64, x64, y, caplog) == plain_gradsign(model64, x64, y)
 
 
+class PooledBatchNorm(nn.Module):
+    """Two branches pooled into a Linear head: one convolution, BatchNorm and ReLU; and two convolutions
+    ending in BatchNorm (``dead``: the pooled BatchNorm output of a single sample is its bias, so that
+    branch's exact gradients are zero and float32 gives them rounding noise, as in NDS cells; otherwise a
+    ReLU after it lets the pooling see the input)."""
+
+    def __init__(self, dead: bool):
+        super().__init__()
+        self.live = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.other = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                                   nn.BatchNorm2d(16), nn.Identity() if dead else nn.ReLU())
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.live(x).mean((2, 3)), self.other(x).mean((2, 3))], 1))
+
+
+@pytest.mark.parametrize("dead", [True, False])
+def test_rounding_noise_is_reported_where_the_verification_passes(dead):
+    # with this seed the float32 comparison accepts the dead model (its noise lies below the comparison's
+    # floor), and nothing said that about a third of its counts are rounding signs
+    torch.manual_seed(2)
+    model = PooledBatchNorm(dead)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gradsign.score(model, x, y)
+    noise = [w for w in caught if issubclass(w.category, engine_module.RoundingNoiseWarning)]
+    assert len(noise) == (1 if dead else 0)
+    if dead:
+        share = float(str(noise[0].message).split("differ in sign on ")[1].split("%")[0])
+        assert share > 20
+
+
 class KeywordCrossAttention(nn.Module):
     """``nn.MultiheadAttention`` called by keywords, with 3 learned queries attending over the sequence."""
 
