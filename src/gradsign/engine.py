@@ -1337,25 +1337,23 @@ def _sign_disagreement(batched: dict[str, torch.Tensor], reference: dict[str, to
     spread evenly over it (runs, not single weights, so that memory is read a cache line at a time; None:
     on every weight)."""
     total = sum(g.numel() for g in reference.values() if g is not None)
-    pairs = []
+    differing = measured = 0
     for name, single in reference.items():
-        row = batched[name][0] if name in batched else None
-        present = next((g for g in (row, single) if g is not None), None)
-        if present is None:
+        grads = [None if g is None else g.reshape(-1) for g in (batched[name][0] if name in batched else None, single)]
+        present = [g for g in grads if g is not None]
+        if not present:
             continue
-        picked = None
-        runs = -(-round(sample * present.numel() / total) // SIGN_RUN) if sample and total > sample else 0
-        if runs and runs * SIGN_RUN < present.numel():
-            starts = torch.arange(runs, device=present.device) * (present.numel() // runs)
-            picked = (starts[:, None] + torch.arange(SIGN_RUN, device=present.device)).reshape(-1)
-        chosen = [g.reshape(-1) if picked is None else g.reshape(-1).index_select(0, picked)
-                  for g in (row, single) if g is not None]
-        zeros = present.new_zeros(len(chosen[0]))
-        pairs.append((chosen[0] if row is not None else zeros, chosen[-1] if single is not None else zeros))
-    if not pairs:
-        return 0.0
-    rows, singles = (torch.cat([pair[i] for pair in pairs]) for i in (0, 1))
-    return int(torch.count_nonzero(torch.sign(rows).sub_(torch.sign(singles)))) / len(rows)
+        size = present[0].numel()
+        runs = -(-round(sample * size / total) // SIGN_RUN) if sample and total > sample else 0
+        if runs and runs * SIGN_RUN < size:
+            grads = [None if g is None else g.as_strided((runs, SIGN_RUN), (size // runs, 1)) for g in grads]
+            present = [g for g in grads if g is not None]
+        if len(present) == 1:  # against zeros: every nonzero gradient differs
+            differing += int(present[0].count_nonzero())
+        else:
+            differing += int(torch.count_nonzero(torch.sign(grads[0]) - torch.sign(grads[1])))
+        measured += present[0].numel()
+    return differing / measured if measured else 0.0
 
 
 def _warn_if_rounding_decides_signs(batched: dict[str, torch.Tensor],
