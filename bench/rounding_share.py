@@ -69,7 +69,8 @@ def main() -> None:
             arch = space.sample(rng)
             torch.manual_seed(0)
             rows.append((f"{space_name} #{i}", *measured(space.build(arch, num_classes=10), x, y)))
-    print(f"sample of {engine.SIGN_SAMPLE} weights in runs of {engine.SIGN_RUN}, {args.threads} torch thread(s)")
+    print(f"sample of {engine.SIGN_SAMPLE} weights in tiles of {engine.SIGN_TILE}x{engine.SIGN_TILE}, "
+          f"{args.threads} torch thread(s)")
     print("| model | sampled share | full share | difference (points) | sampled share ms |")
     print("|---|---|---|---|---|")
     for name, sampled, full, seconds in rows:

@@ -90,10 +90,10 @@ NOISE_FLOOR = 1e-4
 #: float32 rounding decides many of the model's signs (RegNetX-400MF at 64x64: 42%, `bench/zoo.py`;
 #: NAS-Bench-201 cells: median 0.00%, at most 3.4%, `bench/verification_probe.py`)
 NOISY_SIGN_SHARE = 0.1
-#: counted weights, taken from each layer in proportion to its size in runs of ``SIGN_RUN``, on which that
-#: share is measured
+#: counted weights, taken from each layer in proportion to its size in tiles of ``SIGN_TILE`` squared, on
+#: which that share is measured
 SIGN_SAMPLE = 1 << 16
-SIGN_RUN = 64
+SIGN_TILE = 8
 #: normalisation layers: kept in train mode while scoring (they normalise by single-sample statistics)
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm,
                nn.LayerNorm)
@@ -1333,20 +1333,25 @@ def _sign_disagreement(batched: dict[str, torch.Tensor], reference: dict[str, to
                        sample: int | None = SIGN_SAMPLE) -> float:
     """Share of the counted weights whose gradient has another sign (-1, 0, +1) in ``batched``'s first row
     than in ``reference`` (None, or a weight missing from ``batched``: zeros), measured on about ``sample``
-    weights taken from each layer in proportion to its size, in runs of ``SIGN_RUN`` consecutive weights
-    spread evenly over it (runs, not single weights, so that memory is read a cache line at a time; None:
-    on every weight)."""
+    weights taken from each layer in proportion to its size (None: on every weight): tiles of
+    ``SIGN_TILE`` x ``SIGN_TILE`` weights (output channels x the rest, flattened) spread along the
+    diagonal of the weight, so that memory is read a cache line at a time whichever of the two layouts
+    the batched gradients have (a transposed product keeps output channels adjacent)."""
     total = sum(g.numel() for g in reference.values() if g is not None)
     differing = measured = 0
     for name, single in reference.items():
-        grads = [None if g is None else g.reshape(-1) for g in (batched[name][0] if name in batched else None, single)]
+        grads = [None if g is None else g.reshape(len(g), -1) for g in (batched[name][0] if name in batched else None,
+                                                                          single)]
         present = [g for g in grads if g is not None]
         if not present:
             continue
-        size = present[0].numel()
-        runs = -(-round(sample * size / total) // SIGN_RUN) if sample and total > sample else 0
-        if runs and runs * SIGN_RUN < size:
-            grads = [None if g is None else g.as_strided((runs, SIGN_RUN), (size // runs, 1)) for g in grads]
+        rows, columns = present[0].shape
+        tiles = round(sample * rows * columns / total / SIGN_TILE ** 2) if sample and total > sample else 0
+        if tiles and min(rows, columns) > SIGN_TILE:
+            step_rows, step_columns = (rows - SIGN_TILE) // tiles, (columns - SIGN_TILE) // tiles
+            grads = [None if g is None else g.as_strided(
+                (tiles, SIGN_TILE, SIGN_TILE), (step_rows * g.stride(0) + step_columns * g.stride(1), *g.stride()))
+                for g in grads]
             present = [g for g in grads if g is not None]
         if len(present) == 1:  # against zeros: every nonzero gradient differs
             differing += int(present[0].count_nonzero())
