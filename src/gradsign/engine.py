@@ -87,7 +87,7 @@ FLOAT64_TOLERANCE = 1e-7
 NOISE_FLOOR = 1e-4
 #: share of the counted weights above which, when two exact float32 computations of the verified sample's
 #: gradients (batched, and the sample alone) differ in sign that often, the default engine warns that
-#: float32 rounding decides many of the model's signs (RegNetX-400MF at 64x64: 42%, `bench/zoo.py`;
+#: float32 rounding decides many of the model's signs (RegNetX-400MF at 64x64: 44%, `bench/zoo.py`;
 #: NAS-Bench-201 cells: median 0.00%, at most 3.4%, `bench/verification_probe.py`)
 NOISY_SIGN_SHARE = 0.1
 #: counted weights, taken from each layer in proportion to its size in tiles of ``SIGN_TILE`` squared, on
