@@ -80,7 +80,7 @@ def measure(name: str, arch: str, x: torch.Tensor, y: torch.Tensor, loop_batch: 
         default = gradsign.score(model, x, y)
         seconds = time.perf_counter() - start
     fallback = messages[0] if messages else ""
-    noise = [str(w.message) for w in caught if issubclass(w.category, RoundingNoiseWarning)]
+    noise = [w.message.share for w in caught if issubclass(w.category, RoundingNoiseWarning)]
     plain = scoring_mode(copy.deepcopy(model))
     F.cross_entropy(plain(x[:2]), y[:2]).backward()
     start = time.perf_counter()
@@ -96,7 +96,7 @@ def measure(name: str, arch: str, x: torch.Tensor, y: torch.Tensor, loop_batch: 
             "gradsign_small": small, "gradsign_loop": loop,
             "relative_difference": (small - loop) / loop if loop else float("nan"),
             "fallback": fallback, "dead_share": dead_share(model, x, y),
-            "rounding_noise": float(noise[0].split("differ in sign on ")[1].split("%")[0]) / 100 if noise else None}
+            "rounding_noise": noise[0] if noise else None}
 
 
 def noise_cell(row: dict) -> str:

@@ -67,7 +67,7 @@ def rounding_noise_share(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
         gradsign.score(model, x, y)
     for warning in caught:
         if issubclass(warning.category, RoundingNoiseWarning):
-            return float(str(warning.message).split("differ in sign on ")[1].split("%")[0]) / 100
+            return warning.message.share
     return None
 
 

@@ -106,7 +106,12 @@ class UnsupportedModelError(RuntimeError):
 
 
 class RoundingNoiseWarning(UserWarning):
-    """Float32 rounding decides the sign of a large share of the model's per-sample gradients."""
+    """Float32 rounding decides the sign of a large share of the model's per-sample gradients; ``share``:
+    the measured share of the counted weights whose signs two computations disagree on."""
+
+    def __init__(self, message: str, share: float):
+        super().__init__(message)
+        self.share = share
 
 
 class NonFiniteGradientError(ValueError):
@@ -1372,12 +1377,12 @@ def _warn_if_rounding_decides_signs(batched: dict[str, torch.Tensor],
     dtype = next(g.dtype for g in reference.values() if g is not None)
     precision = str(dtype).removeprefix("torch.")
     advice = ": score a float64 copy of the model and inputs for counts without it" if dtype != torch.float64 else ""
-    warnings.warn(
+    warnings.warn(RoundingNoiseWarning(
         f"{precision} rounding decides many of this model's gradient signs: two exact {precision} computations "
         f"of one sample's gradients (in the batch, and alone) differ in sign on {share:.1%} of the counted "
         "weights sampled (gradients that are zero but for rounding, as in a branch that ends in BatchNorm "
         "and reaches the logits only through global pooling, or normalisation over near-constant or 2x2 "
-        f"maps); GradSign's counts carry that noise in any engine{advice}", RoundingNoiseWarning, stacklevel=2)
+        f"maps); GradSign's counts carry that noise in any engine{advice}", share), stacklevel=2)
 
 
 def _largest_magnitude(t: torch.Tensor) -> float:
