@@ -1232,22 +1232,24 @@ class _FunctionalLinearCalls(TorchFunctionMode):
         rules otherwise); None for any other call."""
         call = _FUNCTIONAL_ATTENTION_SIGNATURE.bind(*args, **kwargs)
         call.apply_defaults()
-        o = call.arguments
-        weights = (o["q_proj_weight"], o["k_proj_weight"], o["v_proj_weight"])
-        if (not o["use_separate_proj_weight"] or any(id(w) not in self.owners for w in weights)
-                or o["query"].dim() != 3 or o["bias_k"] is not None or o["add_zero_attn"]
-                or o["static_k"] is not None or o["static_v"] is not None
-                or (o["is_causal"] and o["attn_mask"] is None)):
+        options = call.arguments
+        weights = (options["q_proj_weight"], options["k_proj_weight"], options["v_proj_weight"])
+        if (not options["use_separate_proj_weight"] or any(id(w) not in self.owners for w in weights)
+                or options["query"].dim() != 3 or options["bias_k"] is not None or options["add_zero_attn"]
+                or options["static_k"] is not None or options["static_v"] is not None
+                or (options["is_causal"] and options["attn_mask"] is None)):
             return None
-        embed = o["embed_dim_to_check"]
-        biases = o["in_proj_bias"].split(embed) if o["in_proj_bias"] is not None else (None,) * 3
+        embed = options["embed_dim_to_check"]
+        biases = options["in_proj_bias"].split(embed) if options["in_proj_bias"] is not None else (None,) * 3
         projected = [self._seen(w, x, F.linear(x, w, b))
-                     for x, w, b in zip((o["query"], o["key"], o["value"]), weights, biases)]
+                     for x, w, b in zip((options["query"], options["key"], options["value"]), weights, biases)]
         output, scores = _attention_of_projections(
-            *projected, o["num_heads"], batch_first=False, key_padding_mask=o["key_padding_mask"],
-            attn_mask=o["attn_mask"], is_causal=o["is_causal"], need_weights=o["need_weights"],
-            average_weights=o["average_attn_weights"], dropout=o["dropout_p"] if o["training"] else 0.0)
-        output = self._seen(o["out_proj_weight"], output, F.linear(output, o["out_proj_weight"], o["out_proj_bias"]))
+            *projected, options["num_heads"], batch_first=False, key_padding_mask=options["key_padding_mask"],
+            attn_mask=options["attn_mask"], is_causal=options["is_causal"], need_weights=options["need_weights"],
+            average_weights=options["average_attn_weights"],
+            dropout=options["dropout_p"] if options["training"] else 0.0)
+        out_weight = options["out_proj_weight"]
+        output = self._seen(out_weight, output, F.linear(output, out_weight, options["out_proj_bias"]))
         return output.transpose(0, 1), scores
 
 
