@@ -120,7 +120,8 @@ def table(rows: list[dict], setup: dict, command: str) -> str:
         lines.append(f"| {r['space']} | {r['width']} | {r['depth']} | {r['params']:,} | {r['seconds']:.2f} | "
                      f"{r['fwd_bwd']:.2f} | {r['gradsign']:,.0f} | {r['loop_seconds']:.2f} | {r['gradsign_small']:,.0f} | "
                      f"{r['gradsign_loop']:,.0f} "
-                     f"| {r['relative_difference']:+.1e} | {100 * r['dead_share']:.1f}% | {noise_cell(r)} | {fallback} |")
+                     f"| {r['relative_difference']:+.1e} | {100 * r['dead_share']:.1f}% | {noise_cell(r)} "
+                     f"| {fallback} |")
     lines += ["", "Seconds per model (default engine), mean per space: " + ", ".join(
         f"{name} {np.mean([r['seconds'] for r in rows if r['space'] == name]):.1f} s" for name in SPACES
         if any(r["space"] == name for r in rows)) + ".",

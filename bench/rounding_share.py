@@ -74,7 +74,8 @@ def main() -> None:
     print("| model | sampled share | full share | difference (points) | sampled share ms |")
     print("|---|---|---|---|---|")
     for name, sampled, full, seconds in rows:
-        print(f"| {name} | {100 * sampled:.2f}% | {100 * full:.2f}% | {100 * (sampled - full):+.2f} | {1e3 * seconds:.2f} |")
+        print(f"| {name} | {100 * sampled:.2f}% | {100 * full:.2f}% | {100 * (sampled - full):+.2f} "
+              f"| {1e3 * seconds:.2f} |")
     gaps = [abs(sampled - full) for _, sampled, full, _ in rows]
     print(f"largest difference {100 * max(gaps):.2f} points; sampled share {1e3 * min(r[3] for r in rows):.2f}-"
           f"{1e3 * max(r[3] for r in rows):.2f} ms; warned (above {100 * engine.NOISY_SIGN_SHARE:g}%): "
