@@ -155,13 +155,12 @@ def scoring_mode(model: nn.Module) -> nn.Module:
 
 def counted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Conv2d and Linear layers of ``model`` whose weights GradSign counts: one layer per distinct
-    weight (the first module that holds it). Not those whose weight a parametrization computes
-    (``parametrized_layers``): a new tensor at every access, so neither its gradient nor its identity
-    can be kept."""
+    weight (the first module that holds it). Not those whose weight is computed from other parameters
+    (``parametrized_layers``): no engine can read its gradient."""
     seen: set[int] = set()
     layers = []
     for name, module in model.named_modules():
-        if (isinstance(module, (nn.Conv2d, nn.Linear)) and not _computed_weight(module)
+        if (isinstance(module, (nn.Conv2d, nn.Linear)) and not _computed_layer(module)
                 and id(module.weight) not in seen):
             seen.add(id(module.weight))
             layers.append((name, module))
@@ -174,12 +173,13 @@ def parametrized_layers(model: nn.Module) -> list[str]:
     tensor at every access) or by a forward pre-hook that sets a plain tensor (the older
     ``torch.nn.utils.weight_norm`` and ``spectral_norm``, ``torch.nn.utils.prune``'s masks), so that no
     engine can read its gradient; they are not among the ``counted_layers``."""
-    return [name for name, module in model.named_modules()
-            if isinstance(module, (nn.Conv2d, nn.Linear)) and _computed_weight(module)]
+    return [name for name, module in model.named_modules() if _computed_layer(module)]
 
 
-def _computed_weight(layer: nn.Module) -> bool:
-    return parametrize.is_parametrized(layer, "weight") or not isinstance(layer.weight, nn.Parameter)
+def _computed_layer(module: nn.Module) -> bool:
+    """A Conv2d or Linear whose weight is computed from other parameters (``parametrized_layers``)."""
+    return isinstance(module, (nn.Conv2d, nn.Linear)) and (
+        parametrize.is_parametrized(module, "weight") or not isinstance(module.weight, nn.Parameter))
 
 
 def uncounted_weights(model: nn.Module) -> dict[str, int]:
@@ -191,8 +191,7 @@ def uncounted_weights(model: nn.Module) -> dict[str, int]:
     found: dict[str, int] = {}
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, (nn.Embedding, parametrize.ParametrizationList)) or (
-                isinstance(module, (nn.Conv2d, nn.Linear)) and _computed_weight(module)):
+        if isinstance(module, (nn.Embedding, parametrize.ParametrizationList)) or _computed_layer(module):
             continue
         for p in module.parameters(recurse=False):
             if p.dim() >= 2 and id(p) not in counted and id(p) not in seen:

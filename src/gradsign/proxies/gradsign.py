@@ -29,10 +29,11 @@ def gradsign(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss
     except NonFiniteGradientError as error:
         warnings.warn(f"gradsign scored NaN: {error}", stacklevel=4)
         return float("nan")
-    _warn_about_uncounted_weights(model, sum(c.numel() for c in counts.values()))
+    counted = sum(c.numel() for c in counts.values())
+    _warn_about_uncounted_weights(model, counted)
     total = sum(int(c.abs().sum()) for c in counts.values())
     if aggregation == "mean":
-        return total / max(1, sum(c.numel() for c in counts.values()))
+        return total / max(1, counted)
     return float(total)
 
 
