@@ -900,8 +900,9 @@ class RoutedExperts(nn.Module):
 
     def __init__(self, pick: str = "index"):
         super().__init__()
-        # "index": h[rows] ("index, then gelu": gelu(h[rows])); "gather": h.gather(0, ...), as unpadding
-        # code picks tokens; "cat": each sample's routed tokens concatenated, as packing code does
+        # "index": h[rows] ("index, then gelu": gelu(h[rows])); "new axis, index": h[None, rows] reshaped,
+        # as Switch Transformers' experts pick tokens; "gather": h.gather(0, ...), as unpadding code picks
+        # tokens; "cat": each sample's routed tokens concatenated, as packing code does
         self.pick = pick
         self.experts = nn.ModuleList([nn.Linear(6, 6) for _ in range(2)])
         self.head = nn.Linear(6, 3)
@@ -917,6 +918,8 @@ class RoutedExperts(nn.Module):
                 picked = h[rows]
             elif self.pick == "index, then gelu":
                 picked = F.gelu(h[rows])
+            elif self.pick == "new axis, index":
+                picked = h[None, rows].reshape(-1, d)
             elif self.pick == "gather":
                 picked = h.gather(0, rows[:, None].expand(-1, d))
             else:
@@ -939,7 +942,7 @@ class PooledAtPositions(nn.Module):
         return self.head(h[torch.arange(len(x)), positions])
 
 
-@pytest.mark.parametrize("pick", ["index", "index, then gelu", "gather", "cat"])
+@pytest.mark.parametrize("pick", ["index", "index, then gelu", "new axis, index", "gather", "cat"])
 def test_rows_routed_by_an_index_fall_back_even_where_the_verified_sample_lines_up(pick, caplog):
     # expert 0 gets 2, 2, 3 and 1 tokens of the four samples: 8 rows, twice as many as the verified sample
     # has, so the batched reading (equal blocks of 2) passed the shape check, sample 1's block held its own

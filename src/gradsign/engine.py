@@ -1073,10 +1073,10 @@ _ROW_PICKING_DEPTH = 8
 def _rows_picked_by_index(x: torch.Tensor) -> bool:
     """Whether ``x`` comes (through reshapes) from picking rows of a tensor by an index along its first
     dimension (``h[idx]``, ``h[mask]``, ``h.index_select(0, idx)``, ``h.gather(0, idx)`` as unpadding code
-    does), or from rows concatenated along it (per-sample pieces packed together), through operations that
-    keep rows (``gelu(h[idx])``, ``_ROW_KEEPING_NODES``): the number of rows each sample keeps may
-    then vary, so equal blocks of rows need not be the samples. Picking ``h[torch.arange(n), ...]`` (one row
-    per sample, in order) does not count."""
+    does; ``h[None, idx]`` alike), or from rows concatenated along it (per-sample pieces packed together),
+    through operations that keep rows (``gelu(h[idx])``, ``_ROW_KEEPING_NODES``): the number of rows each
+    sample keeps may then vary, so equal blocks of rows need not be the samples. Picking
+    ``h[torch.arange(n), ...]`` (one row per sample, in order) does not count."""
     node = x.grad_fn
     for _ in range(_ROW_PICKING_DEPTH):
         if node is None or type(node).__name__ not in _ROW_KEEPING_NODES:
@@ -1090,7 +1090,12 @@ def _rows_picked_by_index(x: torch.Tensor) -> bool:
         return True
     if kind != "IndexBackward0":
         return False
-    first = node._saved_indices[0] if node._saved_indices else None
+    # the index of the first dimension of more than one row: h[None, idx] indexes h with a new axis first
+    # (Switch Transformers' experts pick their tokens so)
+    indexed = list(zip(node._saved_indices, node._saved_self_sym_sizes))
+    while len(indexed) > 1 and indexed[0][0] is None and indexed[0][1] == 1:
+        indexed.pop(0)
+    first = indexed[0][0] if indexed else None
     if first is None:
         return False
     in_order = first.dim() == 1 and not first.is_floating_point() and first.dtype != torch.bool and torch.equal(
