@@ -1264,6 +1264,66 @@ def test_batchnorm_without_single_sample_statistics_is_refused_plainly():
         gradsign.score(model, torch.randn(6, 4), torch.randint(0, 3, (6,)))
 
 
+class TokenBatchNorm(nn.Module):
+    """BatchNorm1d over the tokens of the batch flattened to rows (as some token mixers normalise): one
+    sample alone has several rows per channel, so its statistics are defined."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm, self.head = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        samples, tokens, _ = x.shape
+        h = self.norm(self.embed(x).flatten(0, 1)).view(samples, tokens, 8)
+        return self.head(torch.relu(h).mean(1))
+
+
+class ChannelFoldedBatchNorm(nn.Module):
+    """Each input channel's patches embedded alone, the channels folded into the batch and BatchNorm1d over
+    (samples x channels, features, patches) (as PatchTST's encoder normalises)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm, self.head = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(3 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        samples, channels, patches, _ = x.shape
+        h = self.embed(x).view(samples * channels, patches, 8).transpose(1, 2)
+        h = self.norm(h).transpose(1, 2).reshape(samples, channels, patches, 8)
+        return self.head(torch.relu(h).mean(2).flatten(1))
+
+
+@pytest.mark.parametrize("model_class, shape", [(TokenBatchNorm, (6, 4)), (ChannelFoldedBatchNorm, (3, 5, 4))])
+def test_batchnorm_over_several_rows_per_sample_is_scored_batched(model_class, shape, caplog):
+    torch.manual_seed(0)
+    model = model_class()
+    x, y = torch.randn(8, *shape), torch.randint(0, 3, (8,))
+    assert scored_without_warnings(model, x, y, caplog) == plain_gradsign(model, x, y)
+
+
+class RowCountingBatchNorm(nn.Module):
+    """BatchNorm1d on the rows of every sample but the first: no whole number of rows per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm, self.head = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        rest = self.norm(h[1:].flatten(0, 1)).view(len(x) - 1, -1, 8) if len(x) > 1 else h[1:]
+        return self.head(torch.relu(torch.cat([h[:1], rest])).mean(1))
+
+
+def test_a_batchnorm_whose_rows_do_not_divide_among_the_samples_falls_back_saying_so(caplog):
+    torch.manual_seed(0)
+    model = RowCountingBatchNorm()
+    x, y = torch.randn(8, 6, 4), torch.randint(0, 3, (8,))
+    with caplog.at_level("WARNING", logger="gradsign"):
+        score = gradsign.score(model, x, y)
+    assert "a BatchNorm gets 42 rows for 8 samples" in caplog.text
+    assert score == gradsign.score(model, x, y, engine="loop")
+
+
 def test_float32_noise_is_settled_in_float64_without_a_fallback(monkeypatch, caplog):
     torch.manual_seed(0)
     model = cnn(nn.BatchNorm2d)

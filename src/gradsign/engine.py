@@ -491,14 +491,27 @@ def _batched_chunk(layers: list[tuple[str, nn.Module]], single_shapes: _CallShap
 
 class _PerSampleNorm(nn.Module):
     """BatchNorm applied to a batch of one, for every sample at once: instance normalisation with the
-    BatchNorm's eps and affine parameters (statistics over all dims after the channel dim)."""
+    BatchNorm's eps and affine parameters (statistics over all dims after the channel dim). Where the
+    input has ``r`` rows per sample (tokens or channels folded into the batch, ``samples`` the number of
+    samples in the model's call), the statistics are over each sample's ``r`` consecutive rows together,
+    as BatchNorm computes them on one sample's rows."""
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
         super().__init__()
         self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
+        self.samples: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.instance_norm(x, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
+        rows, samples = x.shape[0], self.samples or x.shape[0]
+        if rows == samples:
+            return F.instance_norm(x, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
+        if rows % samples:
+            raise UnsupportedModelError(f"a BatchNorm gets {rows} rows for {samples} samples (no whole number "
+                                        "of rows per sample), so its single-sample statistics are not known")
+        # (samples * r, C, ...) -> (samples, C, r, ...): one sample's rows are its instance's positions
+        grouped = x.unflatten(0, (samples, rows // samples)).transpose(1, 2)
+        normalised = F.instance_norm(grouped, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
+        return normalised.transpose(1, 2).flatten(0, 1)
 
 
 class _IdentityProjection(nn.Module):
@@ -637,13 +650,21 @@ class BatchedForm:
                                                                            or not child.track_running_stats):
                     setattr(parent, name, _PerSampleNorm(child))
                     self.swapped.append((parent, name, child))
+        norms = [getattr(parent, name) for parent, name, _ in self.swapped]
+
+        def count_samples(module: nn.Module, args: tuple) -> None:  # each call of the model: its batch's samples
+            for norm in norms:
+                norm.samples = len(args[0]) if args and isinstance(args[0], torch.Tensor) else None
+        self.samples_hook = model.register_forward_pre_hook(count_samples) if norms else None
 
     def undo(self) -> None:
         for parent, name, norm in self.swapped:
             setattr(parent, name, norm)
         for attention in self.attentions:
             del attention.forward
-        self.swapped, self.attentions = [], []
+        if self.samples_hook is not None:
+            self.samples_hook.remove()
+        self.swapped, self.attentions, self.samples_hook = [], [], None
 
 
 def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
