@@ -582,11 +582,28 @@ class KeywordFunctionalReuse(FunctionalReuse):
 
 
 class MatmulReuse(FunctionalReuse):
-    """A Linear weight used again by a matrix product (not a call the engine sees)."""
+    """A Linear weight used again by a matrix product with its transpose (``F.linear`` written out)."""
 
     def forward(self, x):
         h = torch.tanh(self.hidden(x))
         return self.head(torch.tanh(h @ self.hidden.weight.t()))
+
+
+class WeightFirstMatmul(FunctionalReuse):
+    """A Linear weight applied only as ``W @ h`` to (samples, features, tokens), never called as a module
+    (as Mamba's mixer applies its ``dt_proj``)."""
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden.weight @ x.transpose(1, 2))
+        return self.head(torch.tanh(h).mean(2))
+
+
+class EinsumReuse(FunctionalReuse):
+    """A Linear weight used again by ``torch.einsum``: a use no call the engine sees."""
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(x))
+        return self.head(torch.tanh(torch.einsum("ni,oi->no", h, self.hidden.weight)))
 
 
 class WindowFolding(nn.Module):
@@ -1099,7 +1116,7 @@ def test_attention_shapes_come_from_the_reference_pass(batch_first, monkeypatch,
 @pytest.mark.parametrize("make, kind, falls_back", [
     (TiedLinears, "features", False), (TiedEmbedding, "tokens", False), (PaddedTiedEmbedding, "tokens", False),
     (FunctionalReuse, "features", False), (KeywordFunctionalReuse, "sequence", False),
-    (MatmulReuse, "features", True),
+    (MatmulReuse, "features", False), (WeightFirstMatmul, "sequence", False), (EinsumReuse, "features", True),
     (WindowFolding, "image", False), (SequenceFirst, "sequence", False), (SampleMinorFolding, "features", True)])
 @pytest.mark.parametrize("doubted", [False, True])
 def test_shared_functional_and_folded_weights_match_the_definition(make, kind, falls_back, doubted, caplog,
@@ -1395,7 +1412,7 @@ def test_engine_warnings_collects_the_fallback_causes_of_a_block():
     from gradsign.engine import engine_warnings
 
     torch.manual_seed(0)
-    model = MatmulReuse()
+    model = EinsumReuse()
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
     with engine_warnings() as messages:
         gradsign.score(model, x, y)

@@ -1198,12 +1198,14 @@ class _CallShapes(dict):
 
 
 _FUNCTIONAL_ATTENTION_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+_MATRIX_PRODUCTS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 
 
 class _FunctionalLinearCalls(TorchFunctionMode):
     """Within the block, each ``F.linear`` call on a counted Linear weight made outside every module call
     that uses the weight (e.g. ``F.linear(h, layer.weight)``) goes to ``on_call(name, module, x, output)``,
-    which returns the output the model goes on with. ``F.multi_head_attention_forward`` given counted Linear
+    which returns the output the model goes on with; so does a matrix product that is such a call written
+    out (``_matrix_product``). ``F.multi_head_attention_forward`` given counted Linear
     weights as its separate query, key and value projections (as WavLM calls it) is computed here, its
     projections by such calls; other calls inside functions that dispatch as a whole are not seen."""
 
@@ -1239,17 +1241,40 @@ class _FunctionalLinearCalls(TorchFunctionMode):
             computed = self._attention(args, kwargs)
             if computed is not None:
                 return computed
+        if func in _MATRIX_PRODUCTS and len(args) == 2 and not kwargs:
+            computed = self._matrix_product(*args)
+            if computed is not None:
+                return computed
         output = func(*args, **kwargs)
         if func is F.linear and isinstance(output, torch.Tensor):
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             output = self._seen(weight, args[0] if args else kwargs["input"], output)
         return output
 
+    def _matrix_product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+        """``a @ b`` computed as the ``F.linear`` call it is and seen, where it applies a counted Linear
+        weight ``W`` outside its modules: ``x @ W.t()`` (``W.T``, ``W.mT``) is ``F.linear(x, W)``; ``W @ x``
+        with ``x`` of three or more dims, samples first (Mamba applies its ``dt_proj`` so), is
+        ``F.linear(x.mT, W).mT``; None for any other product."""
+        transposed = b._base if isinstance(b, torch.Tensor) and b._base is not None and b.dim() == 2 else None
+        if (transposed is not None and isinstance(a, torch.Tensor) and a.dim() >= 2
+                and b.shape == transposed.shape[::-1] and b.stride() == transposed.stride()[::-1]
+                and self._unseen_call(transposed)):
+            return self._seen(transposed, a, F.linear(a, transposed))
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and b.dim() >= 3 and self._unseen_call(a):
+            x = b.mT
+            return self._seen(a, x, F.linear(x, a)).mT
+        return None
+
+    def _unseen_call(self, weight: torch.Tensor) -> bool:
+        """Whether ``weight`` is a counted Linear weight used outside every call of its modules."""
+        return id(weight) in self.owners and not self.running.get(id(weight))
+
     def _seen(self, weight: torch.Tensor, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        owner = self.owners.get(id(weight))
-        if owner is None or self.running.get(id(weight)):
+        if not self._unseen_call(weight):
             return output
-        return self.on_call(owner[0], owner[1], x, output)
+        name, module = self.owners[id(weight)]
+        return self.on_call(name, module, x, output)
 
     def _attention(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """``F.multi_head_attention_forward(*args, **kwargs)`` with its projections seen, where its query,
