@@ -1310,7 +1310,23 @@ class ChannelFoldedBatchNorm(nn.Module):
         return self.head(torch.relu(h).mean(2).flatten(1))
 
 
-@pytest.mark.parametrize("model_class, shape", [(TokenBatchNorm, (6, 4)), (ChannelFoldedBatchNorm, (3, 5, 4))])
+class PickedSamplesBatchNorm(nn.Module):
+    """BatchNorm1d (features by tokens) on the samples whose first input is positive, a row each: fewer
+    rows than samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm, self.head = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x).transpose(1, 2)
+        picked = x[:, 0, 0] > 0
+        h = h.masked_scatter(picked[:, None, None], self.norm(h[picked])) if picked.any() else h
+        return self.head(torch.relu(h).mean(2))
+
+
+@pytest.mark.parametrize("model_class, shape", [(TokenBatchNorm, (6, 4)), (ChannelFoldedBatchNorm, (3, 5, 4)),
+                                                (PickedSamplesBatchNorm, (6, 4))])
 def test_batchnorm_over_several_rows_per_sample_is_scored_batched(model_class, shape, caplog):
     torch.manual_seed(0)
     model = model_class()

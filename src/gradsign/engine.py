@@ -268,7 +268,8 @@ def _single_sample_error(error: Exception) -> CannotScoreError | None:
     return CannotScoreError(
         "GradSign cannot score this model: a normalisation layer sees a single value per channel for "
         f"one sample ({text.splitlines()[0].split(', got ')[-1]}), so its single-sample statistics are "
-        "undefined (BatchNorm on (N, C) features or on 1x1 maps); use larger inputs or another norm")
+        "undefined (BatchNorm on (N, C) features of one row per sample, or on 1x1 maps); use larger inputs or "
+        "another norm")
 
 
 def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
@@ -503,7 +504,7 @@ class _PerSampleNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, samples = x.shape[0], self.samples or x.shape[0]
-        if rows == samples:
+        if rows <= samples:  # a row per sample (of all samples, or of some the model picked)
             return F.instance_norm(x, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
         if rows % samples:
             raise UnsupportedModelError(f"a BatchNorm gets {rows} rows for {samples} samples (no whole number "
