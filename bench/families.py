@@ -1,8 +1,11 @@
 """The default engine on more `transformers` families than the model zoo holds: exactness and fallbacks.
 
 Each family is built from a small config with random weights (seed 0) and scored on one random batch
-of 8 (images, spectrograms or raw audio N(0, 1), or token ids uniform in [3, 100), the last one the
-end-of-sequence id 2 for the models that pool there; seed 1; class targets below 3):
+of 8 (images, videos, spectrograms, raw audio or multichannel series N(0, 1), or token ids uniform in
+[3, 100), the last one the end-of-sequence id 2 for the models that pool there; seed 1; class targets
+below 3). Causal language models are scored on their last token's first three logits, the Switch
+Transformers encoder through a Linear head on its mean token, PatchTST on its ``prediction_logits``.
+Measured per family:
 - the default engine's GradSign relative to the loop's in float32, and whether the two give the same
   total in float64 (model and floating inputs in double precision);
 - the fallback, if any, with the cause the warning names, or the error that refuses the model, and
@@ -46,6 +49,39 @@ SPEECH = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "
           "num_conv_pos_embedding_groups": 4, "num_labels": 3}
 TEXT = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
         "intermediate_size": 64, "num_labels": 3, "max_position_embeddings": 64}
+
+
+class _LastToken(nn.Module):
+    """A causal language model's logits at the last token, its first three as the classes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids).logits[:, -1, :3]
+
+
+class _MeanTokenHead(nn.Module):
+    """An encoder's mean output token through a Linear head of three classes."""
+
+    def __init__(self, encoder: nn.Module, width: int):
+        super().__init__()
+        self.encoder, self.head = encoder, nn.Linear(width, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(input_ids=ids).last_hidden_state.mean(1))
+
+
+class _PredictionLogits(nn.Module):
+    """The ``prediction_logits`` field of a model's output (PatchTST's classifier names its logits so)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).prediction_logits
 
 
 def _families(t) -> dict[str, tuple]:
@@ -215,12 +251,68 @@ def _families(t) -> dict[str, tuple]:
             vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             head_dim=16, intermediate_size=64, num_labels=3, pad_token_id=0, max_position_embeddings=64)),
             tokens, (12,)),
+        "Reformer": (lambda: t.ReformerForSequenceClassification(t.ReformerConfig(
+            vocab_size=100, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=64,
+            attn_layers=["local", "lsh"], axial_pos_shape=[4, 4], axial_pos_embds_dim=[16, 16],
+            local_attn_chunk_length=4, lsh_attn_chunk_length=4, num_buckets=2, max_position_embeddings=16,
+            num_labels=3, pad_token_id=0, is_decoder=False)), tokens, (16,)),
+        "Switch Transformers (MoE encoder)": (lambda: _MeanTokenHead(t.SwitchTransformersEncoderModel(
+            t.SwitchTransformersConfig(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                                       num_experts=4, expert_capacity=64, num_sparse_encoder_layers=1,
+                                       pad_token_id=0)), 32), tokens, (12,)),
+        "Qwen2-MoE": (lambda: t.Qwen2MoeForSequenceClassification(t.Qwen2MoeConfig(
+            vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+            shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            num_experts=4, num_experts_per_tok=2, pad_token_id=0, num_labels=3, max_position_embeddings=64)),
+            tokens, (12,)),
+        "Mamba": (lambda: _LastToken(t.MambaForCausalLM(t.MambaConfig(
+            vocab_size=100, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4))),
+            tokens, (12,)),
+        "RWKV": (lambda: _LastToken(t.RwkvForCausalLM(t.RwkvConfig(
+            vocab_size=100, context_length=16, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+            intermediate_size=64, use_cache=False))), tokens, (12,)),
+        "Perceiver": (lambda: t.PerceiverForSequenceClassification(t.PerceiverConfig(
+            num_latents=8, d_latents=32, d_model=32, num_blocks=1, num_self_attends_per_block=1,
+            num_self_attention_heads=2, num_cross_attention_heads=1, vocab_size=262, max_position_embeddings=16,
+            num_labels=3)), tokens, (16,)),
+        "PatchTST (time series)": (lambda: _PredictionLogits(t.PatchTSTForClassification(t.PatchTSTConfig(
+            num_input_channels=3, context_length=32, patch_length=8, patch_stride=8, d_model=16, num_attention_heads=2,
+            num_hidden_layers=1, ffn_dim=32, num_targets=3))), "series", (32, 3)),
+        "TimeSformer (video)": (lambda: t.TimesformerForVideoClassification(t.TimesformerConfig(
+            image_size=32, patch_size=8, num_frames=2, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=64, **IMAGE)), "video", (2, 3, 32, 32)),
+        "VideoMAE (video)": (lambda: t.VideoMAEForVideoClassification(t.VideoMAEConfig(
+            image_size=32, patch_size=8, num_frames=2, tubelet_size=2, hidden_size=32, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=64, **IMAGE)), "video", (2, 3, 32, 32)),
+        "Falcon": (lambda: t.FalconForSequenceClassification(t.FalconConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_labels=3,
+            pad_token_id=0)), tokens, (12,)),
+        "GPT-J": (lambda: t.GPTJForSequenceClassification(t.GPTJConfig(
+            vocab_size=100, n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=64, num_labels=3,
+            pad_token_id=0, bos_token_id=1, eos_token_id=1)), tokens, (12,)),
+        "CodeGen": (lambda: _LastToken(t.CodeGenForCausalLM(t.CodeGenConfig(
+            vocab_size=100, n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=64, n_ctx=64, bos_token_id=1,
+            eos_token_id=1))), tokens, (12,)),
+        "StableLM": (lambda: t.StableLmForSequenceClassification(t.StableLmConfig(
+            num_key_value_heads=2, pad_token_id=0, **TEXT)), tokens, (12,)),
+        "Gemma2": (lambda: t.Gemma2ForSequenceClassification(t.Gemma2Config(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=16, intermediate_size=64, num_labels=3, pad_token_id=0, max_position_embeddings=64,
+            sliding_window=4)), tokens, (12,)),
+        "GPTBigCode": (lambda: t.GPTBigCodeForSequenceClassification(t.GPTBigCodeConfig(
+            vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, num_labels=3, pad_token_id=0)),
+            tokens, (12,)),
+        "Data2VecAudio": (lambda: t.Data2VecAudioForSequenceClassification(t.Data2VecAudioConfig(**SPEECH)), "audio",
+                          (1600,)),
+        "UniSpeech": (lambda: t.UniSpeechForSequenceClassification(t.UniSpeechConfig(**SPEECH)), "audio", (1600,)),
+        "MRA": (lambda: t.MraForSequenceClassification(t.MraConfig(**TEXT)), tokens, (12,)),
+        "YOSO": (lambda: t.YosoForSequenceClassification(t.YosoConfig(**TEXT)), tokens, (12,)),
     }
 
 
 def batch(kind: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    if kind in ("image", "audio"):
+    if kind in ("image", "audio", "series", "video"):
         inputs = torch.randn(8, *shape, generator=generator)
     else:  # ids from 3 up: below are the configs' pad/bos/eos ids
         inputs = torch.randint(3, 100, (8, *shape), generator=generator)
