@@ -302,6 +302,37 @@ def test_the_lent_model_is_given_back_as_it_was(functional, engine):
     assert fired == [1]  # the caller's hook is still there, once
 
 
+class LazilyHooked(nn.Module):
+    """Installs a forward hook on its first forward and marks itself so (as `transformers` installs the
+    hooks that collect hidden states when a model first asks for them); the hook's outputs feed the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.collected: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not getattr(self, "hooks_installed", False):
+            self.body.register_forward_hook(lambda module, args, output: self.collected.append(output))
+            self.hooks_installed = True
+        self.collected.clear()
+        self.body(x)
+        return self.head(torch.tanh(sum(self.collected)))
+
+
+@pytest.mark.parametrize("engine", ["auto", "loop"])
+def test_a_model_that_hooks_itself_lazily_works_after_scoring(engine):
+    # the lent model's new attributes were deleted and its hook dicts kept: the mark went, the hook stayed,
+    # and the next forward installed a second one (SegFormer's segmentation model then failed to run)
+    torch.manual_seed(0)
+    model = LazilyHooked()
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    expected = copy.deepcopy(model)(x)
+    gradsign.score(model, x, y, engine=engine)
+    assert torch.equal(model(x), expected)
+    assert len(model.body._forward_hooks) == 1
+
+
 @pytest.mark.parametrize("calls", [1, 2])
 def test_an_interrupt_while_scoring_gives_the_model_back(calls):
     # the loss is called by the single-sample reference pass, then by the batched pass

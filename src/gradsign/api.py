@@ -141,11 +141,13 @@ def _lent(model: nn.Module) -> Iterator[nn.Module]:
     too, every module's attributes (mode, forward overrides, flags), submodules, parameters and buffers
     are the objects they were, buffer values (e.g. running statistics) are restored, and every
     parameter's ``requires_grad`` and ``grad`` are back; so are parameter values that the model's own
-    forward wrote (e.g. ``nn.Embedding(max_norm=...)`` renormalising rows). Hooks are left to the proxy,
-    which removes its own."""
+    forward wrote (e.g. ``nn.Embedding(max_norm=...)`` renormalising rows), and the contents of every
+    dict a module holds: its submodules, parameters, buffers and hook tables (a model that installs hooks
+    on its first forward and marks itself so, as ``transformers`` models collecting hidden states do,
+    loses both the mark and the hooks, and installs them again when next run)."""
     modules = list(model.modules())
     attributes = [dict(m.__dict__) for m in modules]
-    members = [(dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in modules]
+    tables = [[(table, dict(table)) for table in m.__dict__.values() if isinstance(table, dict)] for m in modules]
     with torch.no_grad():
         buffer_values = [(b, b.clone()) for b in {id(b): b for b in model.buffers()}.values()]
         parameter_values = [(p, p.clone()) for p in model.parameters()]
@@ -155,13 +157,13 @@ def _lent(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for m, saved, (submodules, params, buffers) in zip(modules, attributes, members):
+        for m, saved, kept_tables in zip(modules, attributes, tables):
             for key in set(m.__dict__) - set(saved):
                 del m.__dict__[key]
             m.__dict__.update(saved)
-            for live, kept in ((m._modules, submodules), (m._parameters, params), (m._buffers, buffers)):
-                live.clear()
-                live.update(kept)
+            for table, kept in kept_tables:
+                table.clear()
+                table.update(kept)
         with torch.no_grad():
             for buffer, value in buffer_values:
                 buffer.copy_(value)
