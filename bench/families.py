@@ -3,7 +3,8 @@
 Each family is built from a small config with random weights (seed 0) and scored on one random batch
 of 8 (images, videos, spectrograms, raw audio or multichannel series N(0, 1), or token ids uniform in
 [3, 100), the last one the end-of-sequence id 2 for the models that pool there; seed 1; class targets
-below 3). Causal language models are scored on their last token's first three logits, the Switch
+below 3, one per pixel of the segmentation model's logits, whose loss is the pixels' mean cross-entropy).
+Causal language models are scored on their last token's first three logits, the Switch
 Transformers encoder through a Linear head on its mean token, PatchTST on its ``prediction_logits``.
 Measured per family:
 - the default engine's GradSign relative to the loop's in float32, and whether the two give the same
@@ -109,6 +110,9 @@ def _families(t) -> dict[str, tuple]:
         "SegFormer": (lambda: t.SegformerForImageClassification(t.SegformerConfig(
             num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
             patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2], **IMAGE)), image, (3, 32, 32)),
+        "SegFormer (segmentation)": (lambda: t.SegformerForSemanticSegmentation(t.SegformerConfig(
+            num_encoder_blocks=4, depths=[1, 1, 1, 1], sr_ratios=[4, 2, 1, 1], hidden_sizes=[8, 16, 24, 32],
+            num_attention_heads=[1, 1, 2, 2], decoder_hidden_size=16, **IMAGE)), "segmentation", (3, 64, 64)),
         "BiT": (lambda: t.BitForImageClassification(t.BitConfig(
             embedding_size=32, hidden_sizes=[32, 64], depths=[1, 1], layer_type="preactivation", num_groups=8,
             **IMAGE)), image, (3, 32, 32)),
@@ -312,13 +316,15 @@ def _families(t) -> dict[str, tuple]:
 
 def batch(kind: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    if kind in ("image", "audio", "series", "video"):
+    if kind in ("image", "audio", "series", "video", "segmentation"):
         inputs = torch.randn(8, *shape, generator=generator)
     else:  # ids from 3 up: below are the configs' pad/bos/eos ids
         inputs = torch.randint(3, 100, (8, *shape), generator=generator)
         if kind == "tokens+eos":  # models that pool at the end-of-sequence token (id 2)
             inputs[:, -1] = 2
-    return inputs, torch.randint(0, 3, (8,), generator=generator)
+    # a class per pixel of the segmentation logits (a quarter of the image's side), else per sample
+    per_sample = (shape[1] // 4, shape[2] // 4) if kind == "segmentation" else ()
+    return inputs, torch.randint(0, 3, (8, *per_sample), generator=generator)
 
 
 def largest_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
