@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -1310,6 +1311,38 @@ def test_batchnorm_without_single_sample_statistics_is_refused_plainly():
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
     with pytest.raises(ValueError, match="cannot score this model.*single value per channel"):
         gradsign.score(model, torch.randn(6, 4), torch.randint(0, 3, (6,)))
+
+
+class CheckpointedBlocks(nn.Module):
+    """Two residual MLP blocks under activation checkpointing (``torch.utils.checkpoint``), which runs
+    each block again during the backward pass."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.reentrant = reentrant
+        self.embed, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 6)) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = h + torch.utils.checkpoint.checkpoint(block, h, use_reentrant=self.reentrant)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_is_scored_batched(reentrant, caplog):
+    # the reference pass records the calls the backward pass makes again, so the batched pass matches them;
+    # the loop is the reference here: torch.autograd.grad refuses reentrant checkpointing
+    torch.manual_seed(0)
+    model = CheckpointedBlocks(reentrant)
+    x, y = torch.randn(8, 5, 4), torch.randint(0, 3, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own warning that no input of a reentrant checkpoint needs grad
+        assert scored_without_warnings(model, x, y, caplog) == gradsign.score(model, x, y, engine="loop")
+        counts = {e: sign_counts(copy.deepcopy(model).double(), x.double(), y, F.cross_entropy, engine=e)
+                  for e in ("auto", "loop")}
+    assert all(torch.equal(counts["auto"][k], counts["loop"][k]) for k in counts["loop"])
 
 
 class TokenBatchNorm(nn.Module):
