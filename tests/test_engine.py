@@ -116,10 +116,15 @@ def plain_gradsign(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=F
 def scored_without_warnings(model: nn.Module, x: torch.Tensor, y: torch.Tensor, caplog) -> float:
     """``gradsign.score`` of the model, asserting that the "gradsign" logger warned of nothing (no fallback)."""
     caplog.clear()
-    with caplog.at_level("WARNING", logger="gradsign"):
-        score = gradsign.score(model, x, y)
+    score = score_logging_warnings(model, x, y, caplog)
     assert caplog.text == ""
     return score
+
+
+def score_logging_warnings(model: nn.Module, x: torch.Tensor, y: torch.Tensor, caplog) -> float:
+    """``gradsign.score`` of the model, with what the "gradsign" logger warned of in ``caplog.text``."""
+    with caplog.at_level("WARNING", logger="gradsign"):
+        return gradsign.score(model, x, y)
 
 
 MODELS = {
@@ -819,8 +824,7 @@ def test_an_attention_subclass_with_its_own_forward_falls_back_naming_the_unseen
     torch.manual_seed(0)
     model.attention = WrappedAttention(12, 3, batch_first=True)
     x, y = torch.randn(8, 5, 5), torch.randint(0, 3, (8,))
-    with caplog.at_level("WARNING", logger="gradsign"):
-        score = gradsign.score(model, x, y)
+    score = score_logging_warnings(model, x, y, caplog)
     assert "attention.out_proj gets gradient outside the layer's own call" in caplog.text
     assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
 
@@ -853,8 +857,7 @@ def test_a_layer_subclass_with_its_own_forward_falls_back_naming_its_class(layer
         model = nn.Sequential(ManuallyPaddedConv(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 36, 3))
         x, expected = torch.randn(8, 3, 6, 6), "layer model.0 (a ManuallyPaddedConv with its own forward)"
     y = torch.randint(0, 3, (8,))
-    with caplog.at_level("WARNING", logger="gradsign"):
-        score = gradsign.score(model, x, y)
+    score = score_logging_warnings(model, x, y, caplog)
     assert expected in caplog.text and "used the vmap engine" in caplog.text
     assert score == plain_gradsign(model, x, y)
 
@@ -913,16 +916,6 @@ class SharedTableBias(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(x + self.position(self.table))).mean(1)
-
-
-def test_a_layer_on_a_table_shared_by_all_samples_falls_back_saying_so(caplog):
-    torch.manual_seed(0)
-    model = SharedTableBias()
-    x, y = torch.randn(8, 5, 6), torch.randint(0, 3, (8,))
-    with caplog.at_level("WARNING", logger="gradsign"):
-        score = gradsign.score(model, x, y)
-    assert "layer model.position gets an input of the same shape (5, 4) for 8 samples as for one" in caplog.text
-    assert score == plain_gradsign(model, x, y)
 
 
 class GlobalQueries(nn.Module):
@@ -1001,8 +994,7 @@ def test_rows_routed_by_an_index_fall_back_even_where_the_verified_sample_lines_
     x, y = torch.randn(4, 4, 6), torch.randint(0, 3, (4,))
     first = torch.tensor([[1, 1, -1, -1], [1, -1, 1, -1], [1, 1, 1, -1], [-1, -1, 1, -1]], dtype=torch.float)
     x[:, :, 0] = x[:, :, 0].abs() * first
-    with caplog.at_level("WARNING", logger="gradsign"):
-        score = gradsign.score(model, x, y)
+    score = score_logging_warnings(model, x, y, caplog)
     assert "layer model.experts.0 gets rows picked by an index" in caplog.text
     assert score == plain_gradsign(model, x, y)
 
@@ -1139,8 +1131,7 @@ def test_attention_shapes_come_from_the_reference_pass(batch_first, monkeypatch,
     torch.manual_seed(0)
     model = KeywordCrossAttention(batch_first)
     x, y = torch.randn(8, 5, 12), torch.randint(0, 3, (8,))
-    with caplog.at_level("WARNING", logger="gradsign"):
-        score = gradsign.score(model, x, y)
+    score = score_logging_warnings(model, x, y, caplog)
     assert "not exact" not in caplog.text
     assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
 
@@ -1164,8 +1155,7 @@ def test_shared_functional_and_folded_weights_match_the_definition(make, kind, f
          "sequence": lambda: torch.randn(8, 8, 5 if issubclass(make, FunctionalReuse) else 6, generator=g)}[kind]()
     y = torch.randint(0, 4 if make is WindowFolding else 12 if issubclass(make, TiedEmbedding) else 3, (8,),
                       generator=g)
-    with caplog.at_level("WARNING", logger="gradsign"):
-        score = gradsign.score(model, x, y)
+    score = score_logging_warnings(model, x, y, caplog)
     assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
     assert ("not exact" in caplog.text) == falls_back
     counts = {e: sign_counts(copy.deepcopy(model).double(), x.double() if x.is_floating_point() else x,
@@ -1411,14 +1401,16 @@ class RowCountingBatchNorm(nn.Module):
         return self.head(torch.relu(torch.cat([h[:1], rest])).mean(1))
 
 
-def test_a_batchnorm_whose_rows_do_not_divide_among_the_samples_falls_back_saying_so(caplog):
+@pytest.mark.parametrize("make, shape, cause", [
+    (SharedTableBias, (5, 6), "layer model.position gets an input of the same shape (5, 4) for 8 samples as for one"),
+    (RowCountingBatchNorm, (6, 4), "a BatchNorm gets 42 rows for 8 samples")], ids=["shared table", "rows"])
+def test_a_layer_on_a_shared_table_or_a_batchnorm_on_uneven_rows_falls_back_saying_so(make, shape, cause, caplog):
     torch.manual_seed(0)
-    model = RowCountingBatchNorm()
-    x, y = torch.randn(8, 6, 4), torch.randint(0, 3, (8,))
-    with caplog.at_level("WARNING", logger="gradsign"):
-        score = gradsign.score(model, x, y)
-    assert "a BatchNorm gets 42 rows for 8 samples" in caplog.text
-    assert score == gradsign.score(model, x, y, engine="loop")
+    model = make()
+    x, y = torch.randn(8, *shape), torch.randint(0, 3, (8,))
+    score = score_logging_warnings(model, x, y, caplog)
+    assert cause in caplog.text
+    assert score == plain_gradsign(model, x, y)
 
 
 def test_float32_noise_is_settled_in_float64_without_a_fallback(monkeypatch, caplog):
