@@ -590,6 +590,23 @@ class PaddedTiedEmbedding(TiedEmbedding):
         super().__init__(padding_idx=0)
 
 
+class ScaledEmbedding(nn.Embedding):
+    """An Embedding whose own forward scales the rows it looks up (as Gemma's and BART's embeddings do)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 3.0
+
+
+class ScaledTiedEmbedding(TiedEmbedding):
+    """The head tied to a ``ScaledEmbedding``: the gradient at the Embedding's output is not the one at
+    its lookup."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = ScaledEmbedding(12, 8)
+        self.out.weight = self.embed.weight
+
+
 class RenormalisedTiedEmbedding(TiedEmbedding):
     """Rows renormalised to norm <= 1 in every forward (the model writes its own weight)."""
 
@@ -1138,6 +1155,7 @@ def test_attention_shapes_come_from_the_reference_pass(batch_first, monkeypatch,
 
 @pytest.mark.parametrize("make, kind, falls_back", [
     (TiedLinears, "features", False), (TiedEmbedding, "tokens", False), (PaddedTiedEmbedding, "tokens", False),
+    (ScaledTiedEmbedding, "tokens", False),
     (FunctionalReuse, "features", False), (KeywordFunctionalReuse, "sequence", False),
     (MatmulReuse, "features", False), (WeightFirstMatmul, "sequence", False), (EinsumReuse, "features", True),
     (WindowFolding, "image", False), (SequenceFirst, "sequence", False), (SampleMinorFolding, "features", True)])

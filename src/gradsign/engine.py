@@ -201,6 +201,10 @@ def uncounted_weights(model: nn.Module) -> dict[str, int]:
     return found
 
 
+def _embedding_with_own_forward(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward
+
+
 def _weight_users(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     """(counted name, module) for every module that uses a counted weight in its call, named by the layer
     that holds the weight: Conv2d and Linear modules, and Embeddings tied to a counted Linear (a language
@@ -824,7 +828,10 @@ class _SignCountHooks:
         self.linear_rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.scratch: dict[str, torch.Tensor] = {}
         self.chunk_inputs: torch.Tensor | None = None
-        self.handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in users]
+        # an Embedding with its own forward changes its lookup's rows (e.g. scales them): its call is seen
+        # at its F.embedding under _FunctionalLinearCalls instead
+        self.handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in users
+                        if not _embedding_with_own_forward(m)]
 
     def start_chunk(self, samples: int, inputs: torch.Tensor | None = None) -> None:
         """A chunk of ``samples`` samples; ``inputs``: the tensor the model is called with, when it
@@ -1206,7 +1213,9 @@ class _FunctionalLinearCalls(TorchFunctionMode):
     """Within the block, each ``F.linear`` call on a counted Linear weight made outside every module call
     that uses the weight (e.g. ``F.linear(h, layer.weight)``) goes to ``on_call(name, module, x, output)``,
     which returns the output the model goes on with; so does a matrix product that is such a call written
-    out (``_matrix_product``). ``F.multi_head_attention_forward`` given counted Linear
+    out (``_matrix_product``), and the ``F.embedding`` call inside an ``nn.Embedding`` subclass with its own
+    forward on a counted weight (a head tied to a scaled embedding). ``F.multi_head_attention_forward``
+    given counted Linear
     weights as its separate query, key and value projections (as WavLM calls it) is computed here, its
     projections by such calls; other calls inside functions that dispatch as a whole are not seen."""
 
@@ -1214,12 +1223,15 @@ class _FunctionalLinearCalls(TorchFunctionMode):
         super().__init__()
         self.users = users
         self.owners = {id(m.weight): (name, m) for name, m in reversed(users) if isinstance(m, nn.Linear)}
+        self.lookups = {id(m.weight): (name, m) for name, m in users if _embedding_with_own_forward(m)}
         self.on_call = on_call
         self.running: dict[int, int] = {}
         self.handles: list = []
 
     def __enter__(self):
         for _, m in self.users:
+            if _embedding_with_own_forward(m):  # its F.embedding call is the use of the weight
+                continue
             self.handles.append(m.register_forward_pre_hook(self._enter_call))
             self.handles.append(m.register_forward_hook(self._leave_call, always_call=True))
         return super().__enter__()
@@ -1250,6 +1262,11 @@ class _FunctionalLinearCalls(TorchFunctionMode):
         if func is F.linear and isinstance(output, torch.Tensor):
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             output = self._seen(weight, args[0] if args else kwargs["input"], output)
+        elif func is F.embedding and isinstance(output, torch.Tensor):
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            lookup = self.lookups.get(id(weight))
+            if lookup is not None and not self.running.get(id(weight)):
+                output = self.on_call(*lookup, args[0] if args else kwargs["input"], output)
         return output
 
     def _matrix_product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
@@ -1328,6 +1345,10 @@ def _input_shapes_recorded(users: list[tuple[str, nn.Module]], shapes: _CallShap
 
     def recorder(name: str):
         def hook(module: nn.Module, args: tuple, output) -> None:
+            if _embedding_with_own_forward(module):  # seen at its F.embedding call under the functional mode
+                if functional:
+                    return
+                shapes.functional = True
             record(name, args[0].shape)
         return hook
 
@@ -1553,9 +1574,9 @@ def _mismatch_cause(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
 
 
 def _own_forward(layer: nn.Module) -> str | None:
-    """The class name of a counted layer whose class computes its output itself (a subclass of
-    ``nn.Conv2d`` or ``nn.Linear`` overriding the forward), else None."""
-    torch_class = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear
+    """The class name of a layer using a counted weight whose class computes its output itself (a
+    subclass of ``nn.Conv2d``, ``nn.Linear`` or ``nn.Embedding`` overriding the forward), else None."""
+    torch_class = next(c for c in (nn.Conv2d, nn.Embedding, nn.Linear) if isinstance(layer, c))
     methods = ("forward", "_conv_forward") if torch_class is nn.Conv2d else ("forward",)
     if all(getattr(type(layer), m, None) is getattr(torch_class, m) for m in methods):
         return None
