@@ -4,7 +4,7 @@ Each family is built from a small config with random weights (seed 0) and scored
 of 8 (images, videos, spectrograms, raw audio or multichannel series N(0, 1), or token ids uniform in
 [3, 100), the last one the end-of-sequence id 2 for the models that pool there; seed 1; class targets
 below 3, one per pixel of the segmentation model's logits, whose loss is the pixels' mean cross-entropy).
-Causal language models are scored on their last token's first three logits, the Switch
+Language-model heads (causal, or BART's decoder) are scored on their last token's first three logits, the Switch
 Transformers encoder through a Linear head on its mean token, PatchTST on its ``prediction_logits``.
 Measured per family:
 - the default engine's GradSign relative to the loop's in float32, and whether the two give the same
@@ -309,6 +309,13 @@ def _families(t) -> dict[str, tuple]:
         "Data2VecAudio": (lambda: t.Data2VecAudioForSequenceClassification(t.Data2VecAudioConfig(**SPEECH)), "audio",
                           (1600,)),
         "UniSpeech": (lambda: t.UniSpeechForSequenceClassification(t.UniSpeechConfig(**SPEECH)), "audio", (1600,)),
+        "Gemma causal LM (tied head)": (lambda: _LastToken(t.GemmaForCausalLM(t.GemmaConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=16, intermediate_size=64, max_position_embeddings=64))), tokens, (12,)),
+        "BART LM head (tied)": (lambda: _LastToken(t.BartForConditionalGeneration(t.BartConfig(
+            vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, scale_embedding=True))), tokens, (12,)),
         "MRA": (lambda: t.MraForSequenceClassification(t.MraConfig(**TEXT)), tokens, (12,)),
         "YOSO": (lambda: t.YosoForSequenceClassification(t.YosoConfig(**TEXT)), tokens, (12,)),
     }
