@@ -1,5 +1,6 @@
-"""The public API refuses a batch whose inputs and targets differ in length, and says why a loss-based
-proxy scored exactly 0 instead of returning the 0 silently."""
+"""The public API refuses a batch whose inputs and targets differ in length and a model whose lazy
+parameters have no shape yet, and says why a loss-based proxy scored exactly 0 instead of returning the 0
+silently."""
 import math
 import warnings
 
@@ -19,6 +20,15 @@ def test_inputs_and_targets_of_different_lengths_are_refused():
     x, y = torch.randn(4, 3, 2, 2), torch.zeros(3, dtype=torch.long)
     with pytest.raises(ValueError, match="4 samples, 3 targets"):
         gradsign.score(tiny(2), x, y)
+
+
+@pytest.mark.parametrize("proxy", ["gradsign", "synflow"])
+def test_a_model_with_lazy_parameters_not_yet_shaped_is_refused_plainly(proxy):
+    # torch's own error came from cloning an uninitialised parameter, naming neither the cause nor the cure
+    model = nn.Sequential(nn.LazyLinear(5), nn.ReLU(), nn.LazyLinear(2))
+    with pytest.raises(ValueError, match="uninitialised parameters .*lazy.* run it once on a batch"):
+        gradsign.score(model, torch.randn(4, 3), torch.zeros(4, dtype=torch.long), proxy=proxy)
+    assert isinstance(model[0].weight, nn.parameter.UninitializedParameter)  # left as it was
 
 
 @pytest.mark.parametrize("proxy", ["gradsign", "grad_norm", "snip"])

@@ -85,6 +85,9 @@ def scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None 
     requested proxy accepts is an error. NaN or infinite scores are returned as they are.
     """
     infos = [get_proxy(name) for name in proxies]
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        raise ValueError("the model has uninitialised parameters (lazy modules such as nn.LazyLinear, "
+                         "which take their shapes from their first input): run it once on a batch first")
     if n_inits < 1:
         raise ValueError(f"n_inits must be >= 1, got {n_inits}")
     if targets is not None and len(targets) != len(inputs):
