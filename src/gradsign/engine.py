@@ -202,7 +202,8 @@ def uncounted_weights(model: nn.Module) -> dict[str, int]:
 
 
 def _embedding_with_own_forward(module: nn.Module) -> bool:
-    return isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward
+    """An ``nn.Embedding`` subclass computing its output itself (e.g. scaling the rows it looks up)."""
+    return isinstance(module, nn.Embedding) and _own_forward(module) is not None
 
 
 def _weight_users(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
@@ -1215,9 +1216,9 @@ class _FunctionalLinearCalls(TorchFunctionMode):
     which returns the output the model goes on with; so does a matrix product that is such a call written
     out (``_matrix_product``), and the ``F.embedding`` call inside an ``nn.Embedding`` subclass with its own
     forward on a counted weight (a head tied to a scaled embedding). ``F.multi_head_attention_forward``
-    given counted Linear
-    weights as its separate query, key and value projections (as WavLM calls it) is computed here, its
-    projections by such calls; other calls inside functions that dispatch as a whole are not seen."""
+    given counted Linear weights as its separate query, key and value projections (as WavLM calls it) is
+    computed here, its projections by such calls; other calls inside functions that dispatch as a whole
+    are not seen."""
 
     def __init__(self, users: list[tuple[str, nn.Module]], on_call: Callable):
         super().__init__()
