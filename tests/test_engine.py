@@ -1419,10 +1419,28 @@ class RowCountingBatchNorm(nn.Module):
         return self.head(torch.relu(torch.cat([h[:1], rest])).mean(1))
 
 
+class SequenceFirstBatchNorm(nn.Module):
+    """BatchNorm1d over tokens flattened sequence-first, (tokens x samples, C): a sample's rows are not
+    consecutive, so the batched form's per-sample statistics mix samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm, self.head = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x).transpose(0, 1)
+        tokens, samples, _ = h.shape
+        h = self.norm(h.reshape(tokens * samples, 8)).view(tokens, samples, 8).transpose(0, 1)
+        return self.head(torch.relu(h).mean(1))
+
+
 @pytest.mark.parametrize("make, shape, cause", [
     (SharedTableBias, (5, 6), "layer model.position gets an input of the same shape (5, 4) for 8 samples as for one"),
-    (RowCountingBatchNorm, (6, 4), "a BatchNorm gets 42 rows for 8 samples")], ids=["shared table", "rows"])
-def test_a_layer_on_a_shared_table_or_a_batchnorm_on_uneven_rows_falls_back_saying_so(make, shape, cause, caplog):
+    (RowCountingBatchNorm, (6, 4), "a BatchNorm gets 42 rows for 8 samples"),
+    (SequenceFirstBatchNorm, (6, 4), "samples interact within a batch, or a BatchNorm normalises several rows per "
+                                     "sample that are not consecutive (model.norm;")],
+    ids=["shared table", "rows", "sequence-first rows"])
+def test_a_shared_table_or_a_batchnorm_on_rows_it_cannot_group_falls_back_saying_so(make, shape, cause, caplog):
     torch.manual_seed(0)
     model = make()
     x, y = torch.randn(8, *shape), torch.randint(0, 3, (8,))

@@ -1559,6 +1559,11 @@ def _mismatch_cause(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
         return ("the model's output is random in scoring mode (two passes over one sample differ: it draws "
                 "random numbers outside dropout, e.g. a noise layer), so GradSign of it is one random draw")
     if samples_interact(model, inputs, rtol=FLOAT64_TOLERANCE):
+        grouped = _norms_over_several_rows(model, one_input)
+        if grouped:
+            return ("samples interact within a batch, or a BatchNorm normalises several rows per sample that are "
+                    f"not consecutive ({', '.join(grouped)}; e.g. tokens flattened sequence-first), which the "
+                    "batched form normalises as each sample's rows")
         return "samples interact within a batch"
     _, alone = _batched_counts(model, one_input, one_target, loss_fn, layers, 1, verified=0)
     model.requires_grad_(True)
@@ -1572,6 +1577,27 @@ def _mismatch_cause(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
                 "(a shared weight or a functional use of it)")
     return (f"the first dimension of layer {name}'s input does not index samples (a reshaped or "
             f"transposed batch dimension; {difference})")
+
+
+def _norms_over_several_rows(model: nn.Module, one_input: torch.Tensor) -> list[str]:
+    """The BatchNorm modules (normalising by batch statistics) that see more than one row for one sample."""
+    seen: list[str] = []
+
+    def watch(name: str):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            if len(args[0]) > 1:
+                seen.append(name)
+        return hook
+
+    handles = [m.register_forward_hook(watch(name)) for name, m in model.named_modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)]
+    try:
+        with torch.no_grad():
+            model(one_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(seen))
 
 
 def _own_forward(layer: nn.Module) -> str | None:
