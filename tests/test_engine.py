@@ -205,6 +205,20 @@ def test_per_layer_counts_match_loop_in_chunks(name, slice_elements, dtype, monk
     assert differing <= (0 if dtype is torch.float64 else 1e-3 * total)
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular", "replicate"])
+def test_every_padding_mode_with_uneven_same_padding_matches_the_loop_in_float64(padding_mode):
+    # even kernels under padding="same" pad one side more than the other; the engine pads the input itself
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 2, padding="same", dilation=2, groups=4, padding_mode=padding_mode), nn.ReLU(),
+        nn.Conv2d(8, 8, (2, 3), padding="same", padding_mode=padding_mode), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, padding_mode=padding_mode), nn.Flatten(),
+        nn.Linear(8 * 5 * 4, 3)).double()
+    x, y = torch.randn(6, 4, 9, 7, dtype=torch.float64), torch.randint(0, 3, (6,))
+    counts = {e: sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine=e) for e in ("batched", "loop")}
+    assert all(torch.equal(counts["batched"][k], counts["loop"][k]) for k in counts["loop"])
+
+
 @pytest.mark.parametrize("chunk_size", [1, 5])
 def test_the_verified_samples_share_a_pass_whatever_the_chunk_size(chunk_size):
     # the default engine compares the second sample's batched gradients with its single-sample ones
