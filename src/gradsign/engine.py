@@ -495,6 +495,11 @@ def _batched_chunk(layers: list[tuple[str, nn.Module]], single_shapes: _CallShap
     return -(-len(inputs) // chunks)
 
 
+def _normalises_by_batch_statistics(module: nn.Module) -> bool:
+    """A BatchNorm in train mode, or one that keeps no running statistics: it normalises by the batch's."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or not module.track_running_stats)
+
+
 class _PerSampleNorm(nn.Module):
     """BatchNorm applied to a batch of one, for every sample at once: instance normalisation with the
     BatchNorm's eps and affine parameters (statistics over all dims after the channel dim). Where the
@@ -652,8 +657,7 @@ class BatchedForm:
                 parent.forward = types.MethodType(_attention_with_modular_out_proj, parent)
                 self.attentions.append(parent)
             for name, child in parent.named_children():
-                if isinstance(child, nn.modules.batchnorm._BatchNorm) and (child.training
-                                                                           or not child.track_running_stats):
+                if _normalises_by_batch_statistics(child):
                     setattr(parent, name, _PerSampleNorm(child))
                     self.swapped.append((parent, name, child))
         norms = [getattr(parent, name) for parent, name, _ in self.swapped]
@@ -1590,7 +1594,7 @@ def _norms_over_several_rows(model: nn.Module, one_input: torch.Tensor) -> list[
         return hook
 
     handles = [m.register_forward_hook(watch(name)) for name, m in model.named_modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)]
+               if _normalises_by_batch_statistics(m)]
     try:
         with torch.no_grad():
             model(one_input)
