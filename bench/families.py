@@ -4,8 +4,9 @@ Each family is built from a small config with random weights (seed 0) and scored
 of 8 (images, videos, spectrograms, raw audio or multichannel series N(0, 1), or token ids uniform in
 [3, 100), the last one the end-of-sequence id 2 for the models that pool there; seed 1; class targets
 below 3, one per pixel of the segmentation model's logits, whose loss is the pixels' mean cross-entropy).
-Language-model heads (causal, or BART's decoder) are scored on their last token's first three logits, the Switch
-Transformers encoder through a Linear head on its mean token, PatchTST on its ``prediction_logits``.
+Language-model heads (causal, or BART's decoder) are scored on their last token's first three logits,
+the Switch Transformers encoder through a Linear head on its mean token, PatchTST on its
+``prediction_logits``.
 Measured per family:
 - the default engine's GradSign relative to the loop's in float32, and whether the two give the same
   total in float64 (model and floating inputs in double precision);

@@ -1279,7 +1279,8 @@ class FrozenByNoGrad(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.frozen, self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 3)
+        self.frozen, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
 
     def forward(self, x):
         with torch.no_grad():
