@@ -44,6 +44,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
+from gradsign.sign_kernels import add_product_signs, fused_available
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ENGINES = ("auto", "batched", "vmap", "loop")
 #: per-layer budget, in float elements, for one chunk's per-sample gradients
@@ -75,6 +77,9 @@ GROUPED_MATMUL_POSITIONS = 4
 #: 1.1-2x faster at depth 4, within 10% either way at 16, up to 10% slower deeper (`bench/layer_kernels.py
 #: --products --threads 1 --batch-size 32`)
 SHALLOW_PRODUCT_DEPTH = 16
+#: shallow products with fewer weight columns than this (and at least as many rows) run the fused loop
+#: along the rows (it vectorises along the columns)
+FUSED_MIN_COLUMNS = 64
 #: the sample whose batched per-sample gradients ``auto`` compares with its single-sample gradients: the
 #: second, so that in the first pass it has a neighbour on each side (a dependence on earlier or on later
 #: samples changes it) and a single batch-of-one pass is the reference
@@ -994,7 +999,11 @@ class _SignCountHooks:
         (samples, out, depth), ``b``: (samples, depth, in); reshaped to the weight's ``shape``). They are
         formed for all samples at once a slice of the larger side at a time (of about ``SLICE_ELEMENTS``
         floats on a CPU), the smaller side spanning each product's rows, so that every slice's sign sum
-        is already its rows' sum over the chunk."""
+        is already its rows' sum over the chunk. Where numba is installed, one fused loop forms and counts
+        them instead (``gradsign.sign_kernels``)."""
+        if fused_available(a):
+            self._add_fused_product_signs(name, a, b, shape)
+            return
         samples, transposed = len(a), b.shape[2] > a.shape[1]
         if transposed:  # slices of the input side: products b_n^T a_n^T, whose sums are the counts transposed
             a, b = b.transpose(1, 2), a.transpose(1, 2)
@@ -1014,6 +1023,16 @@ class _SignCountHooks:
             self.prefix[name] = (kept.t() if transposed else kept).reshape(1, *shape)
         total = self.totals[name].view(-1, whole if not transposed else sliced)
         total += sums.t() if transposed else sums
+
+    def _add_fused_product_signs(self, name: str, a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> None:
+        kept_sample = self._kept_sample()
+        if kept_sample is not None:
+            self.prefix[name] = (a[kept_sample] @ b[kept_sample]).detach().reshape(1, *shape)
+        total = self.totals[name].view(a.shape[1], b.shape[2])
+        if b.shape[2] < FUSED_MIN_COLUMNS <= a.shape[1]:  # the fused loop runs along the columns
+            add_product_signs(b.transpose(1, 2), a.transpose(1, 2), total.t())
+        else:
+            add_product_signs(a, b, total)
 
     def _slice(self, per_sample: int, x: torch.Tensor) -> int:
         """Samples per slice: per-sample gradients of about ``SLICE_ELEMENTS`` floats on a CPU."""

@@ -1,0 +1,71 @@
+"""The fused sign-count loop of ``gradsign.sign_kernels``, compiled by numba (imported only where numba is
+installed and the loop is used)."""
+import numba
+
+
+@numba.njit(inline="always", boundscheck=False, cache=True)
+def quad(q0, q1, q2, q3, p):
+    return (q0[p], q0[p + 1], q0[p + 2], q0[p + 3], q1[p], q1[p + 1], q1[p + 2], q1[p + 3],
+            q2[p], q2[p + 1], q2[p + 2], q2[p + 3], q3[p], q3[p + 1], q3[p + 2], q3[p + 3])
+
+@numba.njit(cache=True, boundscheck=False, nogil=True, fastmath={"contract"})
+def product_signs(a, b, counts, partial):
+    """counts[o, i] += sum_s sign(a[s, o] . b[s, :, i]); depth and rows multiples of four; ``partial``:
+    (4, columns), scratch for partial sums."""
+    samples, rows, depth = a.shape
+    columns = b.shape[2]
+    one = counts.dtype.type(1)
+    v0, v1, v2, v3 = partial[0], partial[1], partial[2], partial[3]
+    last = depth - 4
+    for o in range(0, rows, 4):
+        t0, t1, t2, t3 = counts[o], counts[o + 1], counts[o + 2], counts[o + 3]
+        for s in range(samples):
+            q0, q1, q2, q3 = a[s, o], a[s, o + 1], a[s, o + 2], a[s, o + 3]
+            bs = b[s]
+            if last:  # the first four positions' products, then four more at a time
+                a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33 = quad(
+                    q0, q1, q2, q3, 0)
+                b0, b1, b2, b3 = bs[0], bs[1], bs[2], bs[3]
+                for i in range(columns):
+                    c0, c1, c2, c3 = b0[i], b1[i], b2[i], b3[i]
+                    v0[i] = a00 * c0 + a01 * c1 + a02 * c2 + a03 * c3
+                    v1[i] = a10 * c0 + a11 * c1 + a12 * c2 + a13 * c3
+                    v2[i] = a20 * c0 + a21 * c1 + a22 * c2 + a23 * c3
+                    v3[i] = a30 * c0 + a31 * c1 + a32 * c2 + a33 * c3
+                for p in range(4, last, 4):
+                    a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33 = quad(
+                        q0, q1, q2, q3, p)
+                    b0, b1, b2, b3 = bs[p], bs[p + 1], bs[p + 2], bs[p + 3]
+                    for i in range(columns):
+                        c0, c1, c2, c3 = b0[i], b1[i], b2[i], b3[i]
+                        v0[i] += a00 * c0 + a01 * c1 + a02 * c2 + a03 * c3
+                        v1[i] += a10 * c0 + a11 * c1 + a12 * c2 + a13 * c3
+                        v2[i] += a20 * c0 + a21 * c1 + a22 * c2 + a23 * c3
+                        v3[i] += a30 * c0 + a31 * c1 + a32 * c2 + a33 * c3
+            # the last four positions' products finish each sum, whose sign is added at once (two
+            # copies of the loop: one branch inside it costs a third of its speed)
+            a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33 = quad(
+                q0, q1, q2, q3, last)
+            b0, b1, b2, b3 = bs[last], bs[last + 1], bs[last + 2], bs[last + 3]
+            if last:
+                for i in range(columns):
+                    c0, c1, c2, c3 = b0[i], b1[i], b2[i], b3[i]
+                    x0 = v0[i] + a00 * c0 + a01 * c1 + a02 * c2 + a03 * c3
+                    x1 = v1[i] + a10 * c0 + a11 * c1 + a12 * c2 + a13 * c3
+                    x2 = v2[i] + a20 * c0 + a21 * c1 + a22 * c2 + a23 * c3
+                    x3 = v3[i] + a30 * c0 + a31 * c1 + a32 * c2 + a33 * c3
+                    t0[i] += one * (x0 > 0) - one * (x0 < 0)
+                    t1[i] += one * (x1 > 0) - one * (x1 < 0)
+                    t2[i] += one * (x2 > 0) - one * (x2 < 0)
+                    t3[i] += one * (x3 > 0) - one * (x3 < 0)
+            else:
+                for i in range(columns):
+                    c0, c1, c2, c3 = b0[i], b1[i], b2[i], b3[i]
+                    x0 = a00 * c0 + a01 * c1 + a02 * c2 + a03 * c3
+                    x1 = a10 * c0 + a11 * c1 + a12 * c2 + a13 * c3
+                    x2 = a20 * c0 + a21 * c1 + a22 * c2 + a23 * c3
+                    x3 = a30 * c0 + a31 * c1 + a32 * c2 + a33 * c3
+                    t0[i] += one * (x0 > 0) - one * (x0 < 0)
+                    t1[i] += one * (x1 > 0) - one * (x1 < 0)
+                    t2[i] += one * (x2 > 0) - one * (x2 < 0)
+                    t3[i] += one * (x3 > 0) - one * (x3 < 0)

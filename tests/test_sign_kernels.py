@@ -1,0 +1,95 @@
+"""The fused sign-count loop of shallow products against torch's product, sign and sum, and the engine
+with and without it against a per-sample loop."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradsign.engine as engine_module
+from gradsign.engine import sign_counts
+from gradsign.sign_kernels import add_product_signs, fused_available
+
+pytest.importorskip("numba")
+
+
+def torch_counts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.sign(torch.bmm(a, b)).sum(0)
+
+
+@pytest.mark.parametrize("samples, rows, columns, depth", [
+    (5, 8, 9, 4),
+    (5, 7, 9, 4),  # rows padded to a multiple of four
+    (6, 13, 70, 16),  # partial sums over four groups of positions
+    (6, 12, 33, 9),  # depth padded to a multiple of four
+    (3, 5, 21, 1),
+    (1, 4, 1, 2),
+])
+def test_counts_equal_torch_in_float64(samples, rows, columns, depth):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(samples, rows, depth, generator=g, dtype=torch.float64)
+    b = torch.randn(samples, depth, columns, generator=g, dtype=torch.float64)
+    b[:, :, 0] = 0  # exact zero products: sign 0
+    totals = torch.full((rows, columns), 3.0, dtype=torch.float64)
+    add_product_signs(a, b, totals)
+    assert torch.equal(totals, torch_counts(a, b) + 3)
+    transposed = torch.zeros(columns, rows, dtype=torch.float64).t()  # totals that are not contiguous
+    add_product_signs(a, b, transposed)
+    assert torch.equal(transposed, torch_counts(a, b))
+
+
+def test_float32_counts_differ_from_float64_only_by_rounding():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(16, 64, 12, generator=g), torch.randn(16, 12, 96, generator=g)
+    totals = torch.zeros(64, 96)
+    add_product_signs(a.transpose(0, 1).contiguous().transpose(0, 1), b.transpose(1, 2).contiguous().transpose(1, 2),
+                      totals)  # any strides
+    exact = torch_counts(a.double(), b.double()).float()
+    assert (totals - exact).abs().sum() <= 4
+
+
+def test_only_cpu_float32_and_float64_with_one_torch_thread_are_taken():
+    assert fused_available(torch.zeros(2, 3, 4))
+    assert fused_available(torch.zeros(2, 3, 4, dtype=torch.float64))
+    assert not fused_available(torch.zeros(2, 3, 4, dtype=torch.bfloat16))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert not fused_available(torch.zeros(2, 3, 4))
+    finally:
+        torch.set_num_threads(threads)
+
+
+class FewTokens(nn.Module):
+    """A 3x3 convolution on 2x2 maps (a product of depth 4), Linear layers on its four positions and on
+    three more tokens (depth 7), one with fewer weight columns than rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=8, padding=1)
+        self.wide = nn.Linear(8, 96)
+        self.narrow = nn.Linear(96, 12)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2).transpose(1, 2)  # (samples, 4, 8)
+        tokens = torch.cat([tokens, tokens[:, :3] ** 2], 1)  # (samples, 7, 8)
+        h = self.narrow(torch.relu(self.wide(tokens)))
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_engine_counts_equal_the_loop_in_float64_with_and_without_the_fused_loop(fused, monkeypatch):
+    calls = []
+    monkeypatch.setattr(engine_module, "add_product_signs", lambda *args: calls.append(1) or add_product_signs(*args))
+    if not fused:
+        monkeypatch.setattr(engine_module, "fused_available", lambda a: False)
+    torch.manual_seed(0)
+    model = FewTokens().double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(12, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (12,), generator=g)
+    reference = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="loop")
+    batched = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="auto")
+    assert all(torch.equal(reference[k], batched[k]) for k in reference)
+    assert len(calls) == (3 if fused else 0)  # conv, wide and narrow; the head sees one row per sample
