@@ -10,8 +10,10 @@ gradient and which way the engine's rules (``gradsign.engine._use_matmul``,
 ``--products``: per-sample gradients that are products a_n b_n over ``depth`` positions or rows per sample
 (a Linear on tokens, an unfolded convolution), (out x depth) (depth x in): formed sample slice by sample
 slice (batched product, signs, sum, added to the chunk's counts) against the engine's
-``_add_product_signs`` (slices of the larger of out and in for all samples at once), each as a ratio to
-the batched weight gradient; ``SHALLOW_PRODUCT_DEPTH`` says which the engine uses.
+``_add_product_signs`` done by torch (slices of the larger of out and in for all samples at once) and by
+the fused loop of ``gradsign.sign_kernels`` (where numba is installed; one torch thread), each as a ratio
+to the batched weight gradient; ``SHALLOW_PRODUCT_DEPTH`` says which the engine uses. The fused loop's
+counts are checked against torch's in float64 (in float32 they differ by rounding).
 
     python bench/layer_kernels.py [--threads N] [--repeats 7] [--batch-size 64] [--products]
 """
@@ -45,9 +47,10 @@ WAYS = [("grouped", None, lambda conv: True),
 RULES = ("_use_matmul", "_use_forward_convolution")
 #: (out, in, depth): the zoo's Linear layers on 4 and 16 tokens (ConvNeXt's last stages), 3x3
 #: convolutions on 2x2 and 4x4 maps (ResNet's), a Linear on 65 tokens (ViT) and on 256 (ConvNeXt's first
-#: stage)
-PRODUCTS = [(256, 1024, 4), (1024, 256, 4), (256, 2304, 4), (128, 1152, 16), (512, 128, 16), (128, 512, 16),
-            (64, 576, 64), (512, 512, 65), (128, 32, 256), (384, 96, 256)]
+#: stage); RegNetX's 1x1 layers on 2x2 maps; convolutions on 3x3 and 2x3 maps (depth 9 and 6)
+PRODUCTS = [(256, 1024, 4), (1024, 256, 4), (256, 2304, 4), (384, 384, 4), (128, 1152, 16), (512, 128, 16),
+            (128, 512, 16), (64, 576, 9), (64, 576, 6), (64, 576, 64), (512, 512, 65), (128, 32, 256),
+            (384, 96, 256)]
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -88,22 +91,37 @@ def picked_way(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> str:
 def product_signs_by_samples(hooks: engine._SignCountHooks, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Sign counts of the products a_n b_n formed a slice of samples at a time, each slice's signs summed
     and added to the chunk's counts (``_SignCountHooks._add_signs``)."""
+    hooks.totals["w"] = a.new_zeros(a.shape[1], b.shape[2])
     step = max(1, engine.SLICE_ELEMENTS // (a.shape[1] * b.shape[2]))
-    scratch = torch.empty(step * a.shape[1] * b.shape[2])
+    scratch = a.new_empty(step * a.shape[1] * b.shape[2])
     for part in engine._chunks(len(a), step):
         out = scratch[:(part.stop - part.start) * a.shape[1] * b.shape[2]].view(-1, a.shape[1], b.shape[2])
         hooks._add_signs("w", torch.bmm(a[part], b[part], out=out), part.start)
-    return hooks.chunk_counts.pop("w")
+    return hooks.totals.pop("w")
 
 
 def product_signs_shallow(hooks: engine._SignCountHooks, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    hooks._add_product_signs("w", a, b, torch.Size((a.shape[1], b.shape[2])))
-    return hooks.chunk_counts.pop("w")
+    """``_add_product_signs`` as torch does it (the fused loop switched off)."""
+    hooks.totals["w"] = a.new_zeros(a.shape[1], b.shape[2])
+    original, engine.fused_available = engine.fused_available, lambda a: False
+    try:
+        hooks._add_product_signs("w", a, b, torch.Size((a.shape[1], b.shape[2])))
+    finally:
+        engine.fused_available = original
+    return hooks.totals.pop("w")
+
+
+def product_signs_fused(hooks: engine._SignCountHooks, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    hooks.totals["w"] = a.new_zeros(a.shape[1], b.shape[2])
+    hooks._add_fused_product_signs("w", a, b, torch.Size((a.shape[1], b.shape[2])))
+    return hooks.totals.pop("w")
 
 
 def products(args: argparse.Namespace) -> None:
-    print("| out | in | depth | batched dW (ms) | by samples / dW | shallow / dW | engine uses |")
-    print("|---|---|---|---|---|---|---|")
+    fused = engine.fused_available(torch.zeros(1))
+    print(f"fused loop: {'yes' if fused else 'no (numba not installed, or more than one torch thread)'}")
+    print("| out | in | depth | batched dW (ms) | by samples / dW | shallow / dW | fused / dW | engine uses |")
+    print("|---|---|---|---|---|---|---|---|")
     for out, inp, depth in PRODUCTS:
         torch.manual_seed(0)
         grad_out, x = torch.randn(args.batch_size, depth, out), torch.randn(args.batch_size, depth, inp)
@@ -112,10 +130,18 @@ def products(args: argparse.Namespace) -> None:
         batched = median_seconds(lambda: grad_out.reshape(-1, out).t() @ x.reshape(-1, inp), args.repeats)
         if not torch.equal(product_signs_by_samples(hooks, a, x), product_signs_shallow(hooks, a, x)):
             raise SystemExit(f"the two ways disagree on {out}x{inp}, depth {depth}")
-        cells = [median_seconds(lambda: way(hooks, a, x), args.repeats) / batched
-                 for way in (product_signs_by_samples, product_signs_shallow)]
-        uses = "shallow" if depth <= engine.SHALLOW_PRODUCT_DEPTH else "by samples"
-        print(f"| {out} | {inp} | {depth} | {batched * 1e3:.2f} | {cells[0]:.2f} | {cells[1]:.2f} | {uses} |")
+        ways = [product_signs_by_samples, product_signs_shallow]
+        if fused:
+            if not torch.equal(product_signs_fused(hooks, a.double(), x.double()),
+                               product_signs_shallow(hooks, a.double(), x.double())):
+                raise SystemExit(f"the fused loop disagrees in float64 on {out}x{inp}, depth {depth}")
+            ways.append(product_signs_fused)
+        cells = [median_seconds(lambda: way(hooks, a, x), args.repeats) / batched for way in ways]
+        cells += [float("nan")] * (3 - len(cells))
+        shallow = depth <= engine.SHALLOW_PRODUCT_DEPTH
+        uses = ("fused" if fused else "shallow") if shallow else "by samples"
+        print(f"| {out} | {inp} | {depth} | {batched * 1e3:.2f} | {cells[0]:.2f} | {cells[1]:.2f} | {cells[2]:.2f} "
+              f"| {uses} |")
 
 
 def main() -> None:
