@@ -7,13 +7,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: the engine's source files (named in the tables as "the engine")
+ENGINE_FILES = ("src/gradsign/engine.py", "src/gradsign/sign_kernels.py", "src/gradsign/_sign_loops.py")
+
+
 def engine_version() -> str:
-    """The last commit of src/gradsign/engine.py, marked when the working copy differs from it."""
+    """The last commit of the engine's files, marked when the working copy differs from it."""
     def git(*command: str) -> str:
         return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    commit = git("log", "-1", "--format=%h", "--", "src/gradsign/engine.py") or "unknown"
-    return commit + (" + uncommitted changes" if git("status", "--porcelain", "src/gradsign/engine.py") else "")
+    commit = git("log", "-1", "--format=%h", "--", *ENGINE_FILES) or "unknown"
+    return commit + (" + uncommitted changes" if git("status", "--porcelain", *ENGINE_FILES) else "")
 
 
 def write_section(path: Path, begin: str, end: str, body: str, intro: str) -> None:

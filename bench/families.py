@@ -377,7 +377,7 @@ def table(rows: dict[str, dict], command: str) -> str:
     import transformers
 
     lines = [f"Command: `{command}` (torch {torch.__version__}, transformers {transformers.__version__}, "
-             f"src/gradsign/engine.py at {engine_version()}).", "",
+             f"the engine at {engine_version()}).", "",
              "| family | params | counted share | default vs loop, float32 | float64 equal | largest float64 gradient "
              "| fallback (cause) or refusal |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():

@@ -108,7 +108,7 @@ def noise_cell(row: dict) -> str:
 def table(rows: list[dict], setup: dict, command: str) -> str:
     lines = [f"Command: `{command}`", "",
              f"batch {setup['batch_size']} (bundled CIFAR-10, seed 0), {setup['threads']} torch thread(s), "
-             f"torch {setup['torch']}, src/gradsign/engine.py at {setup.get('engine', 'unknown')}, "
+             f"torch {setup['torch']}, the engine at {setup.get('engine', 'unknown')}, "
              f"{setup['models']} models per space drawn with seed 0, one call each after a warm-up; seconds of "
              "single calls, so indicative.", "",
              f"| space | width | depth | params | default s | fwd+bwd s | GradSign | loop s ({setup['loop_batch']}) "

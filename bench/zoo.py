@@ -178,7 +178,7 @@ def table(rows: list[dict], setup: dict, command: str) -> str:
 
     lines = [f"Command: `{command}` (weights seed 0, batch seed 1; batch {setup['batch_size']}, "
              f"{setup['threads']} torch threads, torch {setup['torch']}, transformers {setup['transformers']}, "
-             f"src/gradsign/engine.py at {setup['engine']}; "
+             f"the engine at {setup['engine']}; "
              f"seconds are medians of {setup['repeats']} interleaved calls after a warm-up, the loop's of "
              f"{setup['loop_repeats']}).", "",
              "| model | params | input | default s | fwd+bwd s | default/fwd+bwd | loop s | loop/fwd+bwd "
