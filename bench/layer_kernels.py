@@ -38,7 +38,7 @@ SHAPES = [
     (128, 128, 3, 4, 1, 1), (256, 256, 3, 4, 1, 1), (256, 256, 3, 2, 1, 1), (128, 256, 3, 4, 2, 1),
     (32, 32, 3, 16, 1, 32), (96, 96, 3, 16, 2, 96), (480, 480, 3, 4, 1, 480), (32, 32, 7, 16, 1, 32),
     (128, 128, 7, 4, 1, 128), (144, 144, 5, 8, 1, 144), (384, 384, 3, 2, 1, 24), (192, 192, 3, 4, 1, 12),
-    (96, 96, 3, 8, 1, 6), (384, 384, 3, 2, 1, 384), (256, 256, 3, 8, 1, 1),
+    (96, 96, 3, 8, 1, 6), (384, 384, 3, 2, 1, 384), (256, 256, 3, 8, 1, 1), (3, 32, 7, 64, 2, 1),
 ]
 #: the engine's rules, each forced in turn: (name, rule the way replaces, layers it applies to)
 WAYS = [("grouped", None, lambda conv: True),
@@ -118,8 +118,14 @@ def product_signs_fused(hooks: engine._SignCountHooks, a: torch.Tensor, b: torch
 
 
 def products(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
     fused = engine.fused_available(torch.zeros(1))
-    print(f"fused loop: {'yes' if fused else 'no (numba not installed, or more than one torch thread)'}")
+    if fused:  # compiled on first use, or read from numba's cache
+        hooks = engine._SignCountHooks([], {}, None, engine._CallShapes())
+        product_signs_fused(hooks, torch.ones(1, 1, 1), torch.ones(1, 1, 1))
+        print(f"fused loop: yes (its first call in this process: {time.perf_counter() - start:.2f} s)")
+    else:
+        print("fused loop: no (numba not installed, or more than one torch thread)")
     print("| out | in | depth | batched dW (ms) | by samples / dW | shallow / dW | fused / dW | engine uses |")
     print("|---|---|---|---|---|---|---|---|")
     for out, inp, depth in PRODUCTS:
