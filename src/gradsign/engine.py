@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
-from gradsign.sign_kernels import add_product_signs, fused_available
+from gradsign.sign_kernels import add_product_signs, fused_available, scratch_elements
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ENGINES = ("auto", "batched", "vmap", "loop")
@@ -1030,9 +1030,8 @@ class _SignCountHooks:
             self.prefix[name] = (a[kept_sample] @ b[kept_sample]).detach().reshape(1, *shape)
         total = self.totals[name].view(a.shape[1], b.shape[2])
         if b.shape[2] < FUSED_MIN_COLUMNS <= a.shape[1]:  # the fused loop runs along the columns
-            add_product_signs(b.transpose(1, 2), a.transpose(1, 2), total.t())
-        else:
-            add_product_signs(a, b, total)
+            a, b, total = b.transpose(1, 2), a.transpose(1, 2), total.t()
+        add_product_signs(a, b, total, self._scratch(scratch_elements(a, b), a, "fused"))
 
     def _slice(self, per_sample: int, x: torch.Tensor) -> int:
         """Samples per slice: per-sample gradients of about ``SLICE_ELEMENTS`` floats on a CPU."""

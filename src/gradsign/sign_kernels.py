@@ -11,9 +11,11 @@ at depth 4 and 1.3-1.7x at depth 16 on the zoo's layers (``python bench/layer_ke
 --threads 1 --batch-size 32``). The products are those of the torch way up to the order of their
 additions (float rounding).
 
-Numba is optional (``pip install gradsign[fast]``); without it, for other dtypes than float32 and
-float64, and with more than one torch thread, ``fused_available`` says no and the engine forms the
-products with torch.
+The loop runs in the calling thread whatever torch's thread count: with two torch threads it still
+beats torch's two-thread way (bench/zoo.py at two threads), while splitting its rows among threads of
+its own was slower (torch's idle threads spin-wait for a while after each operation, on the same
+cores). Numba is optional (``pip install gradsign[fast]``); without it, and for other dtypes than
+float32 and float64, ``fused_available`` says no and the engine forms the products with torch.
 """
 from __future__ import annotations
 
@@ -27,38 +29,57 @@ FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 def fused_available(a: torch.Tensor) -> bool:
-    """Whether ``add_product_signs`` takes these factors: numba installed, a CPU tensor of float32 or
-    float64, and torch running one thread. With more, torch's idle threads spin-wait after each of its
-    operations, on the cores this loop would use, and slow it down 2-3x: in the engine, with two torch
-    threads, it was then no faster than torch's own two-thread product (on the zoo's ResNet and RegNetX
-    layers on 2x2 maps) and slower at depth 16. The CLI's scoring workers run one torch thread each."""
-    return (a.device.type == "cpu" and a.dtype in FUSED_DTYPES and torch.get_num_threads() == 1
-            and _kernel() is not None)
+    """Whether ``add_product_signs`` takes these factors: numba installed and a CPU tensor of float32 or
+    float64."""
+    return a.device.type == "cpu" and a.dtype in FUSED_DTYPES and _kernel() is not None
 
 
-def add_product_signs(a: torch.Tensor, b: torch.Tensor, totals: torch.Tensor) -> None:
+def scratch_elements(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Elements of the flat ``buffer`` that ``add_product_signs`` works in for factors shaped as these."""
+    samples, rows, depth = a.shape
+    padded_rows, padded_depth, columns = _round_up(rows), _round_up(depth), b.shape[2]
+    return padded_rows * columns + 4 * columns + samples * padded_depth * (padded_rows + columns)
+
+
+def add_product_signs(a: torch.Tensor, b: torch.Tensor, totals: torch.Tensor,
+                      buffer: torch.Tensor | None = None) -> None:
     """``totals[o, i] += sum_s sign(sum_p a[s, o, p] b[s, p, i])`` for ``a``: (samples, rows, depth) and
-    ``b``: (samples, depth, columns), in place on ``totals`` (rows, columns)."""
+    ``b``: (samples, depth, columns), in place on ``totals`` (rows, columns), in the calling thread.
+    ``buffer``: a flat CPU tensor of the factors' dtype and at least ``scratch_elements(a, b)``
+    elements to work in, reused from call to call: memory allocated afresh is paged in by the loop's
+    first writes, and after torch's multi-threaded operations those page faults made it 3x slower."""
     samples, rows, depth = a.shape
     columns = b.shape[2]
     # rows and depth padded with zeros to multiples of four: a padded product adds 0 * 0, exactly zero
-    padded_rows, padded_depth = -(-rows // 4) * 4, -(-depth // 4) * 4
-    a = _zero_padded(a.detach(), (samples, padded_rows, padded_depth))
-    b = _zero_padded(b.detach(), (samples, padded_depth, columns))
-    counts = np.zeros((padded_rows, columns), dtype=a.dtype)
+    padded_rows, padded_depth = _round_up(rows), _round_up(depth)
+    needed = scratch_elements(a, b)
+    if buffer is None:
+        buffer = torch.empty(needed, dtype=a.dtype)
+    counts, partial, a_space, b_space = np.split(buffer.numpy()[:needed], np.cumsum(
+        [padded_rows * columns, 4 * columns, samples * padded_rows * padded_depth]))
+    counts = counts.reshape(padded_rows, columns)
+    counts.fill(0)
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the fused loop needs numba")
-    kernel(a, b, counts, np.empty((4, columns), dtype=a.dtype))
+    kernel(_zero_padded(a.detach(), a_space.reshape(samples, padded_rows, padded_depth)),
+           _zero_padded(b.detach(), b_space.reshape(samples, padded_depth, columns)),
+           counts, partial.reshape(4, columns))
     totals += torch.from_numpy(counts[:rows]).to(totals.dtype)
 
 
-def _zero_padded(t: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
-    if t.shape == shape:
-        return np.ascontiguousarray(t.numpy())
-    padded = np.zeros(shape, dtype=t.numpy().dtype)
-    padded[tuple(slice(0, n) for n in t.shape)] = t.numpy()
-    return padded
+def _round_up(n: int) -> int:
+    return -(-n // 4) * 4
+
+
+def _zero_padded(t: torch.Tensor, space: np.ndarray) -> np.ndarray:
+    """``t`` as a C-contiguous array of ``space``'s shape, zero padded, in ``space`` unless ``t`` already is."""
+    if t.shape == space.shape and t.is_contiguous():
+        return t.numpy()
+    if t.shape != space.shape:
+        space.fill(0)
+    space[tuple(slice(0, n) for n in t.shape)] = t.numpy()
+    return space
 
 
 @functools.cache
