@@ -125,7 +125,7 @@ def products(args: argparse.Namespace) -> None:
         product_signs_fused(hooks, torch.ones(1, 1, 1), torch.ones(1, 1, 1))
         print(f"fused loop: yes (its first call in this process: {time.perf_counter() - start:.2f} s)")
     else:
-        print("fused loop: no (numba not installed, or more than one torch thread)")
+        print("fused loop: no (numba is not installed)")
     print("| out | in | depth | batched dW (ms) | by samples / dW | shallow / dW | fused / dW | engine uses |")
     print("|---|---|---|---|---|---|---|---|")
     for out, inp, depth in PRODUCTS:
@@ -145,7 +145,7 @@ def products(args: argparse.Namespace) -> None:
         cells = [median_seconds(lambda: way(hooks, a, x), args.repeats) / batched for way in ways]
         cells += [float("nan")] * (3 - len(cells))
         shallow = depth <= engine.SHALLOW_PRODUCT_DEPTH
-        uses = ("fused" if fused else "shallow") if shallow else "by samples"
+        uses = ("fused" if engine.fused_available(a) else "shallow") if shallow else "by samples"
         print(f"| {out} | {inp} | {depth} | {batched * 1e3:.2f} | {cells[0]:.2f} | {cells[1]:.2f} | {cells[2]:.2f} "
               f"| {uses} |")
 

@@ -61,6 +61,17 @@ def test_only_float32_and_float64_are_taken():
     assert not fused_available(torch.zeros(2, 3, 4, dtype=torch.float16))
 
 
+def test_deeper_products_are_left_to_torch_when_it_runs_more_threads():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert fused_available(torch.zeros(2, 3, 16)) and not fused_available(torch.zeros(2, 3, 17))
+        torch.set_num_threads(2)
+        assert fused_available(torch.zeros(2, 3, 8)) and not fused_available(torch.zeros(2, 3, 9))
+    finally:
+        torch.set_num_threads(threads)
+
+
 class FewTokens(nn.Module):
     """A 3x3 convolution on 2x2 maps (a product of depth 4), Linear layers on its four positions and on
     three more tokens (depth 7), one with fewer weight columns than rows."""

@@ -11,10 +11,9 @@ at depth 4 and 1.3-1.7x at depth 16 on the zoo's layers (``python bench/layer_ke
 --threads 1 --batch-size 32``). The products are those of the torch way up to the order of their
 additions (float rounding).
 
-The loop runs in the calling thread whatever torch's thread count: with two torch threads it still
-beats torch's two-thread way (bench/zoo.py at two threads), while splitting its rows among threads of
-its own was slower (torch's idle threads spin-wait for a while after each operation, on the same
-cores). Numba is optional (``pip install gradsign[fast]``); without it, and for other dtypes than
+The loop runs in the calling thread: with two torch threads it still beats torch's two-thread way at
+depth 4 and 8, while splitting its rows among threads of its own was slower (torch's idle threads
+spin-wait for a while after each operation, on the same cores). Numba is optional (``pip install gradsign[fast]``); without it, and for other dtypes than
 float32 and float64, ``fused_available`` says no and the engine forms the products with torch.
 """
 from __future__ import annotations
@@ -26,12 +25,18 @@ import numpy as np
 import torch
 
 FUSED_DTYPES = (torch.float32, torch.float64)
+#: the loop runs in one thread and torch's products in all of its threads: the loop is faster up to
+#: depth 16 with one torch thread and up to depth 8 with two, not beyond (at depth 9-16 with two threads
+#: it takes 1.1-1.3x torch's time: ``python bench/layer_kernels.py --products --threads 2 --batch-size 32``)
+FUSED_DEPTH_THREADS = 16
 
 
 def fused_available(a: torch.Tensor) -> bool:
-    """Whether ``add_product_signs`` takes these factors: numba installed and a CPU tensor of float32 or
-    float64."""
-    return a.device.type == "cpu" and a.dtype in FUSED_DTYPES and _kernel() is not None
+    """Whether ``add_product_signs`` takes these factors (samples, rows, depth) and is faster than torch
+    on them: numba installed, a CPU tensor of float32 or float64, and its depth (rounded up to a
+    multiple of four) times torch's threads at most ``FUSED_DEPTH_THREADS``."""
+    return (a.device.type == "cpu" and a.dtype in FUSED_DTYPES
+            and _round_up(a.shape[-1]) * torch.get_num_threads() <= FUSED_DEPTH_THREADS and _kernel() is not None)
 
 
 def scratch_elements(a: torch.Tensor, b: torch.Tensor) -> int:
