@@ -6,9 +6,9 @@ columns), and GradSign needs ``sum_s sign(a_s b_s)``. Formed by torch, as a batc
 buffer, its sign and its sum over the samples, the work is bound by memory traffic (three passes over
 samples x weights floats for a few multiply-adds each). The loop here takes four weight rows at a time,
 adds four positions' products at a time into one row of partial sums per weight row (which stays in
-cache), and adds the sign of each finished product to the counts at once: 2.3-3.2x faster than torch
-at depth 4 and 1.3-1.7x at depth 16 on the zoo's layers (``python bench/layer_kernels.py --products
---threads 1 --batch-size 32``). The products are those of the torch way up to the order of their
+cache), and adds the sign of each finished product to the counts at once: with one torch thread,
+2.3-3.1x faster than torch at depth 4 and 1.2-1.4x at depth 16 on the zoo's layers (``python
+bench/layer_kernels.py --products --threads 1 --batch-size 32``). The products are those of the torch way up to the order of their
 additions (float rounding).
 
 The loop runs in the calling thread: with two torch threads it still beats torch's two-thread way at
