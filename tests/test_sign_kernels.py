@@ -38,8 +38,8 @@ def test_counts_equal_torch_in_float64(samples, rows, columns, depth):
     add_product_signs(a, b, transposed)
     assert torch.equal(transposed, torch_counts(a, b))
     # a reused buffer's old contents (here NaN) play no part
-    stale = torch.full((scratch_elements(a, b) + 5,), float("nan"), dtype=torch.float64)
     again = torch.zeros(rows, columns, dtype=torch.float64)
+    stale = torch.full((scratch_elements(a, b, again) + 5,), float("nan"), dtype=torch.float64)
     add_product_signs(a, b, again, stale)
     assert torch.equal(again, torch_counts(a, b))
 

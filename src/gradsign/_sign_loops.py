@@ -9,16 +9,16 @@ def quad(q0, q1, q2, q3, p):
             q2[p], q2[p + 1], q2[p + 2], q2[p + 3], q3[p], q3[p + 1], q3[p + 2], q3[p + 3])
 
 @numba.njit(cache=True, boundscheck=False, nogil=True, fastmath={"contract"})
-def product_signs(a, b, counts, partial):
-    """counts[o, i] += sum_s sign(a[s, o] . b[s, :, i]); depth and rows multiples of four; ``partial``:
-    (4, columns), scratch for partial sums."""
-    samples, rows, depth = a.shape
+def product_signs(a, b, counts, partial, first, stop):
+    """counts[o - first, i] += sum_s sign(a[s, o] . b[s, :, i]) for rows o from first to stop; depth and
+    row numbers multiples of four; ``partial``: (4, columns), scratch for partial sums."""
+    samples, depth = a.shape[0], a.shape[2]
     columns = b.shape[2]
     one = counts.dtype.type(1)
     v0, v1, v2, v3 = partial[0], partial[1], partial[2], partial[3]
     last = depth - 4
-    for o in range(0, rows, 4):
-        t0, t1, t2, t3 = counts[o], counts[o + 1], counts[o + 2], counts[o + 3]
+    for o in range(first, stop, 4):
+        t0, t1, t2, t3 = counts[o - first], counts[o - first + 1], counts[o - first + 2], counts[o - first + 3]
         for s in range(samples):
             q0, q1, q2, q3 = a[s, o], a[s, o + 1], a[s, o + 2], a[s, o + 3]
             bs = b[s]

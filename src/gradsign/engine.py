@@ -1031,7 +1031,7 @@ class _SignCountHooks:
         total = self.totals[name].view(a.shape[1], b.shape[2])
         if b.shape[2] < FUSED_MIN_COLUMNS <= a.shape[1]:  # the fused loop runs along the columns
             a, b, total = b.transpose(1, 2), a.transpose(1, 2), total.t()
-        add_product_signs(a, b, total, self._scratch(scratch_elements(a, b), a, "fused"))
+        add_product_signs(a, b, total, self._scratch(scratch_elements(a, b, total), a, "fused"))
 
     def _slice(self, per_sample: int, x: torch.Tensor) -> int:
         """Samples per slice: per-sample gradients of about ``SLICE_ELEMENTS`` floats on a CPU."""

@@ -8,13 +8,14 @@ samples x weights floats for a few multiply-adds each). The loop here takes four
 adds four positions' products at a time into one row of partial sums per weight row (which stays in
 cache), and adds the sign of each finished product to the counts at once: with one torch thread,
 2.3-3.1x faster than torch at depth 4 and 1.2-1.4x at depth 16 on the zoo's layers (``python
-bench/layer_kernels.py --products --threads 1 --batch-size 32``). The products are those of the torch way up to the order of their
-additions (float rounding).
+bench/layer_kernels.py --products --threads 1 --batch-size 32``). The products are those of the torch
+way up to the order of their additions (float rounding).
 
 The loop runs in the calling thread: with two torch threads it still beats torch's two-thread way at
 depth 4 and 8, while splitting its rows among threads of its own was slower (torch's idle threads
-spin-wait for a while after each operation, on the same cores). Numba is optional (``pip install gradsign[fast]``); without it, and for other dtypes than
-float32 and float64, ``fused_available`` says no and the engine forms the products with torch.
+spin-wait for a while after each operation, on the same cores). Numba is optional (``pip install
+gradsign[fast]``); without it, and for other dtypes than float32 and float64, ``fused_available`` says
+no and the engine forms the products with torch.
 """
 from __future__ import annotations
 
@@ -39,38 +40,52 @@ def fused_available(a: torch.Tensor) -> bool:
             and _round_up(a.shape[-1]) * torch.get_num_threads() <= FUSED_DEPTH_THREADS and _kernel() is not None)
 
 
-def scratch_elements(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Elements of the flat ``buffer`` that ``add_product_signs`` works in for factors shaped as these."""
+def scratch_elements(a: torch.Tensor, b: torch.Tensor, totals: torch.Tensor) -> int:
+    """Elements of the flat ``buffer`` that ``add_product_signs`` works in for these arguments."""
     samples, rows, depth = a.shape
     padded_rows, padded_depth, columns = _round_up(rows), _round_up(depth), b.shape[2]
-    return padded_rows * columns + 4 * columns + samples * padded_depth * (padded_rows + columns)
+    counts_rows = 4 if _counted_in_place(a, totals) else padded_rows
+    return (counts_rows + 4) * columns + samples * padded_depth * (padded_rows + columns)
 
 
 def add_product_signs(a: torch.Tensor, b: torch.Tensor, totals: torch.Tensor,
                       buffer: torch.Tensor | None = None) -> None:
     """``totals[o, i] += sum_s sign(sum_p a[s, o, p] b[s, p, i])`` for ``a``: (samples, rows, depth) and
     ``b``: (samples, depth, columns), in place on ``totals`` (rows, columns), in the calling thread.
-    ``buffer``: a flat CPU tensor of the factors' dtype and at least ``scratch_elements(a, b)``
+    ``buffer``: a flat CPU tensor of the factors' dtype and at least ``scratch_elements(a, b, totals)``
     elements to work in, reused from call to call: memory allocated afresh is paged in by the loop's
     first writes, and after torch's multi-threaded operations those page faults made it 3x slower."""
     samples, rows, depth = a.shape
     columns = b.shape[2]
     # rows and depth padded with zeros to multiples of four: a padded product adds 0 * 0, exactly zero
     padded_rows, padded_depth = _round_up(rows), _round_up(depth)
-    needed = scratch_elements(a, b)
+    in_place = _counted_in_place(a, totals)
+    needed = scratch_elements(a, b, totals)
     if buffer is None:
         buffer = torch.empty(needed, dtype=a.dtype)
     counts, partial, a_space, b_space = np.split(buffer.numpy()[:needed], np.cumsum(
-        [padded_rows * columns, 4 * columns, samples * padded_rows * padded_depth]))
-    counts = counts.reshape(padded_rows, columns)
-    counts.fill(0)
+        [(4 if in_place else padded_rows) * columns, 4 * columns, samples * padded_rows * padded_depth]))
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the fused loop needs numba")
-    kernel(_zero_padded(a.detach(), a_space.reshape(samples, padded_rows, padded_depth)),
-           _zero_padded(b.detach(), b_space.reshape(samples, padded_depth, columns)),
-           counts, partial.reshape(4, columns))
-    totals += torch.from_numpy(counts[:rows]).to(totals.dtype)
+    factors = (_zero_padded(a.detach(), a_space.reshape(samples, padded_rows, padded_depth)),
+               _zero_padded(b.detach(), b_space.reshape(samples, padded_depth, columns)))
+    partial = partial.reshape(4, columns)
+    counts = counts.reshape(-1, columns)
+    counts.fill(0)
+    if not in_place:
+        kernel(*factors, counts, partial, 0, padded_rows)
+        totals += torch.from_numpy(counts[:rows]).to(totals.dtype)
+        return
+    whole = rows - rows % 4  # whole groups of four rows are counted in the totals themselves
+    kernel(*factors, totals.numpy(), partial, 0, whole)
+    if whole < rows:
+        kernel(*factors, counts, partial, whole, padded_rows)
+        totals[whole:] += torch.from_numpy(counts[:rows - whole])
+
+
+def _counted_in_place(a: torch.Tensor, totals: torch.Tensor) -> bool:
+    return totals.is_contiguous() and totals.dtype == a.dtype and totals.device.type == "cpu"
 
 
 def _round_up(n: int) -> int:
