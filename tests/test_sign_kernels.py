@@ -104,3 +104,28 @@ def test_engine_counts_equal_the_loop_in_float64_with_and_without_the_fused_loop
     batched = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="auto")
     assert all(torch.equal(reference[k], batched[k]) for k in reference)
     assert len(calls) == (3 if fused else 0)  # conv, wide and narrow; the head sees one row per sample
+
+
+def test_without_numba_the_engine_forms_the_products_with_torch(monkeypatch):
+    import importlib.util
+
+    from gradsign import sign_kernels
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(sign_kernels.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "numba" else real_find_spec(name, *args))
+    sign_kernels._kernel.cache_clear()
+    try:
+        assert not fused_available(torch.zeros(2, 3, 4))
+        with pytest.raises(RuntimeError, match="numba"):
+            add_product_signs(torch.zeros(2, 4, 4), torch.zeros(2, 4, 4), torch.zeros(4, 4))
+        torch.manual_seed(0)
+        model = FewTokens().double()
+        x, y = torch.randn(6, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (6,))
+        reference = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="loop")
+        batched = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="auto")
+        assert all(torch.equal(reference[k], batched[k]) for k in reference)
+    finally:
+        monkeypatch.undo()
+        sign_kernels._kernel.cache_clear()
+    assert fused_available(torch.zeros(2, 3, 4))
