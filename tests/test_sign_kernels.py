@@ -74,7 +74,7 @@ def test_deeper_products_are_left_to_torch_when_it_runs_more_threads():
 
 class FewTokens(nn.Module):
     """A 3x3 convolution on 2x2 maps (a product of depth 4), Linear layers on its four positions and on
-    three more tokens (depth 7), one with fewer weight columns than rows."""
+    three more tokens (depth 7), one with few weight columns."""
 
     def __init__(self):
         super().__init__()

@@ -77,9 +77,6 @@ GROUPED_MATMUL_POSITIONS = 4
 #: 1.1-2x faster at depth 4, within 10% either way at 16, up to 10% slower deeper (`bench/layer_kernels.py
 #: --products --threads 1 --batch-size 32`)
 SHALLOW_PRODUCT_DEPTH = 16
-#: shallow products with fewer weight columns than this (and at least as many rows) run the fused loop
-#: along the rows (it vectorises along the columns)
-FUSED_MIN_COLUMNS = 64
 #: the sample whose batched per-sample gradients ``auto`` compares with its single-sample gradients: the
 #: second, so that in the first pass it has a neighbour on each side (a dependence on earlier or on later
 #: samples changes it) and a single batch-of-one pass is the reference
@@ -1029,8 +1026,6 @@ class _SignCountHooks:
         if kept_sample is not None:
             self.prefix[name] = (a[kept_sample] @ b[kept_sample]).detach().reshape(1, *shape)
         total = self.totals[name].view(a.shape[1], b.shape[2])
-        if b.shape[2] < FUSED_MIN_COLUMNS <= a.shape[1]:  # the fused loop runs along the columns
-            a, b, total = b.transpose(1, 2), a.transpose(1, 2), total.t()
         add_product_signs(a, b, total, self._scratch(scratch_elements(a, b, total), a, "fused"))
 
     def _slice(self, per_sample: int, x: torch.Tensor) -> int:
