@@ -5,9 +5,12 @@ import numba
 
 @numba.njit(inline="always", boundscheck=False, cache=True)
 def quad(q0, q1, q2, q3, p):
+    """Four rows' factors at positions p..p+3, row by row."""
     return (q0[p], q0[p + 1], q0[p + 2], q0[p + 3], q1[p], q1[p + 1], q1[p + 2], q1[p + 3],
             q2[p], q2[p + 1], q2[p + 2], q2[p + 3], q3[p], q3[p + 1], q3[p + 2], q3[p + 3])
 
+
+# "contract" lets multiply-adds fuse; no other fast-math flag (NaN must stay NaN, whose sign counts 0)
 @numba.njit(cache=True, boundscheck=False, nogil=True, fastmath={"contract"})
 def product_signs(a, b, counts, partial, first, stop):
     """counts[o - first, i] += sum_s sign(a[s, o] . b[s, :, i]) for rows o from first to stop; depth and
