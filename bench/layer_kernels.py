@@ -3,7 +3,7 @@
 For each shape (batch 64): the batched weight gradient (what one backward computes for the layer), the
 grouped weight-gradient convolution, the unfold + batched matrix product (per sample and group, written
 into a reused buffer as the engine does) and the forward convolution of inputs with output gradients
-(depthwise layers), each followed by the sign reduction the engine does, in the engine's cache-sized slices. Prints ratios to the batched weight
+(depthwise layers and those on at most 16 input channels), each followed by the sign reduction the engine does, in the engine's cache-sized slices. Prints ratios to the batched weight
 gradient and which way the engine's rules (``gradsign.engine._use_matmul``,
 ``gradsign.engine._use_forward_convolution``) pick, so the rules can be checked on a new machine.
 
@@ -29,7 +29,8 @@ from torch import nn
 from gradsign import engine
 
 #: (in channels, out channels, kernel, input size, stride, groups): layers of NB201, the narrow residual
-#: CNN, NB101 (128-512 channels), the zoo's stems, its wide layers on small maps and its depthwise layers
+#: CNN, NB101 (128-512 channels), the zoo's stems (and at 224x224), its wide layers on small maps and its
+#: depthwise layers, and convolutions on 1-8 input channels
 SHAPES = [
     (3, 16, 3, 32, 1, 1), (16, 16, 3, 32, 1, 1), (16, 16, 1, 32, 1, 1), (32, 32, 3, 16, 1, 1),
     (32, 32, 1, 16, 1, 1), (64, 64, 3, 8, 1, 1), (64, 64, 1, 8, 1, 1), (16, 32, 3, 32, 2, 1),
@@ -39,11 +40,14 @@ SHAPES = [
     (32, 32, 3, 16, 1, 32), (96, 96, 3, 16, 2, 96), (480, 480, 3, 4, 1, 480), (32, 32, 7, 16, 1, 32),
     (128, 128, 7, 4, 1, 128), (144, 144, 5, 8, 1, 144), (384, 384, 3, 2, 1, 24), (192, 192, 3, 4, 1, 12),
     (96, 96, 3, 8, 1, 6), (384, 384, 3, 2, 1, 384), (256, 256, 3, 8, 1, 1), (3, 32, 7, 64, 2, 1),
+    (3, 32, 3, 64, 2, 1), (1, 16, 3, 32, 1, 1), (4, 16, 3, 32, 1, 1), (6, 16, 3, 32, 1, 1), (8, 16, 3, 32, 1, 1),
+    (3, 24, 3, 224, 2, 1), (3, 64, 7, 224, 2, 1),
 ]
 #: the engine's rules, each forced in turn: (name, rule the way replaces, layers it applies to)
 WAYS = [("grouped", None, lambda conv: True),
         ("matmul", "_use_matmul", lambda conv: True),
-        ("forward", "_use_forward_convolution", lambda conv: conv.groups == conv.in_channels == conv.out_channels)]
+        ("forward", "_use_forward_convolution",
+         lambda conv: conv.groups == conv.in_channels == conv.out_channels or (conv.groups == 1 and conv.in_channels <= 16))]
 RULES = ("_use_matmul", "_use_forward_convolution")
 #: (out, in, depth): the zoo's Linear layers on 4 and 16 tokens (ConvNeXt's last stages), 3x3
 #: convolutions on 2x2 and 4x4 maps (ResNet's), a Linear on 65 tokens (ViT) and on 256 (ConvNeXt's first

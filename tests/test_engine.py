@@ -219,6 +219,31 @@ def test_every_padding_mode_with_uneven_same_padding_matches_the_loop_in_float64
     assert all(torch.equal(counts["batched"][k], counts["loop"][k]) for k in counts["loop"])
 
 
+@pytest.mark.parametrize("conv, size, rule_picks_it", [
+    (nn.Conv2d(3, 5, 7, stride=2, padding=3), 20, True),  # a ResNet stem
+    (nn.Conv2d(1, 4, 3, padding=1), 12, True),
+    (nn.Conv2d(6, 4, (3, 2), stride=(1, 2), dilation=(2, 1), padding=(2, 1)), 17, True),
+    (nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect"), 11, True),
+    (nn.Conv2d(3, 4, 4, stride=4), 40, False),  # non-overlapping patches
+    (nn.Conv2d(8, 4, 3, padding=1), 12, False),  # 8 input channels
+    (nn.Conv2d(6, 4, 3, padding=1, groups=2), 10, False),  # grouped: the formula holds, the rule does not take it
+    (nn.Conv2d(4, 4, 5, padding=2, groups=4), 9, True),  # depthwise with a kernel above 3x3
+])
+def test_per_sample_gradients_by_forward_convolution_match_autograd_per_sample(conv, size, rule_picks_it):
+    # dW of each sample alone by autograd, against the forward convolution over input channels
+    torch.manual_seed(0)
+    conv = conv.double()
+    x = torch.randn(5, conv.in_channels, size, size, dtype=torch.float64)
+    grad_out = torch.randn_like(conv(x))
+    expected = torch.stack([torch.autograd.grad(conv(x[i:i + 1]), conv.weight, grad_out[i:i + 1])[0]
+                            for i in range(len(x))])
+    padded, padding = engine_module._padded_input(conv, x)
+    assert engine_module._use_forward_convolution(conv, padded, grad_out) == rule_picks_it
+    grads = engine_module._forward_convolution_sample_grads(conv, padded, grad_out, padding)
+    assert grads.shape == expected.shape
+    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 5])
 def test_the_verified_samples_share_a_pass_whatever_the_chunk_size(chunk_size):
     # the default engine compares the second sample's batched gradients with its single-sample ones

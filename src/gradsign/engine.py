@@ -70,6 +70,15 @@ SLICE_ELEMENTS = 1 << 19
 MATMUL_POSITIONS = 64
 #: the same for grouped convolutions (one product per sample and group): faster only on 2x2 maps
 GROUPED_MATMUL_POSITIONS = 4
+#: ungrouped convolutions with fewer input channels than this (stems on RGB images), on more than
+#: ``MATMUL_POSITIONS`` and at most ``FORWARD_POSITIONS`` output positions (up to 32x32 maps), form
+#: per-sample gradients by a forward convolution over input channels (`python bench/layer_kernels.py
+#: --threads 1` and `--threads 2`, batch 64, the stems of the zoo and NB201 and convolutions on 1-6 input
+#: channels, signs included): 0.53-0.86x the time of the grouped weight-gradient convolution with one
+#: torch thread (1.07x on a 3x3 stride-2 stem) and 0.31-0.85x with two; 1.1-2.2x on 224x224 images and
+#: 3.5-4x with 8 input channels, where torch's grouped kernel is a faster one
+FORWARD_IN_CHANNELS = 8
+FORWARD_POSITIONS = 1024
 #: per-sample gradients that are products over at most this many positions or rows of a sample (an
 #: ungrouped convolution on maps of up to 4x4, a Linear on up to 16 tokens) are formed a slice of weight
 #: rows (or columns) at a time for all samples of the chunk at once, the larger of the weight's two sides
@@ -685,7 +694,7 @@ def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tenso
     a flat buffer the result may be written into (when the chosen way can and it is large enough)."""
     x, padding = _padded_input(conv, x)
     if _use_forward_convolution(conv, x, grad_out):
-        return _depthwise_sample_grads(conv, x, grad_out, padding)
+        return _forward_convolution_sample_grads(conv, x, grad_out, padding)
     if _use_matmul(conv, x, grad_out):
         return _conv2d_sample_grads_matmul(conv, x, grad_out, padding, scratch)
     batch = x.shape[0]
@@ -709,26 +718,38 @@ def _padded_input(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple
 
 
 def _use_forward_convolution(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
-    """Depthwise convolutions on a CPU with kernels larger than 3x3, or on maps of at most
-    ``GROUPED_MATMUL_POSITIONS`` output positions, where a forward convolution forms their per-sample
-    gradients several times faster than the grouped weight-gradient one (bench/layer_kernels.py)."""
-    return (x.device.type == "cpu" and conv.groups == conv.in_channels == conv.out_channels
-            and (conv.weight.shape[2] * conv.weight.shape[3] > 9
-                 or grad_out.shape[2] * grad_out.shape[3] <= GROUPED_MATMUL_POSITIONS))
+    """On a CPU, where a forward convolution forms the per-sample gradients faster than the grouped
+    weight-gradient one (bench/layer_kernels.py): depthwise convolutions with kernels larger than 3x3 or
+    on maps of at most ``GROUPED_MATMUL_POSITIONS`` output positions, and ungrouped ones with fewer than
+    ``FORWARD_IN_CHANNELS`` input channels (a network's stem on its image) whose kernels overlap, on more
+    than ``MATMUL_POSITIONS`` and at most ``FORWARD_POSITIONS`` output positions."""
+    if x.device.type != "cpu":
+        return False
+    positions = grad_out.shape[2] * grad_out.shape[3]
+    if conv.groups == conv.in_channels == conv.out_channels:
+        return conv.weight.shape[2] * conv.weight.shape[3] > 9 or positions <= GROUPED_MATMUL_POSITIONS
+    return (conv.groups == 1 and conv.in_channels < FORWARD_IN_CHANNELS
+            and MATMUL_POSITIONS < positions <= FORWARD_POSITIONS
+            and any(k > s for k, s in zip(conv.kernel_size, conv.stride)))
 
 
-def _depthwise_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
-                            padding: tuple[int, int] | int) -> torch.Tensor:
-    """dW[i, c, a, b] = sum_pq grad_out[i, c, p, q] x_padded[i, c, p s + a d, q s + b d] (stride s, dilation d):
-    a depthwise forward convolution of each padded input map with its output-gradient map as the kernel,
-    taken with stride d and dilation s."""
-    batch, channels, *out_size = grad_out.shape
+def _forward_convolution_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
+                                      padding: tuple[int, int] | int) -> torch.Tensor:
+    """dW[i, o, c, a, b] = sum_pq grad_out[i, o, p, q] x_padded[i, g C + c, p s + a d, q s + b d] for output
+    channel o of group g with C input channels (stride s, dilation d): a forward convolution whose batch
+    is the C input channels of a group, whose channels are the samples' groups (one convolution group
+    each), with the output-gradient maps as kernels, taken with stride d and dilation s."""
+    batch, out_channels, *out_size = grad_out.shape
+    groups, in_per_group = conv.groups, conv.weight.shape[1]
     pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
     x = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
-    grads = F.conv2d(x.reshape(1, batch * channels, *x.shape[2:]), grad_out.reshape(batch * channels, 1, *out_size),
-                     stride=conv.dilation, dilation=conv.stride, groups=batch * channels)
+    x = x.reshape(batch, groups, in_per_group, *x.shape[2:]).permute(2, 0, 1, 3, 4)
+    grads = F.conv2d(x.reshape(in_per_group, batch * groups, *x.shape[3:]),
+                     grad_out.reshape(batch * out_channels, 1, *out_size),
+                     stride=conv.dilation, dilation=conv.stride, groups=batch * groups)
     kernel_h, kernel_w = conv.kernel_size
-    return grads[0, :, :kernel_h, :kernel_w].reshape(batch, *conv.weight.shape)
+    grads = grads[:, :, :kernel_h, :kernel_w].reshape(in_per_group, batch, out_channels, kernel_h, kernel_w)
+    return grads.permute(1, 2, 0, 3, 4)
 
 
 def _use_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
