@@ -15,7 +15,10 @@ the fused loop of ``gradsign.sign_kernels`` (where numba is installed; one torch
 to the batched weight gradient; ``SHALLOW_PRODUCT_DEPTH`` says which the engine uses. The fused loop's
 counts are checked against torch's in float64 (in float32 they differ by rounding).
 
-    python bench/layer_kernels.py [--threads N] [--repeats 7] [--batch-size 64] [--products]
+``--unfold``: torch's ``F.unfold`` against the engine's ``_unfolded`` (one strided copy), which the matrix
+products take their inputs from.
+
+    python bench/layer_kernels.py [--threads N] [--repeats 7] [--batch-size 64] [--products | --unfold]
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ from torch import nn
 from gradsign import engine
 
 #: (in channels, out channels, kernel, input size, stride, groups): layers of NB201, the narrow residual
-#: CNN, NB101 (128-512 channels), the zoo's stems (and at 224x224), its wide layers on small maps and its
-#: depthwise layers, and convolutions on 1-8 input channels
+#: CNN, NB101 (128-512 channels), the zoo's stems (and at 224x224; patch embeddings padded here), its wide
+#: layers on small maps and its depthwise layers, and convolutions on 1-8 input channels
 SHAPES = [
     (3, 16, 3, 32, 1, 1), (16, 16, 3, 32, 1, 1), (16, 16, 1, 32, 1, 1), (32, 32, 3, 16, 1, 1),
     (32, 32, 1, 16, 1, 1), (64, 64, 3, 8, 1, 1), (64, 64, 1, 8, 1, 1), (16, 32, 3, 32, 2, 1),
@@ -41,7 +44,7 @@ SHAPES = [
     (128, 128, 7, 4, 1, 128), (144, 144, 5, 8, 1, 144), (384, 384, 3, 2, 1, 24), (192, 192, 3, 4, 1, 12),
     (96, 96, 3, 8, 1, 6), (384, 384, 3, 2, 1, 384), (256, 256, 3, 8, 1, 1), (3, 32, 7, 64, 2, 1),
     (3, 32, 3, 64, 2, 1), (1, 16, 3, 32, 1, 1), (4, 16, 3, 32, 1, 1), (6, 16, 3, 32, 1, 1), (8, 16, 3, 32, 1, 1),
-    (3, 24, 3, 224, 2, 1), (3, 64, 7, 224, 2, 1),
+    (3, 24, 3, 224, 2, 1), (3, 64, 7, 224, 2, 1), (3, 96, 4, 64, 4, 1), (3, 128, 8, 64, 8, 1),
 ]
 #: the engine's rules, each forced in turn: (name, rule the way replaces, layers it applies to)
 WAYS = [("grouped", None, lambda conv: True),
@@ -154,18 +157,45 @@ def products(args: argparse.Namespace) -> None:
               f"| {uses} |")
 
 
+#: (in channels, kernel, map size, stride) of convolutions whose inputs the engine unfolds (matrix products
+#: and shallow products): NB201's and the zoo's layers from 32x32 down to 2x2 maps
+UNFOLDS = [(16, 3, 32, 1), (32, 3, 16, 1), (64, 3, 8, 1), (16, 3, 32, 2), (32, 3, 16, 2), (128, 3, 4, 1),
+           (256, 3, 2, 1), (64, 5, 8, 1), (64, 3, 8, 2)]
+
+
+def unfolds(args: argparse.Namespace) -> None:
+    """``F.unfold`` (torch's im2col) against ``engine._unfolded`` (the engine's), which must agree exactly."""
+    print("| in | kernel | size | stride | F.unfold (ms) | engine's (ms) | engine's / F.unfold |")
+    print("|---|---|---|---|---|---|---|")
+    for cin, k, size, stride in UNFOLDS:
+        torch.manual_seed(0)
+        conv = nn.Conv2d(cin, cin, k, stride, k // 2, bias=False)
+        x = torch.randn(args.batch_size, cin, size, size)
+        out_size = conv(x[:1]).shape[2:]
+        plain = median_seconds(lambda: torch.nn.functional.unfold(x, k, padding=k // 2, stride=stride), args.repeats)
+        ours = median_seconds(lambda: engine._unfolded(x, conv, conv.padding, out_size), args.repeats)
+        if not torch.equal(engine._unfolded(x, conv, conv.padding, out_size),
+                           torch.nn.functional.unfold(x, k, padding=k // 2, stride=stride)):
+            raise SystemExit(f"the engine's unfolding differs from F.unfold on {cin} channels, {size}x{size}")
+        print(f"| {cin} | {k} | {size} | {stride} | {plain * 1e3:.3f} | {ours * 1e3:.3f} | {ours / plain:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--products", action="store_true", help="time the two ways of forming product signs")
+    parser.add_argument("--unfold", action="store_true", help="time torch's unfolding against the engine's")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"batch {args.batch_size}, {torch.get_num_threads()} threads; seconds are medians of {args.repeats}")
     if args.products:
         products(args)
+        return
+    if args.unfold:
+        unfolds(args)
         return
     print("| in | out | kernel | size | stride | groups | batched dW (ms) | grouped / dW | matmul / dW | "
           "forward / dW | rule picks |")

@@ -221,9 +221,10 @@ def test_every_padding_mode_with_uneven_same_padding_matches_the_loop_in_float64
 
 @pytest.mark.parametrize("conv, size, rule_picks_it", [
     (nn.Conv2d(3, 5, 7, stride=2, padding=3), 20, True),  # a ResNet stem
-    (nn.Conv2d(1, 4, 3, padding=1), 12, True),
-    (nn.Conv2d(6, 4, (3, 2), stride=(1, 2), dilation=(2, 1), padding=(2, 1)), 17, True),
-    (nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect"), 11, True),
+    (nn.Conv2d(1, 4, 5, padding=2), 12, True),
+    (nn.Conv2d(6, 4, (5, 2), stride=(1, 2), dilation=(2, 1), padding=(4, 1)), 17, True),
+    (nn.Conv2d(3, 4, 5, padding="same", padding_mode="reflect"), 11, True),
+    (nn.Conv2d(3, 4, 3, padding=1), 12, False),  # 3x3: the matrix product
     (nn.Conv2d(3, 4, 4, stride=4), 40, False),  # non-overlapping patches
     (nn.Conv2d(8, 4, 3, padding=1), 12, False),  # 8 input channels
     (nn.Conv2d(6, 4, 3, padding=1, groups=2), 10, False),  # grouped: the formula holds, the rule does not take it
@@ -242,6 +243,19 @@ def test_per_sample_gradients_by_forward_convolution_match_autograd_per_sample(c
     grads = engine_module._forward_convolution_sample_grads(conv, padded, grad_out, padding)
     assert grads.shape == expected.shape
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("conv, shape", [
+    (nn.Conv2d(4, 4, 3, padding=1), (3, 4, 9, 9)),
+    (nn.Conv2d(4, 4, (3, 5), stride=(2, 1), dilation=(1, 2), padding=(1, 3)), (3, 4, 13, 11)),
+    (nn.Conv2d(2, 4, 4, stride=4), (2, 2, 24, 20)),
+    (nn.Conv2d(4, 4, 3, padding=1), (3, 4, 4, 4)),  # 16 positions: torch's im2col itself
+])
+def test_the_engines_unfolding_is_torchs(conv, shape):
+    x = torch.randn(shape)
+    out_size = conv(x).shape[2:]
+    expected = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    assert torch.equal(engine_module._unfolded(x, conv, conv.padding, out_size), expected)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5])

@@ -70,15 +70,16 @@ SLICE_ELEMENTS = 1 << 19
 MATMUL_POSITIONS = 64
 #: the same for grouped convolutions (one product per sample and group): faster only on 2x2 maps
 GROUPED_MATMUL_POSITIONS = 4
-#: ungrouped convolutions with fewer input channels than this (stems on RGB images), on more than
-#: ``MATMUL_POSITIONS`` and at most ``FORWARD_POSITIONS`` output positions (up to 32x32 maps), form
-#: per-sample gradients by a forward convolution over input channels (`python bench/layer_kernels.py
-#: --threads 1` and `--threads 2`, batch 64, the stems of the zoo and NB201 and convolutions on 1-6 input
-#: channels, signs included): 0.53-0.86x the time of the grouped weight-gradient convolution with one
-#: torch thread (1.07x on a 3x3 stride-2 stem) and 0.31-0.85x with two; 1.1-2.2x on 224x224 images and
-#: 3.5-4x with 8 input channels, where torch's grouped kernel is a faster one
-FORWARD_IN_CHANNELS = 8
-FORWARD_POSITIONS = 1024
+#: ungrouped convolutions with fewer input channels than this (a stem on an image) and at most
+#: ``FEW_CHANNEL_POSITIONS`` output positions (32x32 maps) form per-sample gradients by the batched matrix
+#: product (kernels up to 3x3 and non-overlapping patches) or, for larger overlapping kernels, by a forward
+#: convolution over input channels (`python bench/layer_kernels.py --threads 1` and `--threads 2`, batch
+#: 64, its rows on 1-8 input channels: 2.5-4x faster than the grouped weight-gradient convolution on
+#: NB201's stem, 1.3-7.8x on other 3x3 ones, 1.2-2.2x on a 7x7 one; 2-4% slower on a ConvNeXt-like patch
+#: embedding, 5-13% faster on a ViT-like one; at 224x224 and from 8 input channels on, the grouped way is
+#: faster)
+FEW_INPUT_CHANNELS = 8
+FEW_CHANNEL_POSITIONS = 1024
 #: per-sample gradients that are products over at most this many positions or rows of a sample (an
 #: ungrouped convolution on maps of up to 4x4, a Linear on up to 16 tokens) are formed a slice of weight
 #: rows (or columns) at a time for all samples of the chunk at once, the larger of the weight's two sides
@@ -719,18 +720,24 @@ def _padded_input(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple
 
 def _use_forward_convolution(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
     """On a CPU, where a forward convolution forms the per-sample gradients faster than the grouped
-    weight-gradient one (bench/layer_kernels.py): depthwise convolutions with kernels larger than 3x3 or
-    on maps of at most ``GROUPED_MATMUL_POSITIONS`` output positions, and ungrouped ones with fewer than
-    ``FORWARD_IN_CHANNELS`` input channels (a network's stem on its image) whose kernels overlap, on more
-    than ``MATMUL_POSITIONS`` and at most ``FORWARD_POSITIONS`` output positions."""
+    weight-gradient one and the matrix product (bench/layer_kernels.py): depthwise convolutions with
+    kernels larger than 3x3 or on maps of at most ``GROUPED_MATMUL_POSITIONS`` output positions, and stems
+    on few input channels (``_few_input_channels``) whose overlapping kernels are larger than 3x3, on more
+    than ``MATMUL_POSITIONS`` output positions."""
     if x.device.type != "cpu":
         return False
     positions = grad_out.shape[2] * grad_out.shape[3]
     if conv.groups == conv.in_channels == conv.out_channels:
         return conv.weight.shape[2] * conv.weight.shape[3] > 9 or positions <= GROUPED_MATMUL_POSITIONS
-    return (conv.groups == 1 and conv.in_channels < FORWARD_IN_CHANNELS
-            and MATMUL_POSITIONS < positions <= FORWARD_POSITIONS
+    return (_few_input_channels(conv, positions) and positions > MATMUL_POSITIONS
+            and conv.weight.shape[2] * conv.weight.shape[3] > 9
             and any(k > s for k, s in zip(conv.kernel_size, conv.stride)))
+
+
+def _few_input_channels(conv: nn.Conv2d, positions: int) -> bool:
+    """An ungrouped convolution on fewer than ``FEW_INPUT_CHANNELS`` channels (a stem on an image) with at
+    most ``FEW_CHANNEL_POSITIONS`` output positions."""
+    return conv.groups == 1 and conv.in_channels < FEW_INPUT_CHANNELS and positions <= FEW_CHANNEL_POSITIONS
 
 
 def _forward_convolution_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
@@ -754,16 +761,17 @@ def _forward_convolution_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out
 
 def _use_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
     """A batched matrix product instead of the grouped weight-gradient convolution, on a CPU: for ungrouped
-    convolutions that are 1x1 without padding (no unfolding needed) or have at most ``MATMUL_POSITIONS``
-    output positions, and for grouped ones with at most ``GROUPED_MATMUL_POSITIONS`` (where the grouped
-    convolution is slower; measured by bench/layer_kernels.py)."""
+    convolutions that are 1x1 without padding (no unfolding needed), have at most ``MATMUL_POSITIONS``
+    output positions or few input channels (``_few_input_channels``), and for grouped ones with at most
+    ``GROUPED_MATMUL_POSITIONS`` (where the grouped convolution is slower; measured by
+    bench/layer_kernels.py)."""
     if x.device.type != "cpu":
         return False
     positions = grad_out.shape[2] * grad_out.shape[3]
     if conv.groups != 1:
         return positions <= GROUPED_MATMUL_POSITIONS
     pointwise = conv.weight.shape[2:] == (1, 1) and conv.dilation == (1, 1) and tuple(conv.padding) == (0, 0)
-    return pointwise or positions <= MATMUL_POSITIONS
+    return pointwise or positions <= MATMUL_POSITIONS or _few_input_channels(conv, positions)
 
 
 def _conv2d_factors(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, padding: tuple[int, int] | int
@@ -776,9 +784,30 @@ def _conv2d_factors(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, pa
         x = x[:, :, ::conv.stride[0], ::conv.stride[1]][:, :, :grad_out.shape[2], :grad_out.shape[3]]
         columns = x.reshape(batch, x.shape[1], -1)
     else:
-        columns = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+        columns = _unfolded(x, conv, padding, grad_out.shape[2:])
     columns = columns.reshape(batch * groups, -1, columns.shape[-1])
     return grad_out.reshape(batch * groups, -1, columns.shape[-1]), columns
+
+
+def _unfolded(x: torch.Tensor, conv: nn.Conv2d, padding: tuple[int, int] | int, out_size: torch.Size
+              ) -> torch.Tensor:
+    """``F.unfold`` of ``x`` for ``conv``'s kernel, (batch, C k k, P): on a CPU with more than
+    ``SHALLOW_PRODUCT_DEPTH`` output positions, one strided copy of the zero-padded input (2-10x faster than
+    torch's im2col on 8x8 to 32x32 maps, slower on 4x4 and 2x2 ones: ``python bench/layer_kernels.py
+    --unfold``)."""
+    if x.device.type != "cpu" or out_size[0] * out_size[1] <= SHALLOW_PRODUCT_DEPTH:
+        return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+    pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
+    x = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+    batch, channels = x.shape[:2]
+    (kernel_h, kernel_w), (stride_h, stride_w), (dilation_h, dilation_w) = conv.kernel_size, conv.stride, conv.dilation
+    step_b, step_c, step_h, step_w = x.stride()
+    windows = x.as_strided((batch, channels, kernel_h, kernel_w, *out_size),
+                           (step_b, step_c, step_h * dilation_h, step_w * dilation_w, step_h * stride_h,
+                            step_w * stride_w))
+    columns = x.new_empty(batch, channels * kernel_h * kernel_w, out_size[0] * out_size[1])
+    columns.view(windows.shape).copy_(windows)
+    return columns
 
 
 def _conv2d_sample_grads_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
