@@ -251,8 +251,13 @@ def test_per_sample_gradients_by_forward_convolution_match_autograd_per_sample(c
     (nn.Conv2d(2, 4, 4, stride=4), (2, 2, 24, 20)),
     (nn.Conv2d(4, 4, 3, padding=1), (3, 4, 4, 4)),  # 16 positions: torch's im2col itself
 ])
-def test_the_engines_unfolding_is_torchs(conv, shape):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "a slice"])
+def test_the_engines_unfolding_is_torchs(conv, shape, layout):
     x = torch.randn(shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "a slice":  # a storage offset, and strides of a larger tensor
+        x = torch.randn(shape[0] + 1, shape[1], shape[2] + 3, shape[3] + 2)[1:, :, 2:-1, 1:-1]
     out_size = conv(x).shape[2:]
     expected = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
     assert torch.equal(engine_module._unfolded(x, conv, conv.padding, out_size), expected)

@@ -792,9 +792,9 @@ def _conv2d_factors(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, pa
 def _unfolded(x: torch.Tensor, conv: nn.Conv2d, padding: tuple[int, int] | int, out_size: torch.Size
               ) -> torch.Tensor:
     """``F.unfold`` of ``x`` for ``conv``'s kernel, (batch, C k k, P): on a CPU with more than
-    ``SHALLOW_PRODUCT_DEPTH`` output positions, one strided copy of the zero-padded input (2-10x faster than
-    torch's im2col on 8x8 to 32x32 maps, slower on 4x4 and 2x2 ones: ``python bench/layer_kernels.py
-    --unfold``)."""
+    ``SHALLOW_PRODUCT_DEPTH`` output positions, one strided copy of the zero-padded input (1.7-6x faster than
+    torch's im2col on 8x8 to 32x32 maps: ``python bench/layer_kernels.py --unfold``; slower on 4x4 and
+    2x2 ones, which keep im2col)."""
     if x.device.type != "cpu" or out_size[0] * out_size[1] <= SHALLOW_PRODUCT_DEPTH:
         return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
     pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
