@@ -1,6 +1,7 @@
 """The fused sign-count loop of ``gradsign.sign_kernels``, compiled by numba (imported only where numba is
 installed and the loop is used)."""
 import numba
+import numpy as np
 
 
 @numba.njit(inline="always", boundscheck=False, cache=True)
@@ -12,16 +13,18 @@ def quad(q0, q1, q2, q3, p):
 
 # "contract" lets multiply-adds fuse; no other fast-math flag (NaN must stay NaN, whose sign counts 0)
 @numba.njit(cache=True, boundscheck=False, nogil=True, fastmath={"contract"})
-def product_signs(a, b, counts, partial, first, stop):
+def product_signs(a, b, counts, partial, signs, first, stop):
     """counts[o - first, i] += sum_s sign(a[s, o] . b[s, :, i]) for rows o from first to stop; depth and
-    row numbers multiples of four; ``partial``: (4, columns), scratch for partial sums."""
+    row numbers multiples of four; ``partial``: (4, columns), scratch for partial sums; ``signs``: (4,
+    columns) int32, scratch for the four rows' sign sums (integer additions of the comparisons are
+    cheaper than float ones), added to the counts after the last sample."""
     samples, depth = a.shape[0], a.shape[2]
     columns = b.shape[2]
-    one = counts.dtype.type(1)
     v0, v1, v2, v3 = partial[0], partial[1], partial[2], partial[3]
+    t0, t1, t2, t3 = signs[0], signs[1], signs[2], signs[3]
     last = depth - 4
     for o in range(first, stop, 4):
-        t0, t1, t2, t3 = counts[o - first], counts[o - first + 1], counts[o - first + 2], counts[o - first + 3]
+        signs[:, :] = 0
         for s in range(samples):
             q0, q1, q2, q3 = a[s, o], a[s, o + 1], a[s, o + 2], a[s, o + 3]
             bs = b[s]
@@ -57,10 +60,10 @@ def product_signs(a, b, counts, partial, first, stop):
                     x1 = v1[i] + a10 * c0 + a11 * c1 + a12 * c2 + a13 * c3
                     x2 = v2[i] + a20 * c0 + a21 * c1 + a22 * c2 + a23 * c3
                     x3 = v3[i] + a30 * c0 + a31 * c1 + a32 * c2 + a33 * c3
-                    t0[i] += one * (x0 > 0) - one * (x0 < 0)
-                    t1[i] += one * (x1 > 0) - one * (x1 < 0)
-                    t2[i] += one * (x2 > 0) - one * (x2 < 0)
-                    t3[i] += one * (x3 > 0) - one * (x3 < 0)
+                    t0[i] += np.int32(x0 > 0) - np.int32(x0 < 0)
+                    t1[i] += np.int32(x1 > 0) - np.int32(x1 < 0)
+                    t2[i] += np.int32(x2 > 0) - np.int32(x2 < 0)
+                    t3[i] += np.int32(x3 > 0) - np.int32(x3 < 0)
             else:
                 for i in range(columns):
                     c0, c1, c2, c3 = b0[i], b1[i], b2[i], b3[i]
@@ -68,7 +71,13 @@ def product_signs(a, b, counts, partial, first, stop):
                     x1 = a10 * c0 + a11 * c1 + a12 * c2 + a13 * c3
                     x2 = a20 * c0 + a21 * c1 + a22 * c2 + a23 * c3
                     x3 = a30 * c0 + a31 * c1 + a32 * c2 + a33 * c3
-                    t0[i] += one * (x0 > 0) - one * (x0 < 0)
-                    t1[i] += one * (x1 > 0) - one * (x1 < 0)
-                    t2[i] += one * (x2 > 0) - one * (x2 < 0)
-                    t3[i] += one * (x3 > 0) - one * (x3 < 0)
+                    t0[i] += np.int32(x0 > 0) - np.int32(x0 < 0)
+                    t1[i] += np.int32(x1 > 0) - np.int32(x1 < 0)
+                    t2[i] += np.int32(x2 > 0) - np.int32(x2 < 0)
+                    t3[i] += np.int32(x3 > 0) - np.int32(x3 < 0)
+        r0, r1, r2, r3 = counts[o - first], counts[o - first + 1], counts[o - first + 2], counts[o - first + 3]
+        for i in range(columns):
+            r0[i] += t0[i]
+            r1[i] += t1[i]
+            r2[i] += t2[i]
+            r3[i] += t3[i]

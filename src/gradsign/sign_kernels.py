@@ -6,13 +6,14 @@ columns), and GradSign needs ``sum_s sign(a_s b_s)``. Formed by torch, as a batc
 buffer, its sign and its sum over the samples, the work is bound by memory traffic (three passes over
 samples x weights floats for a few multiply-adds each). The loop here takes four weight rows at a time,
 adds four positions' products at a time into one row of partial sums per weight row (which stays in
-cache), and adds the sign of each finished product to the counts at once: with one torch thread,
-2.3-3.1x faster than torch at depth 4 and 1.2-1.4x at depth 16 on the zoo's layers (``python
-bench/layer_kernels.py --products --threads 1 --batch-size 32``). The products are those of the torch
+cache), and adds the sign of each finished product at once to the four rows' integer sign sums, which
+go to the counts after the last sample: with one torch thread, 2.9-4.1x faster than torch at depth 4
+and 1.4-1.8x at depth 16 on the zoo's layers (``python bench/layer_kernels.py --products --threads 1
+--batch-size 32``). The products are those of the torch
 way up to the order of their additions (float rounding).
 
 The loop runs in the calling thread: with two torch threads it still beats torch's two-thread way at
-depth 4 and 8, while splitting its rows among threads of its own was slower (torch's idle threads
+depth 4 to 8, while splitting its rows among threads of its own was slower (torch's idle threads
 spin-wait for a while after each operation, on the same cores). Numba is optional (``pip install
 gradsign[fast]``); without it, and for other dtypes than float32 and float64, ``fused_available`` says
 no and the engine forms the products with torch.
@@ -27,8 +28,9 @@ import torch
 
 FUSED_DTYPES = (torch.float32, torch.float64)
 #: the loop runs in one thread and torch's products in all of its threads: the loop is faster up to
-#: depth 16 with one torch thread and up to depth 8 with two, not beyond (at depth 9-16 with two threads
-#: it takes 1.1-1.3x torch's time: ``python bench/layer_kernels.py --products --threads 2 --batch-size 32``)
+#: depth 16 with one torch thread and up to depth 8 with two, not clearly beyond (at depth 9-16 with two
+#: threads it takes 0.85-1.2x torch's time: ``python bench/layer_kernels.py --products --threads 2
+#: --batch-size 32``)
 FUSED_DEPTH_THREADS = 16
 
 
@@ -45,7 +47,7 @@ def scratch_elements(a: torch.Tensor, b: torch.Tensor, totals: torch.Tensor) -> 
     samples, rows, depth = a.shape
     padded_rows, padded_depth, columns = _round_up(rows), _round_up(depth), b.shape[2]
     counts_rows = 4 if _counted_in_place(a, totals) else padded_rows
-    return (counts_rows + 4) * columns + samples * padded_depth * (padded_rows + columns)
+    return (counts_rows + 8) * columns + samples * padded_depth * (padded_rows + columns)
 
 
 def add_product_signs(a: torch.Tensor, b: torch.Tensor, totals: torch.Tensor,
@@ -63,24 +65,25 @@ def add_product_signs(a: torch.Tensor, b: torch.Tensor, totals: torch.Tensor,
     needed = scratch_elements(a, b, totals)
     if buffer is None:
         buffer = torch.empty(needed, dtype=a.dtype)
-    counts, partial, a_space, b_space = np.split(buffer.numpy()[:needed], np.cumsum(
-        [(4 if in_place else padded_rows) * columns, 4 * columns, samples * padded_rows * padded_depth]))
+    counts, partial, signs, a_space, b_space = np.split(buffer.numpy()[:needed], np.cumsum(
+        [(4 if in_place else padded_rows) * columns, 4 * columns, 4 * columns, samples * padded_rows * padded_depth]))
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the fused loop needs numba")
     factors = (_zero_padded(a.detach(), a_space.reshape(samples, padded_rows, padded_depth)),
                _zero_padded(b.detach(), b_space.reshape(samples, padded_depth, columns)))
     partial = partial.reshape(4, columns)
+    signs = signs.view(np.int32)[:4 * columns].reshape(4, columns)  # float elements hold int32 ones
     counts = counts.reshape(-1, columns)
     counts.fill(0)
     if not in_place:
-        kernel(*factors, counts, partial, 0, padded_rows)
+        kernel(*factors, counts, partial, signs, 0, padded_rows)
         totals += torch.from_numpy(counts[:rows]).to(totals.dtype)
         return
     whole = rows - rows % 4  # whole groups of four rows are counted in the totals themselves
-    kernel(*factors, totals.numpy(), partial, 0, whole)
+    kernel(*factors, totals.numpy(), partial, signs, 0, whole)
     if whole < rows:
-        kernel(*factors, counts, partial, whole, padded_rows)
+        kernel(*factors, counts, partial, signs, whole, padded_rows)
         totals[whole:] += torch.from_numpy(counts[:rows - whole])
 
 
