@@ -3,9 +3,10 @@
 For each shape (batch 64): the batched weight gradient (what one backward computes for the layer), the
 grouped weight-gradient convolution, the unfold + batched matrix product (per sample and group, written
 into a reused buffer as the engine does) and the forward convolution of inputs with output gradients
-(depthwise layers and those on at most 16 input channels), each followed by the sign reduction the engine does, in the engine's cache-sized slices. Prints ratios to the batched weight
-gradient and which way the engine's rules (``gradsign.engine._use_matmul``,
-``gradsign.engine._use_forward_convolution``) pick, so the rules can be checked on a new machine.
+(depthwise layers and those on at most 16 input channels), each followed by the sign reduction the engine
+does, in the engine's cache-sized slices. Prints ratios to the batched weight gradient and which way the
+engine's rules (``gradsign.engine._use_matmul``, ``gradsign.engine._use_forward_convolution``) pick, so
+the rules can be checked on a new machine.
 
 ``--products``: per-sample gradients that are products a_n b_n over ``depth`` positions or rows per sample
 (a Linear on tokens, an unfolded convolution), (out x depth) (depth x in): formed sample slice by sample
@@ -50,7 +51,8 @@ SHAPES = [
 WAYS = [("grouped", None, lambda conv: True),
         ("matmul", "_use_matmul", lambda conv: True),
         ("forward", "_use_forward_convolution",
-         lambda conv: conv.groups == conv.in_channels == conv.out_channels or (conv.groups == 1 and conv.in_channels <= 16))]
+         lambda conv: conv.groups == conv.in_channels == conv.out_channels
+         or (conv.groups == 1 and conv.in_channels <= 16))]
 RULES = ("_use_matmul", "_use_forward_convolution")
 #: (out, in, depth): the zoo's Linear layers on 4 and 16 tokens (ConvNeXt's last stages), 3x3
 #: convolutions on 2x2 and 4x4 maps (ResNet's), a Linear on 65 tokens (ViT) and on 256 (ConvNeXt's first
