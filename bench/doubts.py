@@ -35,9 +35,8 @@ def difference_ratio(batched: dict[str, torch.Tensor], reference: list[dict[str,
         grads = {name: g for name, g in single.items() if g is not None}
         largest = max(map(engine._largest_magnitude, grads.values()), default=0.0)
         for name, grad in grads.items():
-            scale = max(engine._largest_magnitude(grad), engine.NOISE_FLOOR * largest)
-            row = batched[name][i] if name in batched else torch.zeros_like(grad)
-            error = engine._largest_magnitude(row.to(grad.dtype) - grad)
+            row = batched[name][i] if name in batched else None
+            error, scale = engine._largest_difference(row, grad, engine.NOISE_FLOOR * largest)
             if scale:
                 worst = max(worst, error / (engine.FLOAT32_TOLERANCE * scale))
     return worst

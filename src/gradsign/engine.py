@@ -718,6 +718,12 @@ def _padded_input(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple
     return x, conv.padding
 
 
+def _padded_maps(x: torch.Tensor, padding: tuple[int, int] | int) -> torch.Tensor:
+    """``x`` with ``padding`` (one int, or (height, width)) zeros on each side of its maps."""
+    pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
+    return F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+
+
 def _use_forward_convolution(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
     """On a CPU, where a forward convolution forms the per-sample gradients faster than the grouped
     weight-gradient one and the matrix product (bench/layer_kernels.py): depthwise convolutions with
@@ -727,10 +733,10 @@ def _use_forward_convolution(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.T
     if x.device.type != "cpu":
         return False
     positions = grad_out.shape[2] * grad_out.shape[3]
+    above_3x3 = conv.weight.shape[2] * conv.weight.shape[3] > 9
     if conv.groups == conv.in_channels == conv.out_channels:
-        return conv.weight.shape[2] * conv.weight.shape[3] > 9 or positions <= GROUPED_MATMUL_POSITIONS
-    return (_few_input_channels(conv, positions) and positions > MATMUL_POSITIONS
-            and conv.weight.shape[2] * conv.weight.shape[3] > 9
+        return above_3x3 or positions <= GROUPED_MATMUL_POSITIONS
+    return (above_3x3 and _few_input_channels(conv, positions) and positions > MATMUL_POSITIONS
             and any(k > s for k, s in zip(conv.kernel_size, conv.stride)))
 
 
@@ -748,8 +754,7 @@ def _forward_convolution_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out
     each), with the output-gradient maps as kernels, taken with stride d and dilation s."""
     batch, out_channels, *out_size = grad_out.shape
     groups, in_per_group = conv.groups, conv.weight.shape[1]
-    pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
-    x = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+    x = _padded_maps(x, padding)
     x = x.reshape(batch, groups, in_per_group, *x.shape[2:]).permute(2, 0, 1, 3, 4)
     grads = F.conv2d(x.reshape(in_per_group, batch * groups, *x.shape[3:]),
                      grad_out.reshape(batch * out_channels, 1, *out_size),
@@ -797,8 +802,7 @@ def _unfolded(x: torch.Tensor, conv: nn.Conv2d, padding: tuple[int, int] | int, 
     2x2 ones, which keep im2col)."""
     if x.device.type != "cpu" or out_size[0] * out_size[1] <= SHALLOW_PRODUCT_DEPTH:
         return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
-    pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
-    x = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+    x = _padded_maps(x, padding)
     batch, channels = x.shape[:2]
     (kernel_h, kernel_w), (stride_h, stride_w), (dilation_h, dilation_w) = conv.kernel_size, conv.stride, conv.dilation
     step_b, step_c, step_h, step_w = x.stride()
@@ -1535,18 +1539,25 @@ def _largest_magnitude(t: torch.Tensor) -> float:
     return max(float(high), -float(low))
 
 
-def _difference(batched: torch.Tensor | None, single: torch.Tensor | None, tolerance: float,
-                floor: float = 0.0, buffer: torch.Tensor | None = None) -> str | None:
-    """None when ``batched`` equals ``single`` within ``tolerance`` times the larger of ``single``'s
-    largest magnitude and ``floor`` (None stands for zeros), else how far it is. ``buffer``: a flat
-    array the differences may be written into."""
+def _largest_difference(batched: torch.Tensor | None, single: torch.Tensor | None, floor: float = 0.0,
+                        buffer: torch.Tensor | None = None) -> tuple[float, float]:
+    """(max |batched - single|, the larger of ``single``'s largest magnitude and ``floor``); None stands
+    for zeros. ``buffer``: a flat array the differences may be written into."""
     if single is None:
         single = torch.zeros(()) if batched is None else torch.zeros_like(batched)
     if batched is None:
         batched = torch.zeros_like(single)
     out = _scratch_view(buffer, single.shape, single.dtype) if batched.shape == single.shape else None
     scale = max(_largest_magnitude(single), floor)
-    error = _largest_magnitude(torch.sub(batched.to(single.dtype), single, out=out))
+    return _largest_magnitude(torch.sub(batched.to(single.dtype), single, out=out)), scale
+
+
+def _difference(batched: torch.Tensor | None, single: torch.Tensor | None, tolerance: float,
+                floor: float = 0.0, buffer: torch.Tensor | None = None) -> str | None:
+    """None when ``batched`` equals ``single`` within ``tolerance`` times the larger of ``single``'s
+    largest magnitude and ``floor`` (None stands for zeros), else how far it is. ``buffer``: a flat
+    array the differences may be written into."""
+    error, scale = _largest_difference(batched, single, floor, buffer)
     if error <= tolerance * scale or (scale == 0 and error == 0):
         return None
     return f"largest difference {error:.3g} of {scale:.3g}"
