@@ -19,7 +19,14 @@ counts are checked against torch's in float64 (in float32 they differ by roundin
 ``--unfold``: torch's ``F.unfold`` against the engine's ``_unfolded`` (one strided copy), which the matrix
 products take their inputs from.
 
-    python bench/layer_kernels.py [--threads N] [--repeats 7] [--batch-size 64] [--products | --unfold]
+``--depthwise``: the zoo's depthwise layers, their maps laid out as torch leaves them (NCHW) and
+channels-last (as ConvNeXt's are): the engine's torch way (the one its rules pick, then signs and sum)
+against the depthwise loop of ``gradsign.sign_kernels`` (numba; copying both maps channels-last where
+they are not), whose float64 counts must equal the torch way's; ``depthwise_available`` says which the
+engine uses.
+
+    python bench/layer_kernels.py [--threads N] [--repeats 7] [--batch-size 64] [--products | --unfold |
+                                   --depthwise]
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ import time
 import torch
 from torch import nn
 
-from gradsign import engine
+from gradsign import engine, sign_kernels
 
 #: (in channels, out channels, kernel, input size, stride, groups): layers of NB201, the narrow residual
 #: CNN, NB101 (128-512 channels), the zoo's stems (and at 224x224; patch embeddings padded here), its wide
@@ -182,6 +189,41 @@ def unfolds(args: argparse.Namespace) -> None:
         print(f"| {cin} | {k} | {size} | {stride} | {plain * 1e3:.3f} | {ours * 1e3:.3f} | {ours / plain:.2f} |")
 
 
+#: (channels, kernel, input size, stride): ConvNeXt's 7x7 layers, MobileNetV2's, EfficientNet's and
+#: MobileViT's 3x3 and 5x5 ones
+DEPTHWISE = [(32, 7, 16, 1), (64, 7, 8, 1), (128, 7, 4, 1), (256, 7, 2, 1), (16, 3, 32, 1), (32, 3, 32, 1),
+             (96, 3, 16, 2), (144, 3, 16, 1), (144, 5, 8, 1), (192, 3, 8, 2), (480, 3, 4, 1), (384, 3, 2, 1)]
+
+
+def depthwise(args: argparse.Namespace) -> None:
+    """The depthwise loop against the engine's torch way (see the module docstring)."""
+    print("| channels | kernel | size | stride | layout | torch way (ms) | loop (ms) | loop / torch | engine uses |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for channels, k, size, stride in DEPTHWISE:
+        for layout in (torch.contiguous_format, torch.channels_last):
+            torch.manual_seed(0)
+            conv = nn.Conv2d(channels, channels, k, stride, k // 2, groups=channels, bias=False)
+            x = torch.randn(args.batch_size, channels, size, size).contiguous(memory_format=layout)
+            grad_out = torch.randn(args.batch_size, channels, *conv(x[:1]).shape[2:]).contiguous(memory_format=layout)
+            way = picked_way(conv, x, grad_out)
+
+            def loop(conv=conv, x=x, grad_out=grad_out):
+                counts = torch.zeros_like(conv.weight)
+                sign_kernels.add_depthwise_signs(conv, x, grad_out, counts, conv.padding)
+                return counts.to(torch.int32)
+
+            ours = median_seconds(loop, args.repeats)
+            theirs = median_seconds(lambda: per_sample_signs(conv, x, grad_out, way), args.repeats)
+            conv.double()
+            if not torch.equal(loop(conv, x.double(), grad_out.double()),
+                               per_sample_signs(conv, x.double(), grad_out.double(), way)):
+                raise SystemExit(f"the depthwise loop's counts differ from torch's: {channels} channels, {size}x{size}")
+            uses = "loop" if sign_kernels.depthwise_available(conv, x, grad_out) else way
+            name = "channels-last" if layout == torch.channels_last else "NCHW"
+            print(f"| {channels} | {k} | {size} | {stride} | {name} | {theirs * 1e3:.3f} | {ours * 1e3:.3f} | "
+                  f"{ours / theirs:.2f} | {uses} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None)
@@ -189,6 +231,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--products", action="store_true", help="time the two ways of forming product signs")
     parser.add_argument("--unfold", action="store_true", help="time torch's unfolding against the engine's")
+    parser.add_argument("--depthwise", action="store_true", help="time the depthwise loop against the torch way")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,6 +241,9 @@ def main() -> None:
         return
     if args.unfold:
         unfolds(args)
+        return
+    if args.depthwise:
+        depthwise(args)
         return
     print("| in | out | kernel | size | stride | groups | batched dW (ms) | grouped / dW | matmul / dW | "
           "forward / dW | rule picks |")

@@ -1,5 +1,5 @@
-"""The fused sign-count loop of shallow products against torch's product, sign and sum, and the engine
-with and without it against a per-sample loop."""
+"""The fused sign-count loops (shallow products, depthwise convolutions) against torch's per-sample
+gradients, sign and sum, and the engine with and without them against a per-sample loop."""
 import copy
 
 import pytest
@@ -9,7 +9,8 @@ from torch import nn
 
 import gradsign.engine as engine_module
 from gradsign.engine import sign_counts
-from gradsign.sign_kernels import add_product_signs, fused_available, scratch_elements
+from gradsign.sign_kernels import (add_depthwise_signs, add_product_signs, depthwise_available, fused_available,
+                                  scratch_elements)
 
 pytest.importorskip("numba")
 
@@ -114,7 +115,7 @@ def test_without_numba_the_engine_forms_the_products_with_torch(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(sign_kernels.importlib.util, "find_spec",
                         lambda name, *args: None if name == "numba" else real_find_spec(name, *args))
-    sign_kernels._kernel.cache_clear()
+    sign_kernels._loops.cache_clear()
     try:
         assert not fused_available(torch.zeros(2, 3, 4))
         with pytest.raises(RuntimeError, match="numba"):
@@ -127,5 +128,75 @@ def test_without_numba_the_engine_forms_the_products_with_torch(monkeypatch):
         assert all(torch.equal(reference[k], batched[k]) for k in reference)
     finally:
         monkeypatch.undo()
-        sign_kernels._kernel.cache_clear()
+        sign_kernels._loops.cache_clear()
     assert fused_available(torch.zeros(2, 3, 4))
+
+
+@pytest.mark.parametrize("channels, kernel, size, stride, dilation, padding, channels_last", [
+    (8, 3, 9, 1, 1, 1, False),
+    (8, 7, 4, 1, 1, 3, True),  # the kernel larger than the map
+    (5, 3, 9, 2, 1, 1, True),  # odd map, stride 2
+    (6, 3, 8, 1, 2, 2, False),  # dilated
+    (4, (3, 5), 7, (2, 1), 1, (0, 2), True),  # rectangular, no padding along the height
+])
+def test_depthwise_counts_equal_torch_in_float64(channels, kernel, size, stride, dilation, padding, channels_last):
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(channels, channels, kernel, stride, padding, dilation, groups=channels).double()
+    x = torch.randn(6, channels, size, size, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(conv(x).shape, generator=g, dtype=torch.float64)
+    grad_out[:, 0] = 0  # a channel without gradient: sign 0
+    if channels_last:
+        x, grad_out = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad_out))
+    per_sample = torch.stack([torch.nn.grad.conv2d_weight(x[i:i + 1], conv.weight.shape, grad_out[i:i + 1], stride,
+                                                          padding, dilation, channels) for i in range(len(x))])
+    totals = torch.full(conv.weight.shape, 2.0, dtype=torch.float64)
+    kept = add_depthwise_signs(conv, x, grad_out, totals, conv.padding, kept_sample=4)
+    assert torch.equal(totals, torch.sign(per_sample).sum(0) + 2)
+    assert torch.allclose(kept, per_sample[4], rtol=1e-12, atol=0)
+
+
+def test_depthwise_loop_takes_channels_last_inputs_and_small_maps_of_depthwise_layers():
+    depthwise, grouped = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 3, padding=1, groups=4)
+    wide = nn.Conv2d(8, 8, 5, padding=2, groups=8)
+    small, medium, large = torch.zeros(2, 8, 2, 2), torch.zeros(2, 8, 4, 4), torch.zeros(2, 8, 5, 5)
+    assert depthwise_available(depthwise, small, small) and not depthwise_available(depthwise, medium, medium)
+    assert depthwise_available(wide, medium, medium) and not depthwise_available(wide, large, large)
+    assert depthwise_available(depthwise, large.contiguous(memory_format=torch.channels_last), large)
+    assert not depthwise_available(grouped, small, small)
+    assert not depthwise_available(depthwise, small.half(), small.half())
+
+
+class Depthwise(nn.Module):
+    """Depthwise layers on 16x16 maps laid out channels-last (7x7, then 3x3 with stride 2), and on 4x4 and
+    2x2 maps as torch leaves them (5x5 with reflection padding, then 3x3 with padding "same")."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.large = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+        self.strided = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16)
+        self.reflected = nn.Conv2d(16, 16, 5, padding=2, groups=16, padding_mode="reflect")
+        self.same = nn.Conv2d(16, 16, 3, padding="same", groups=16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x)).contiguous(memory_format=torch.channels_last)
+        x = F.max_pool2d(torch.relu(self.strided(torch.relu(self.large(x)))), 2).contiguous()
+        return self.head(self.same(F.max_pool2d(torch.tanh(self.reflected(x)), 2)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_engine_counts_equal_the_loop_in_float64_with_and_without_the_depthwise_loop(fused, monkeypatch):
+    calls = []
+    monkeypatch.setattr(engine_module, "add_depthwise_signs",
+                        lambda *args: calls.append(1) or add_depthwise_signs(*args))
+    if not fused:
+        monkeypatch.setattr(engine_module, "depthwise_available", lambda *args: False)
+    torch.manual_seed(0)
+    model = Depthwise().double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(9, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (9,), generator=g)
+    reference = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="loop")
+    batched = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="auto")
+    assert all(torch.equal(reference[k], batched[k]) for k in reference)
+    assert len(calls) == (4 if fused else 0)

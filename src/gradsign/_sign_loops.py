@@ -81,3 +81,43 @@ def product_signs(a, b, counts, partial, signs, first, stop):
             r1[i] += t1[i]
             r2[i] += t2[i]
             r3[i] += t3[i]
+
+
+# "contract" only, as above: the sums are formed in the order a plain loop over positions forms them
+@numba.njit(cache=True, boundscheck=False, nogil=True, fastmath={"contract"})
+def depthwise_signs(x, g, signs, partial, kept, kept_sample, stride_h, stride_w, dilation_h, dilation_w, padding_h,
+                    padding_w):
+    """signs[a, b, c] += sum_s sign(sum_pq g[s, p, q, c] x[s, p stride_h + a dilation_h - padding_h,
+    q stride_w + b dilation_w - padding_w, c]) (positions outside ``x`` are zeros) for channels-last ``x``
+    (samples, height, width, channels) and ``g`` (samples, out height, out width, channels): the per-sample
+    weight gradients of a depthwise convolution, summed along the channels, which are contiguous, so that
+    every multiply-add is a vector one; ``partial``: (kernel height, kernel width, channels) scratch;
+    ``kept``: an array of its shape that receives sample ``kept_sample``'s gradients (none if negative)."""
+    samples, height, width, channels = x.shape
+    out_h, out_w = g.shape[1], g.shape[2]
+    kernel_h, kernel_w = partial.shape[0], partial.shape[1]
+    for s in range(samples):
+        partial[:, :, :] = 0
+        for p in range(out_h):
+            for a in range(kernel_h):
+                i = p * stride_h + a * dilation_h - padding_h
+                if i < 0 or i >= height:
+                    continue
+                for q in range(out_w):
+                    gs = g[s, p, q]
+                    for b in range(kernel_w):
+                        j = q * stride_w + b * dilation_w - padding_w
+                        if j < 0 or j >= width:
+                            continue
+                        xs = x[s, i, j]
+                        v = partial[a, b]
+                        for c in range(channels):
+                            v[c] += gs[c] * xs[c]
+        if s == kept_sample:
+            kept[:, :, :] = partial
+        for a in range(kernel_h):
+            for b in range(kernel_w):
+                v = partial[a, b]
+                t = signs[a, b]
+                for c in range(channels):
+                    t[c] += np.int32(v[c] > 0) - np.int32(v[c] < 0)

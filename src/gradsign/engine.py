@@ -44,7 +44,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
-from gradsign.sign_kernels import add_product_signs, fused_available, scratch_elements
+from gradsign.sign_kernels import (add_depthwise_signs, add_product_signs, depthwise_available, fused_available,
+                                   scratch_elements)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ENGINES = ("auto", "batched", "vmap", "loop")
@@ -1009,7 +1010,8 @@ class _SignCountHooks:
         rows = len(x) // self.formed_samples
         if not self.pending_calls[name] and name not in self.partial:
             # the layer's only call: reduce to sign counts slice by slice
-            if rows == 1 and self._add_shallow_conv_signs(name, module, x, grad_out):
+            if rows == 1 and (self._add_shallow_conv_signs(name, module, x, grad_out)
+                              or self._add_depthwise_signs(name, module, x, grad_out)):
                 return
             step = self._slice(module.weight.numel() * rows, x)
             scratch = self._scratch(step * module.weight.numel(), x)
@@ -1043,6 +1045,18 @@ class _SignCountHooks:
         x, padding = _padded_input(conv, x)
         rows, columns = _conv2d_factors(conv, x, grad_out, padding)
         self._add_product_signs(name, rows, columns.transpose(1, 2), conv.weight.shape)
+        return True
+
+    def _add_depthwise_signs(self, name: str, conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
+        """Sign counts of a depthwise Conv2d's one call by the depthwise loop of ``gradsign.sign_kernels``
+        where it is available and faster (True), else False."""
+        if not depthwise_available(conv, x, grad_out):
+            return False
+        kept_sample = self._kept_sample()
+        x, padding = _padded_input(conv, x)
+        kept = add_depthwise_signs(conv, x, grad_out, self.totals[name], padding, kept_sample)
+        if kept is not None:
+            self.prefix[name] = kept[None]
         return True
 
     def _add_product_signs(self, name: str, a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> None:

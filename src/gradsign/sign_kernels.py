@@ -1,4 +1,5 @@
-"""Sign counts of shallow per-sample products in one fused loop (compiled by numba, where it is installed).
+"""Sign counts of shallow per-sample products and of depthwise convolutions in fused loops (compiled by numba,
+where it is installed).
 
 A layer's per-sample gradient over a few positions or rows of a sample (a convolution on maps of up to
 4x4, a Linear on up to 16 tokens) is ``a_s b_s`` with ``a_s``: (rows, depth), ``b_s``: (depth,
@@ -12,11 +13,17 @@ and 1.4-1.8x at depth 16 on the zoo's layers (``python bench/layer_kernels.py --
 --batch-size 32``). The products are those of the torch
 way up to the order of their additions (float rounding).
 
-The loop runs in the calling thread: with two torch threads it still beats torch's two-thread way at
-depth 4 to 8, while splitting its rows among threads of its own was slower (torch's idle threads
+A depthwise convolution's per-sample gradient sums, for each sample, channel and kernel tap, a product
+of two maps; ``add_depthwise_signs`` forms them along the channels of channels-last maps (vector
+multiply-adds, no per-sample gradient array) and counts their signs in the same loop: 0.07-0.3x the
+torch ways' time on channels-last maps (as ConvNeXt's are) with one torch thread, 0.15-1.05x with
+two (``python bench/layer_kernels.py --depthwise``).
+
+The loops run in the calling thread: with two torch threads the product loop still beats torch's
+two-thread way at depth 4 to 8, while splitting its rows among threads of its own was slower (torch's idle threads
 spin-wait for a while after each operation, on the same cores). Numba is optional (``pip install
-gradsign[fast]``); without it, and for other dtypes than float32 and float64, ``fused_available`` says
-no and the engine forms the products with torch.
+gradsign[fast]``); without it, and for other dtypes than float32 and float64, ``fused_available`` and
+``depthwise_available`` say no and the engine forms the gradients with torch.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import importlib.util
 
 import numpy as np
 import torch
+from torch import nn
 
 FUSED_DTYPES = (torch.float32, torch.float64)
 #: the loop runs in one thread and torch's products in all of its threads: the loop is faster up to
@@ -32,6 +40,11 @@ FUSED_DTYPES = (torch.float32, torch.float64)
 #: threads it takes 0.85-1.2x torch's time: ``python bench/layer_kernels.py --products --threads 2
 #: --batch-size 32``)
 FUSED_DEPTH_THREADS = 16
+#: a depthwise convolution whose input is not channels-last goes to the depthwise loop on maps of at
+#: most this many output positions (2x2), or four times as many for kernels above 3x3: there copying
+#: both maps channels-last and the loop take 0.2-0.4x of the torch ways' time, on larger maps up to 5x
+#: more (``python bench/layer_kernels.py --depthwise``)
+DEPTHWISE_FEW_POSITIONS = 4
 
 
 def fused_available(a: torch.Tensor) -> bool:
@@ -39,7 +52,55 @@ def fused_available(a: torch.Tensor) -> bool:
     on them: numba installed, a CPU tensor of float32 or float64, and its depth (rounded up to a
     multiple of four) times torch's threads at most ``FUSED_DEPTH_THREADS``."""
     return (a.device.type == "cpu" and a.dtype in FUSED_DTYPES
-            and _round_up(a.shape[-1]) * torch.get_num_threads() <= FUSED_DEPTH_THREADS and _kernel() is not None)
+            and _round_up(a.shape[-1]) * torch.get_num_threads() <= FUSED_DEPTH_THREADS and _loops() is not None)
+
+
+def depthwise_available(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
+    """Whether ``add_depthwise_signs`` takes this depthwise convolution's call and is faster than the
+    engine's torch ways: numba installed, CPU tensors of float32 or float64, and an input laid out
+    channels-last (as a model that permutes its maps between convolutions and Linear layers leaves it)
+    or on few output positions (``DEPTHWISE_FEW_POSITIONS``), where copying both maps channels-last costs
+    less than the torch ways' fixed costs (``python bench/layer_kernels.py --depthwise``)."""
+    if not (x.device.type == "cpu" and x.dtype in FUSED_DTYPES and x.dim() == 4 and grad_out.dim() == 4
+            and conv.groups == conv.in_channels == conv.out_channels and _loops() is not None):
+        return False
+    positions = grad_out.shape[2] * grad_out.shape[3]
+    few = DEPTHWISE_FEW_POSITIONS * (4 if conv.kernel_size[0] * conv.kernel_size[1] > 9 else 1)
+    return _channels_last(x) or positions <= few
+
+
+def add_depthwise_signs(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, totals: torch.Tensor,
+                        padding: tuple[int, int] | int, kept_sample: int | None = None) -> torch.Tensor | None:
+    """``totals[c, 0, a, b] += sum_s sign(dL_s/dW[c, 0, a, b])`` for a depthwise ``conv`` (one filter per
+    channel), from its input ``x`` (zero ``padding`` on each side still to apply) and output gradient,
+    by one loop over the samples along the channels (``_sign_loops.depthwise_signs``). Returns sample
+    ``kept_sample``'s gradient dL_s/dW (None without one)."""
+    loops = _loops()
+    if loops is None:
+        raise RuntimeError("the fused loop needs numba")
+    pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
+    kernel_h, kernel_w = conv.kernel_size
+    channels = conv.in_channels
+    signs = np.zeros((kernel_h, kernel_w, channels), dtype=np.int32)
+    partial = np.empty((kernel_h, kernel_w, channels), dtype=_numpy_dtype(x))
+    kept = np.empty_like(partial)
+    loops.depthwise_signs(_channels_last_array(x.detach()), _channels_last_array(grad_out.detach()), signs, partial,
+                          kept, -1 if kept_sample is None else kept_sample, *conv.stride, *conv.dilation, pad_h, pad_w)
+    totals += torch.from_numpy(signs).permute(2, 0, 1).unsqueeze(1).to(totals.dtype)
+    return None if kept_sample is None else torch.from_numpy(kept).permute(2, 0, 1).unsqueeze(1)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.permute(0, 2, 3, 1).is_contiguous()
+
+
+def _channels_last_array(t: torch.Tensor) -> np.ndarray:
+    """(samples, height, width, channels) C-contiguous: a view of a channels-last ``t``, else a copy."""
+    return t.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _numpy_dtype(t: torch.Tensor) -> np.dtype:
+    return np.float64 if t.dtype == torch.float64 else np.float32
 
 
 def scratch_elements(a: torch.Tensor, b: torch.Tensor, totals: torch.Tensor) -> int:
@@ -67,9 +128,10 @@ def add_product_signs(a: torch.Tensor, b: torch.Tensor, totals: torch.Tensor,
         buffer = torch.empty(needed, dtype=a.dtype)
     counts, partial, signs, a_space, b_space = np.split(buffer.numpy()[:needed], np.cumsum(
         [(4 if in_place else padded_rows) * columns, 4 * columns, 4 * columns, samples * padded_rows * padded_depth]))
-    kernel = _kernel()
-    if kernel is None:
+    loops = _loops()
+    if loops is None:
         raise RuntimeError("the fused loop needs numba")
+    kernel = loops.product_signs
     factors = (_zero_padded(a.detach(), a_space.reshape(samples, padded_rows, padded_depth)),
                _zero_padded(b.detach(), b_space.reshape(samples, padded_depth, columns)))
     partial = partial.reshape(4, columns)
@@ -106,14 +168,15 @@ def _zero_padded(t: torch.Tensor, space: np.ndarray) -> np.ndarray:
 
 
 @functools.cache
-def _kernel():
-    """The compiled loop, or None without numba: compiled on first use (1-2 s for each dtype), then read
-    from numba's on-disk cache (``gradsign/__pycache__``, or numba's user-wide cache where that is not
-    writable; where neither is, numba refuses to set it up and the engine does without)."""
+def _loops():
+    """The module of compiled loops, or None without numba: each loop is compiled on first use (1-2 s for
+    each dtype), then read from numba's on-disk cache (``gradsign/__pycache__``, or numba's user-wide
+    cache where that is not writable; where neither is, numba refuses to set it up and the engine does
+    without)."""
     if importlib.util.find_spec("numba") is None:
         return None
     try:
         from gradsign import _sign_loops
     except (ImportError, RuntimeError):
         return None
-    return _sign_loops.product_signs
+    return _sign_loops
