@@ -15,9 +15,10 @@ way up to the order of their additions (float rounding).
 
 A depthwise convolution's per-sample gradient sums, for each sample, channel and kernel tap, a product
 of two maps; ``add_depthwise_signs`` forms them along the channels of channels-last maps (vector
-multiply-adds, no per-sample gradient array) and counts their signs in the same loop: 0.07-0.3x the
-torch ways' time on channels-last maps (as ConvNeXt's are) with one torch thread, 0.15-1.05x with
-two (``python bench/layer_kernels.py --depthwise``).
+multiply-adds, no per-sample gradient array) and counts their signs in the same loop: 0.08-0.72x the
+torch ways' time on the zoo's depthwise shapes laid out channels-last (as ConvNeXt's are), at one or
+two torch threads, with single rows up to 1.13x in some runs (``python bench/layer_kernels.py
+--depthwise``).
 
 The loops run in the calling thread: with two torch threads the product loop still beats torch's
 two-thread way at depth 4 to 8, while splitting its rows among threads of its own was slower (torch's idle threads
