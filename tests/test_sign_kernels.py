@@ -91,45 +91,26 @@ class FewTokens(nn.Module):
         return self.head(torch.tanh(h).mean(1))
 
 
+def assert_engine_equals_loop(model_class: type[nn.Module], samples: int) -> None:
+    """The default engine's float64 counts on a random batch of 16x16 RGB images equal the loop engine's."""
+    torch.manual_seed(0)
+    model = model_class().double()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(samples, 3, 16, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (samples,), generator=g)
+    reference = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="loop")
+    batched = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="auto")
+    assert all(torch.equal(reference[k], batched[k]) for k in reference)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_engine_counts_equal_the_loop_in_float64_with_and_without_the_fused_loop(fused, monkeypatch):
     calls = []
     monkeypatch.setattr(engine_module, "add_product_signs", lambda *args: calls.append(1) or add_product_signs(*args))
     if not fused:
         monkeypatch.setattr(engine_module, "fused_available", lambda a: False)
-    torch.manual_seed(0)
-    model = FewTokens().double()
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(12, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (12,), generator=g)
-    reference = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="loop")
-    batched = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="auto")
-    assert all(torch.equal(reference[k], batched[k]) for k in reference)
+    assert_engine_equals_loop(FewTokens, samples=12)
     assert len(calls) == (3 if fused else 0)  # conv, wide and narrow; the head sees one row per sample
-
-
-def test_without_numba_the_engine_forms_the_products_with_torch(monkeypatch):
-    import importlib.util
-
-    from gradsign import sign_kernels
-
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(sign_kernels.importlib.util, "find_spec",
-                        lambda name, *args: None if name == "numba" else real_find_spec(name, *args))
-    sign_kernels._loops.cache_clear()
-    try:
-        assert not fused_available(torch.zeros(2, 3, 4))
-        with pytest.raises(RuntimeError, match="numba"):
-            add_product_signs(torch.zeros(2, 4, 4), torch.zeros(2, 4, 4), torch.zeros(4, 4))
-        torch.manual_seed(0)
-        model = FewTokens().double()
-        x, y = torch.randn(6, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (6,))
-        reference = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="loop")
-        batched = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="auto")
-        assert all(torch.equal(reference[k], batched[k]) for k in reference)
-    finally:
-        monkeypatch.undo()
-        sign_kernels._loops.cache_clear()
-    assert fused_available(torch.zeros(2, 3, 4))
 
 
 @pytest.mark.parametrize("channels, kernel, size, stride, dilation, padding, channels_last", [
@@ -192,11 +173,27 @@ def test_engine_counts_equal_the_loop_in_float64_with_and_without_the_depthwise_
                         lambda *args: calls.append(1) or add_depthwise_signs(*args))
     if not fused:
         monkeypatch.setattr(engine_module, "depthwise_available", lambda *args: False)
-    torch.manual_seed(0)
-    model = Depthwise().double()
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(9, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (9,), generator=g)
-    reference = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="loop")
-    batched = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="auto")
-    assert all(torch.equal(reference[k], batched[k]) for k in reference)
+    assert_engine_equals_loop(Depthwise, samples=9)
     assert len(calls) == (4 if fused else 0)
+
+
+def test_without_numba_the_engine_forms_the_gradients_with_torch(monkeypatch):
+    import importlib.util
+
+    from gradsign import sign_kernels
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(sign_kernels.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "numba" else real_find_spec(name, *args))
+    sign_kernels._loops.cache_clear()
+    try:
+        assert not fused_available(torch.zeros(2, 3, 4))
+        with pytest.raises(RuntimeError, match="numba"):
+            add_product_signs(torch.zeros(2, 4, 4), torch.zeros(2, 4, 4), torch.zeros(4, 4))
+        assert not depthwise_available(nn.Conv2d(4, 4, 3, groups=4), torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 1, 1))
+        assert_engine_equals_loop(FewTokens, samples=6)
+        assert_engine_equals_loop(Depthwise, samples=6)
+    finally:
+        monkeypatch.undo()
+        sign_kernels._loops.cache_clear()
+    assert fused_available(torch.zeros(2, 3, 4))
