@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradsign.engine as engine_module
-from gradsign.engine import sign_counts
+from gradsign.engine import engine_warnings, sign_counts
 from gradsign.sign_kernels import (add_depthwise_signs, add_product_signs, depthwise_available, fused_available,
                                   scratch_elements)
 
@@ -92,14 +92,17 @@ class FewTokens(nn.Module):
 
 
 def assert_engine_equals_loop(model_class: type[nn.Module], samples: int) -> None:
-    """The default engine's float64 counts on a random batch of 16x16 RGB images equal the loop engine's."""
+    """The default engine's float64 counts on a random batch of 16x16 RGB images equal the loop engine's,
+    with no fallback."""
     torch.manual_seed(0)
     model = model_class().double()
     g = torch.Generator().manual_seed(2)
     x = torch.randn(samples, 3, 16, 16, generator=g, dtype=torch.float64)
     y = torch.randint(0, 10, (samples,), generator=g)
     reference = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="loop")
-    batched = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="auto")
+    with engine_warnings() as fallbacks:  # the batched pass passed its verification: its own counts
+        batched = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="auto")
+    assert not fallbacks
     assert all(torch.equal(reference[k], batched[k]) for k in reference)
 
 
@@ -175,6 +178,35 @@ def test_engine_counts_equal_the_loop_in_float64_with_and_without_the_depthwise_
         monkeypatch.setattr(engine_module, "depthwise_available", lambda *args: False)
     assert_engine_equals_loop(Depthwise, samples=9)
     assert len(calls) == (4 if fused else 0)
+
+
+class SmallMaps(nn.Module):
+    """Ungrouped convolutions whose outputs have at most 16 positions: 3x3 with stride 2 (8x8 -> 4x4), a
+    dilated 3x3 on channels-last maps, a 2x3 kernel with reflection padding, 1x1 with stride 2 (-> 2x2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)  # 16x16 -> 8x8
+        self.strided = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.dilated = nn.Conv2d(12, 12, 3, padding=2, dilation=2)
+        self.rectangular = nn.Conv2d(12, 10, (2, 3), padding=(0, 1), padding_mode="reflect")  # -> 3x4
+        self.pointwise = nn.Conv2d(10, 16, 1, stride=2)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.strided(torch.relu(self.stem(x))))
+        x = torch.tanh(self.dilated(x.contiguous(memory_format=torch.channels_last)))
+        return self.head(self.pointwise(torch.relu(self.rectangular(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_engine_counts_equal_the_loop_in_float64_on_small_maps_with_and_without_the_fused_loop(fused, monkeypatch):
+    calls = []
+    monkeypatch.setattr(engine_module, "add_product_signs", lambda *args: calls.append(1) or add_product_signs(*args))
+    if not fused:
+        monkeypatch.setattr(engine_module, "fused_available", lambda a: False)
+    assert_engine_equals_loop(SmallMaps, samples=7)
+    assert len(calls) == (4 if fused else 0)  # all but the stem (64 positions); the head sees one row
 
 
 def test_without_numba_the_engine_forms_the_gradients_with_torch(monkeypatch):
