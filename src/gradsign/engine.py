@@ -819,9 +819,9 @@ def _patches(x: torch.Tensor, conv: nn.Conv2d, padding: tuple[int, int] | int, o
              ) -> torch.Tensor:
     """Each sample's input patch at each of the P output positions, channels innermost: (batch, P,
     k_h k_w C), ``F.unfold``'s values transposed and reordered. One copy of the zero-padded input laid
-    out channels-last, one of its windows (runs of C contiguous values): 0.4-0.5 ms against 0.6-4.9 ms for
-    ``F.unfold`` and the transposing copy the fused loop would need, on ResNet's layers on 2x2 to 8x8 maps
-    at batch 32 (timed ad hoc)."""
+    out channels-last, one of its windows (runs of C contiguous values): 0.2-0.6x the time of ``F.unfold``
+    and the transposing copy the fused loop would need, on ResNet's layers on 2x2 to 8x8 maps
+    (``python bench/layer_kernels.py --unfold``)."""
     x = _padded_maps(x, padding).permute(0, 2, 3, 1).contiguous()
     step_b, step_h, step_w, step_c = x.stride()
     (kernel_h, kernel_w), (stride_h, stride_w), (dilation_h, dilation_w) = conv.kernel_size, conv.stride, conv.dilation
