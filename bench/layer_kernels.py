@@ -17,9 +17,7 @@ to the batched weight gradient; ``SHALLOW_PRODUCT_DEPTH`` says which the engine 
 counts are checked against torch's in float64 (in float32 they differ by rounding).
 
 ``--unfold``: torch's ``F.unfold`` against the engine's ``_unfolded`` (one strided copy), which the matrix
-products take their inputs from; and, on maps of at most 16 output positions, where the fused loop takes
-the patches position by position, ``F.unfold`` and the transposing copy the loop would need against the
-engine's ``_patches`` (channels innermost), each with the loop after it (numba; one torch thread).
+products take their inputs from.
 
 ``--depthwise``: the zoo's depthwise layers, their maps laid out as torch leaves them (NCHW) and
 channels-last (as ConvNeXt's are): the engine's torch way (the one its rules pick, then signs and sum)
@@ -172,15 +170,10 @@ def products(args: argparse.Namespace) -> None:
 #: and shallow products): NB201's and the zoo's layers from 32x32 down to 2x2 maps
 UNFOLDS = [(16, 3, 32, 1), (32, 3, 16, 1), (64, 3, 8, 1), (16, 3, 32, 2), (32, 3, 16, 2), (128, 3, 4, 1),
            (256, 3, 2, 1), (64, 5, 8, 1), (64, 3, 8, 2)]
-#: (in channels, kernel, input size, stride) with at most 16 output positions: ResNet's layers on 4x4
-#: and 2x2 maps and the strided ones into them, a 7x7 on 4x4 maps, ConvNeXt's 2x2 downsampling
-PATCHES = [(128, 3, 4, 1), (256, 3, 2, 1), (64, 3, 8, 2), (128, 3, 4, 2), (64, 7, 4, 1), (128, 2, 8, 2),
-           (256, 3, 4, 1)]
 
 
 def unfolds(args: argparse.Namespace) -> None:
-    """``F.unfold`` (torch's im2col) against ``engine._unfolded`` (the engine's), which must agree exactly;
-    then ``patches``."""
+    """``F.unfold`` (torch's im2col) against ``engine._unfolded`` (the engine's), which must agree exactly."""
     print("| in | kernel | size | stride | F.unfold (ms) | engine's (ms) | engine's / F.unfold |")
     print("|---|---|---|---|---|---|---|")
     for cin, k, size, stride in UNFOLDS:
@@ -194,39 +187,6 @@ def unfolds(args: argparse.Namespace) -> None:
                            torch.nn.functional.unfold(x, k, padding=k // 2, stride=stride)):
             raise SystemExit(f"the engine's unfolding differs from F.unfold on {cin} channels, {size}x{size}")
         print(f"| {cin} | {k} | {size} | {stride} | {plain * 1e3:.3f} | {ours * 1e3:.3f} | {ours / plain:.2f} |")
-    if sign_kernels.fused_available(torch.zeros(1, 1, 4)):
-        patches(args)
-
-
-def patches(args: argparse.Namespace) -> None:
-    """On maps of at most 16 output positions: ``F.unfold`` and a transposing copy against
-    ``engine._patches``, alone and followed by the fused loop (out channels = in channels)."""
-    print()
-    print("| in | kernel | size | stride | unfold + transpose (ms) | patches (ms) | with the loop: unfold (ms) | "
-          "with the loop: patches (ms) | patches / unfold, with the loop |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for cin, k, size, stride in PATCHES:
-        torch.manual_seed(0)
-        conv = nn.Conv2d(cin, cin, k, stride, k // 2, bias=False)
-        x = torch.randn(args.batch_size, cin, size, size)
-        grad_out = torch.randn(args.batch_size, cin, *conv(x[:1]).shape[2:])
-        rows = grad_out.reshape(len(x), cin, -1)
-        counts, buffer = torch.zeros(cin, cin * k * k), torch.empty(1 << 24)
-
-        def unfolded():
-            return torch.nn.functional.unfold(x, k, padding=k // 2, stride=stride).transpose(1, 2).contiguous()
-
-        def taps():
-            return engine._patches(x, conv, conv.padding, grad_out.shape[2:])
-
-        times = [median_seconds(way, args.repeats) for way in (unfolded, taps)]
-        times += [median_seconds(lambda way=way: sign_kernels.add_product_signs(rows, way(), counts, buffer),
-                                 args.repeats) for way in (unfolded, taps)]
-        reordered = unfolded().view(len(x), -1, cin, k, k).permute(0, 1, 3, 4, 2).reshape(len(x), -1, cin * k * k)
-        if not torch.equal(taps(), reordered):
-            raise SystemExit(f"the engine's patches differ from F.unfold's on {cin} channels, {size}x{size}")
-        cells = " | ".join(f"{t * 1e3:.3f}" for t in times)
-        print(f"| {cin} | {k} | {size} | {stride} | {cells} | {times[3] / times[2]:.2f} |")
 
 
 #: (channels, kernel, input size, stride): ConvNeXt's 7x7 layers, MobileNetV2's, EfficientNet's and

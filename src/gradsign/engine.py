@@ -365,7 +365,7 @@ def _zero_totals(layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]
 
 
 def _integer_counts(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: total.to(torch.int32, memory_format=torch.contiguous_format) for name, total in totals.items()}
+    return {name: total.to(torch.int32) for name, total in totals.items()}
 
 
 def _raise_on_nan(tensors: Iterable[torch.Tensor], what: str) -> None:
@@ -815,22 +815,6 @@ def _unfolded(x: torch.Tensor, conv: nn.Conv2d, padding: tuple[int, int] | int, 
     return columns
 
 
-def _patches(x: torch.Tensor, conv: nn.Conv2d, padding: tuple[int, int] | int, out_size: torch.Size
-             ) -> torch.Tensor:
-    """Each sample's input patch at each of the P output positions, channels innermost: (batch, P,
-    k_h k_w C), ``F.unfold``'s values transposed and reordered. One copy of the zero-padded input laid
-    out channels-last, one of its windows (runs of C contiguous values): 0.2-0.6x the time of ``F.unfold``
-    and the transposing copy the fused loop would need, on ResNet's layers on 2x2 to 8x8 maps
-    (``python bench/layer_kernels.py --unfold``)."""
-    x = _padded_maps(x, padding).permute(0, 2, 3, 1).contiguous()
-    step_b, step_h, step_w, step_c = x.stride()
-    (kernel_h, kernel_w), (stride_h, stride_w), (dilation_h, dilation_w) = conv.kernel_size, conv.stride, conv.dilation
-    windows = x.as_strided((len(x), *out_size, kernel_h, kernel_w, x.shape[3]),
-                           (step_b, step_h * stride_h, step_w * stride_w, step_h * dilation_h, step_w * dilation_w,
-                            step_c))
-    return windows.reshape(len(x), out_size[0] * out_size[1], -1)
-
-
 def _conv2d_sample_grads_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
                                 padding: tuple[int, int] | int, scratch: torch.Tensor | None = None
                                 ) -> torch.Tensor:
@@ -1059,11 +1043,6 @@ class _SignCountHooks:
                 or not _use_matmul(conv, x, grad_out)):
             return False
         x, padding = _padded_input(conv, x)
-        rows = grad_out.reshape(len(grad_out), grad_out.shape[1], -1)
-        if fused_available(rows) and conv.kernel_size != (1, 1):  # 1x1: _conv2d_factors' columns are a view
-            self._add_fused_product_signs(name, rows, _patches(x, conv, padding, grad_out.shape[2:]),
-                                          conv.weight.shape, taps_first=True)
-            return True
         rows, columns = _conv2d_factors(conv, x, grad_out, padding)
         self._add_product_signs(name, rows, columns.transpose(1, 2), conv.weight.shape)
         return True
@@ -1110,21 +1089,11 @@ class _SignCountHooks:
         total = self.totals[name].view(-1, whole if not transposed else sliced)
         total += sums.t() if transposed else sums
 
-    def _add_fused_product_signs(self, name: str, a: torch.Tensor, b: torch.Tensor, shape: torch.Size, *,
-                                 taps_first: bool = False) -> None:
-        """``_add_product_signs`` by the fused loop. ``taps_first``: ``b``'s columns are a convolution's input
-        patches in (k_h, k_w, C) order (``_patches``), counted into the weight's totals laid out in that
-        order (made so on first use)."""
+    def _add_fused_product_signs(self, name: str, a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> None:
         kept_sample = self._kept_sample()
-        totals = self.totals[name]
-        if taps_first:
-            if not totals.permute(0, 2, 3, 1).is_contiguous():
-                totals = self.totals[name] = totals.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-            totals = totals.permute(0, 2, 3, 1)
         if kept_sample is not None:
-            product = (a[kept_sample] @ b[kept_sample]).detach().reshape(totals.shape)
-            self.prefix[name] = (product.permute(0, 3, 1, 2) if taps_first else product).reshape(1, *shape)
-        total = totals.view(a.shape[1], b.shape[2])
+            self.prefix[name] = (a[kept_sample] @ b[kept_sample]).detach().reshape(1, *shape)
+        total = self.totals[name].view(a.shape[1], b.shape[2])
         add_product_signs(a, b, total, self._scratch(scratch_elements(a, b, total), a, "fused"))
 
     def _slice(self, per_sample: int, x: torch.Tensor) -> int:
