@@ -150,7 +150,10 @@ def _lent(model: nn.Module) -> Iterator[nn.Module]:
     loses both the mark and the hooks, and installs them again when next run)."""
     modules = list(model.modules())
     attributes = [dict(m.__dict__) for m in modules]
-    tables = [[(table, dict(table)) for table in m.__dict__.values() if isinstance(table, dict)] for m in modules]
+    # copies of the dicts that hold something: most of a module's dicts are empty hook tables, and each
+    # copy kept through the score is one more object for Python's garbage collector to pass over
+    tables = [table for m in modules for table in m.__dict__.values() if isinstance(table, dict)]
+    contents = [(table, dict(table)) for table in tables if table]
     with torch.no_grad():
         buffer_values = _Values(list({id(b): b for b in model.buffers()}.values()))
         parameter_values = _Values(list(model.parameters()))
@@ -160,13 +163,14 @@ def _lent(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for m, saved, kept_tables in zip(modules, attributes, tables):
+        for m, saved in zip(modules, attributes):
             for key in set(m.__dict__) - set(saved):
                 del m.__dict__[key]
             m.__dict__.update(saved)
-            for table, kept in kept_tables:
-                table.clear()
-                table.update(kept)
+        for table in tables:
+            table.clear()
+        for table, kept in contents:
+            table.update(kept)
         with torch.no_grad():
             buffer_values.restore()
             parameter_values.restore(changed_only=True)
