@@ -106,16 +106,6 @@ def assert_engine_equals_loop(model_class: type[nn.Module], samples: int) -> Non
     assert all(torch.equal(reference[k], batched[k]) for k in reference)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_engine_counts_equal_the_loop_in_float64_with_and_without_the_fused_loop(fused, monkeypatch):
-    calls = []
-    monkeypatch.setattr(engine_module, "add_product_signs", lambda *args: calls.append(1) or add_product_signs(*args))
-    if not fused:
-        monkeypatch.setattr(engine_module, "fused_available", lambda a: False)
-    assert_engine_equals_loop(FewTokens, samples=12)
-    assert len(calls) == (3 if fused else 0)  # conv, wide and narrow; the head sees one row per sample
-
-
 @pytest.mark.parametrize("channels, kernel, size, stride, dilation, padding, channels_last", [
     (8, 3, 9, 1, 1, 1, False),
     (8, 7, 4, 1, 1, 3, True),  # the kernel larger than the map
@@ -200,13 +190,18 @@ class SmallMaps(nn.Module):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_engine_counts_equal_the_loop_in_float64_on_small_maps_with_and_without_the_fused_loop(fused, monkeypatch):
+@pytest.mark.parametrize("model_class, samples, fused_calls", [
+    (FewTokens, 12, 3),  # conv, wide and narrow; the head sees one row per sample
+    (SmallMaps, 7, 4),  # all but the stem (64 positions); the head sees one row per sample
+])
+def test_engine_counts_equal_the_loop_in_float64_with_and_without_the_fused_loop(fused, model_class, samples,
+                                                                                fused_calls, monkeypatch):
     calls = []
     monkeypatch.setattr(engine_module, "add_product_signs", lambda *args: calls.append(1) or add_product_signs(*args))
     if not fused:
         monkeypatch.setattr(engine_module, "fused_available", lambda a: False)
-    assert_engine_equals_loop(SmallMaps, samples=7)
-    assert len(calls) == (4 if fused else 0)  # all but the stem (64 positions); the head sees one row
+    assert_engine_equals_loop(model_class, samples)
+    assert len(calls) == (fused_calls if fused else 0)
 
 
 def test_without_numba_the_engine_forms_the_gradients_with_torch(monkeypatch):
