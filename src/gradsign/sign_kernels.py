@@ -43,8 +43,8 @@ FUSED_DTYPES = (torch.float32, torch.float64)
 FUSED_DEPTH_THREADS = 16
 #: a depthwise convolution whose input is not channels-last goes to the depthwise loop on maps of at
 #: most this many output positions (2x2), or four times as many for kernels above 3x3: there copying
-#: both maps channels-last and the loop take 0.2-0.4x of the torch ways' time, on larger maps up to 5x
-#: more (``python bench/layer_kernels.py --depthwise``)
+#: both maps channels-last and the loop take 0.16-0.44x of the torch ways' time, on larger maps up to
+#: 5x more (``python bench/layer_kernels.py --depthwise``)
 DEPTHWISE_FEW_POSITIONS = 4
 
 
