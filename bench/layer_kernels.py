@@ -197,6 +197,8 @@ DEPTHWISE = [(32, 7, 16, 1), (64, 7, 8, 1), (128, 7, 4, 1), (256, 7, 2, 1), (16,
 
 def depthwise(args: argparse.Namespace) -> None:
     """The depthwise loop against the engine's torch way (see the module docstring)."""
+    if not sign_kernels.fused_available(torch.zeros(1, 1, 4)):
+        raise SystemExit("the depthwise loop needs numba (pip install gradsign[fast])")
     print("| channels | kernel | size | stride | layout | torch way (ms) | loop (ms) | loop / torch | engine uses |")
     print("|---|---|---|---|---|---|---|---|---|")
     for channels, k, size, stride in DEPTHWISE:
