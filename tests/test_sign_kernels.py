@@ -10,7 +10,7 @@ from torch import nn
 import gradsign.engine as engine_module
 from gradsign.engine import engine_warnings, sign_counts
 from gradsign.sign_kernels import (add_depthwise_signs, add_product_signs, depthwise_available, fused_available,
-                                  scratch_elements)
+                                  loops_available, scratch_elements)
 
 pytest.importorskip("numba")
 
@@ -214,7 +214,7 @@ def test_without_numba_the_engine_forms_the_gradients_with_torch(monkeypatch):
                         lambda name, *args: None if name == "numba" else real_find_spec(name, *args))
     sign_kernels._loops.cache_clear()
     try:
-        assert not fused_available(torch.zeros(2, 3, 4))
+        assert not loops_available() and not fused_available(torch.zeros(2, 3, 4))
         with pytest.raises(RuntimeError, match="numba"):
             add_product_signs(torch.zeros(2, 4, 4), torch.zeros(2, 4, 4), torch.zeros(4, 4))
         assert not depthwise_available(nn.Conv2d(4, 4, 3, groups=4), torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 1, 1))
@@ -223,4 +223,4 @@ def test_without_numba_the_engine_forms_the_gradients_with_torch(monkeypatch):
     finally:
         monkeypatch.undo()
         sign_kernels._loops.cache_clear()
-    assert fused_available(torch.zeros(2, 3, 4))
+    assert loops_available() and fused_available(torch.zeros(2, 3, 4))

@@ -48,12 +48,18 @@ FUSED_DEPTH_THREADS = 16
 DEPTHWISE_FEW_POSITIONS = 4
 
 
+def loops_available() -> bool:
+    """Whether the compiled loops can run here (numba installed and the loops importable), whatever the
+    shapes and thread count that ``fused_available`` and ``depthwise_available`` also weigh."""
+    return _loops() is not None
+
+
 def fused_available(a: torch.Tensor) -> bool:
     """Whether ``add_product_signs`` takes these factors (samples, rows, depth) and is faster than torch
     on them: numba installed, a CPU tensor of float32 or float64, and its depth (rounded up to a
     multiple of four) times torch's threads at most ``FUSED_DEPTH_THREADS``."""
     return (a.device.type == "cpu" and a.dtype in FUSED_DTYPES
-            and _round_up(a.shape[-1]) * torch.get_num_threads() <= FUSED_DEPTH_THREADS and _loops() is not None)
+            and _round_up(a.shape[-1]) * torch.get_num_threads() <= FUSED_DEPTH_THREADS and loops_available())
 
 
 def depthwise_available(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
@@ -63,7 +69,7 @@ def depthwise_available(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor
     or on few output positions (``DEPTHWISE_FEW_POSITIONS``), where copying both maps channels-last costs
     less than the torch ways' fixed costs (``python bench/layer_kernels.py --depthwise``)."""
     if not (x.device.type == "cpu" and x.dtype in FUSED_DTYPES and x.dim() == 4 and grad_out.dim() == 4
-            and conv.groups == conv.in_channels == conv.out_channels and _loops() is not None):
+            and conv.groups == conv.in_channels == conv.out_channels and loops_available()):
         return False
     positions = grad_out.shape[2] * grad_out.shape[3]
     few = DEPTHWISE_FEW_POSITIONS * (4 if conv.kernel_size[0] * conv.kernel_size[1] > 9 else 1)
