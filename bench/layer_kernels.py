@@ -19,6 +19,11 @@ counts are checked against torch's in float64 (in float32 they differ by roundin
 ``--unfold``: torch's ``F.unfold`` against the engine's ``_unfolded`` (one strided copy), which the matrix
 products take their inputs from.
 
+``--norms``: a BatchNorm applied to each sample alone, forward and backward, on the zoo's, NB201's and the
+narrow residual CNN's map shapes: ``F.instance_norm`` against group normalisation with a group per channel
+(the two ways ``engine._PerSampleNorm`` has; ``FEW_NORM_POSITIONS`` says where it takes which), whose
+float64 outputs and input gradients must agree to 1e-12 of their largest.
+
 ``--depthwise``: the zoo's depthwise layers, their maps laid out as torch leaves them (NCHW) and
 channels-last (as ConvNeXt's are): the engine's torch way (the one its rules pick, then signs and sum)
 against the depthwise loop of ``gradsign.sign_kernels`` (numba; copying both maps channels-last where
@@ -26,7 +31,7 @@ they are not), whose float64 counts must equal the torch way's; ``depthwise_avai
 engine uses.
 
     python bench/layer_kernels.py [--threads N] [--repeats 7] [--batch-size 64] [--products | --unfold |
-                                   --depthwise]
+                                   --depthwise | --norms]
 """
 from __future__ import annotations
 
@@ -226,6 +231,47 @@ def depthwise(args: argparse.Namespace) -> None:
                   f"{ours / theirs:.2f} | {uses} |")
 
 
+#: (channels, map size): BatchNorm inputs of the zoo's CNNs at 64x64 (32x32 down to 2x2 maps), NB201's
+#: and the narrow residual CNN's (16-64 channels, 32x32 to 8x8)
+NORMS = [(16, 32), (32, 32), (48, 32), (32, 16), (96, 16), (64, 8), (144, 8), (128, 4), (288, 4), (256, 2),
+         (480, 2), (1024, 2)]
+
+
+def per_sample_norm(way: str, bn: nn.BatchNorm2d, x: torch.Tensor, grad_out: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and input gradient of ``bn`` applied to each sample of ``x`` alone, by instance or group
+    normalisation."""
+    x = x.detach().requires_grad_(True)
+    if way == "instance":
+        out = nn.functional.instance_norm(x, weight=bn.weight, bias=bn.bias, use_input_stats=True, eps=bn.eps)
+    else:
+        out = nn.functional.group_norm(x, x.shape[1], bn.weight, bn.bias, bn.eps)
+    out.backward(grad_out)
+    return out.detach(), x.grad
+
+
+def norms(args: argparse.Namespace) -> None:
+    """Per-sample BatchNorm by instance against group normalisation (see the module docstring)."""
+    print("| channels | size | instance norm (ms) | group norm (ms) | group / instance | engine uses |")
+    print("|---|---|---|---|---|---|")
+    for channels, size in NORMS:
+        torch.manual_seed(0)
+        bn = nn.BatchNorm2d(channels)
+        nn.init.normal_(bn.weight)
+        nn.init.normal_(bn.bias)
+        x = torch.randn(args.batch_size, channels, size, size)
+        grad_out = torch.randn_like(x)
+        instance = median_seconds(lambda: per_sample_norm("instance", bn, x, grad_out), args.repeats)
+        group = median_seconds(lambda: per_sample_norm("group", bn, x, grad_out), args.repeats)
+        bn.double()
+        wide = [per_sample_norm(way, bn, x.double(), grad_out.double()) for way in ("instance", "group")]
+        if not all(torch.allclose(a, b, rtol=0, atol=1e-12 * float(a.abs().max())) for a, b in zip(*wide)):
+            raise SystemExit(f"group and instance normalisation differ on {channels} channels, {size}x{size}")
+        uses = "group" if size * size > engine.FEW_NORM_POSITIONS else "instance"
+        print(f"| {channels} | {size}x{size} | {instance * 1e3:.3f} | {group * 1e3:.3f} | {group / instance:.2f} | "
+              f"{uses} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None)
@@ -234,6 +280,7 @@ def main() -> None:
     parser.add_argument("--products", action="store_true", help="time the two ways of forming product signs")
     parser.add_argument("--unfold", action="store_true", help="time torch's unfolding against the engine's")
     parser.add_argument("--depthwise", action="store_true", help="time the depthwise loop against the torch way")
+    parser.add_argument("--norms", action="store_true", help="time per-sample BatchNorm's two ways")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -246,6 +293,9 @@ def main() -> None:
         return
     if args.depthwise:
         depthwise(args)
+        return
+    if args.norms:
+        norms(args)
         return
     print("| in | out | kernel | size | stride | groups | batched dW (ms) | grouped / dW | matmul / dW | "
           "forward / dW | rule picks |")

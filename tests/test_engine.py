@@ -514,6 +514,44 @@ def test_fallback_runs_the_loop_on_the_model_as_it_was():
     assert all(torch.equal(counts[k], reference[k]) for k in reference)
 
 
+class ShiftedBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm subclass with its own forward (its output shifted): the batched form's single-sample
+    normalisation computes torch's BatchNorm, not this."""
+
+    def forward(self, x):
+        return super().forward(x) - 0.5
+
+
+def test_the_reference_runs_a_batchnorm_subclass_own_forward(caplog):
+    torch.manual_seed(0)
+    model = cnn(ShiftedBatchNorm)
+    x, y, _ = batch("image", 6)
+    with caplog.at_level("WARNING", logger="gradsign"):
+        auto = gradsign.score(model, x, y)
+    assert "not exact for this model" in caplog.text
+    assert auto == pytest.approx(plain_gradsign(model, x, y), rel=1e-6)
+    assert all(type(m) is ShiftedBatchNorm for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_the_reference_and_the_batched_pass_normalise_a_sample_alike():
+    """Torch's BatchNorm, swapped for its single-sample form before the reference pass, normalises the
+    verified sample in its batch to the bit as alone: the float32 verification sees no difference there."""
+    torch.manual_seed(0)
+    model = engine_module.scoring_mode(nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(4, affine=False)))
+    x = torch.randn(5, 4, 6, 6) * 3 + 1
+    form = engine_module.BatchedForm(model, attention=False, stock_norms_only=True)
+    try:
+        assert all(isinstance(m, engine_module._PerSampleNorm) for m in model)
+        with torch.no_grad():
+            assert torch.equal(model(x)[1], model(x[1:2])[0])
+            assert torch.allclose(model(x[1:2]), F.batch_norm(F.batch_norm(x[1:2], None, None, model[0].weight,
+                                                                           model[0].bias, True), None, None,
+                                                              training=True), atol=1e-5)
+    finally:
+        form.undo()
+    assert all(type(m) is nn.BatchNorm2d for m in model)
+
+
 def test_bad_options_are_rejected():
     model = nn.Linear(2, 2)
     x, y = torch.randn(3, 2), torch.tensor([0, 1, 0])

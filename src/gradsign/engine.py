@@ -88,6 +88,12 @@ FEW_CHANNEL_POSITIONS = 1024
 #: 1.1-2x faster at depth 4, within 10% either way at 16, up to 10% slower deeper (`bench/layer_kernels.py
 #: --products --threads 1 --batch-size 32`)
 SHALLOW_PRODUCT_DEPTH = 16
+#: BatchNorm layers normalise each sample by its own statistics as group normalisation with a group per
+#: channel where a channel holds more than this many values of a sample (maps larger than 2x2), by
+#: ``F.instance_norm`` on 2x2 maps (forward and backward, group normalisation took 0.2-0.82x instance
+#: normalisation's time on 4x4 to 32x32 maps and 1.0-1.3x on 2x2 ones in two runs of `python
+#: bench/layer_kernels.py --norms --threads 1 --batch-size 32`)
+FEW_NORM_POSITIONS = 4
 #: the sample whose batched per-sample gradients ``auto`` compares with its single-sample gradients: the
 #: second, so that in the first pass it has a neighbour on each side (a dependence on earlier or on later
 #: samples changes it) and a single batch-of-one pass is the reference
@@ -468,11 +474,30 @@ def _reference_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
 def _reference_then_batched_form(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                                  loss_fn: LossFn, layers: list[tuple[str, nn.Module]]
                                  ) -> tuple[list[dict[str, torch.Tensor | None]],
-                                            _CallShapes | None, BatchedForm]:
+                                            _CallShapes | None, _Forms]:
     """``_reference_grads`` of ``inputs``, then ``model`` put in its ``BatchedForm``, and the call shapes
-    the reference recorded (None without inputs: the batched pass reads them itself)."""
-    reference, single_shapes = _reference_grads(model, inputs, targets, loss_fn, layers)
-    return reference, single_shapes, BatchedForm(model)
+    the reference recorded (None without inputs: the batched pass reads them itself). The reference runs
+    with torch's own BatchNorm layers already in their single-sample form, which on one sample computes
+    what they do (so that the reference normalises as the batched pass does, to the bit); the rest of
+    the batched form (other norms, attention) comes after it, so that the reference checks it."""
+    norms = BatchedForm(model, attention=False, stock_norms_only=True)
+    try:
+        reference, single_shapes = _reference_grads(model, inputs, targets, loss_fn, layers)
+        return reference, single_shapes, _Forms(norms, BatchedForm(model))
+    except BaseException:
+        norms.undo()
+        raise
+
+
+class _Forms:
+    """Batched forms applied one after the other, undone in reverse order."""
+
+    def __init__(self, *forms: BatchedForm):
+        self.forms = forms
+
+    def undo(self) -> None:
+        for form in reversed(self.forms):
+            form.undo()
 
 
 def _loop_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
@@ -513,6 +538,11 @@ def _normalises_by_batch_statistics(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or not module.track_running_stats)
 
 
+def _stock_norm(module: nn.Module) -> bool:
+    """A BatchNorm running torch's own forward: on a batch of one ``_PerSampleNorm`` computes the same."""
+    return type(module).forward is nn.modules.batchnorm._BatchNorm.forward
+
+
 class _PerSampleNorm(nn.Module):
     """BatchNorm applied to a batch of one, for every sample at once: instance normalisation with the
     BatchNorm's eps and affine parameters (statistics over all dims after the channel dim). Where the
@@ -528,14 +558,22 @@ class _PerSampleNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, samples = x.shape[0], self.samples or x.shape[0]
         if rows <= samples:  # a row per sample (of all samples, or of some the model picked)
-            return F.instance_norm(x, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
+            return self._normalised(x)
         if rows % samples:
             raise UnsupportedModelError(f"a BatchNorm gets {rows} rows for {samples} samples (no whole number "
                                         "of rows per sample), so its single-sample statistics are not known")
         # (samples * r, C, ...) -> (samples, C, r, ...): one sample's rows are its instance's positions
         grouped = x.unflatten(0, (samples, rows // samples)).transpose(1, 2)
-        normalised = F.instance_norm(grouped, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
-        return normalised.transpose(1, 2).flatten(0, 1)
+        return self._normalised(grouped).transpose(1, 2).flatten(0, 1)
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        """Instance normalisation of (samples, C, ...) by group normalisation with a group per channel
+        (the same formula, faster than ``F.instance_norm`` on a CPU where a channel has more than
+        ``FEW_NORM_POSITIONS`` values); with one value per channel ``F.instance_norm`` raises torch's error
+        for it (group normalisation would give the bias)."""
+        if x.dim() > 2 and math.prod(x.shape[2:]) > FEW_NORM_POSITIONS:
+            return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+        return F.instance_norm(x, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
 
 
 class _IdentityProjection(nn.Module):
@@ -662,7 +700,7 @@ class BatchedForm:
     forward calling its out_proj as a module (so that its gradient hook sees it); ``undo`` restores the
     model."""
 
-    def __init__(self, model: nn.Module, *, attention: bool = True):
+    def __init__(self, model: nn.Module, *, attention: bool = True, stock_norms_only: bool = False):
         self.swapped: list[tuple[nn.Module, str, nn.Module]] = []
         self.attentions: list[nn.MultiheadAttention] = []
         for parent in list(model.modules()):
@@ -670,7 +708,7 @@ class BatchedForm:
                 parent.forward = types.MethodType(_attention_with_modular_out_proj, parent)
                 self.attentions.append(parent)
             for name, child in parent.named_children():
-                if _normalises_by_batch_statistics(child):
+                if _normalises_by_batch_statistics(child) and (not stock_norms_only or _stock_norm(child)):
                     setattr(parent, name, _PerSampleNorm(child))
                     self.swapped.append((parent, name, child))
         norms = [getattr(parent, name) for parent, name, _ in self.swapped]
