@@ -175,6 +175,36 @@ def test_the_float64_check_passes_every_exact_model(name, monkeypatch, caplog):
     assert caplog.text == ""
 
 
+@pytest.mark.parametrize("options", [dict(), dict(stride=2, padding=2, bias=True), dict(dilation=2, padding=(2, 1)),
+                                     dict(kernel_size=(3, 5), padding=(0, 2), stride=(1, 2))])
+def test_depthwise_convolutions_unfolded_in_the_float64_check_are_torchs(options):
+    torch.manual_seed(0)
+    options = {"kernel_size": 3, "padding": 1, "bias": False, **options}
+    conv = nn.Conv2d(6, 6, groups=6, **options).double()
+    x = torch.randn(3, 6, 7, 8, dtype=torch.float64, requires_grad=True)
+    expected = conv(x)
+    weight_grad, input_grad = torch.autograd.grad(expected.square().sum(), (conv.weight, x))
+    with engine_module._DepthwiseConvolutionsUnfolded():
+        assert engine_module._unfolds_well(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                           conv.groups)
+        out = conv(x)
+        grads = torch.autograd.grad(out.square().sum(), (conv.weight, x))
+    assert out.grad_fn.name() != expected.grad_fn.name()  # not torch's convolution
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(grads, (weight_grad, input_grad)))
+
+
+def test_only_small_float64_depthwise_convolutions_are_unfolded():
+    depthwise, grouped = torch.zeros(4, 1, 3, 3, dtype=torch.float64), torch.zeros(4, 2, 3, 3, dtype=torch.float64)
+    small, large = torch.zeros(2, 4, 8, 8, dtype=torch.float64), torch.zeros(2, 4, 9, 9, dtype=torch.float64)
+    assert engine_module._unfolds_well(small, depthwise, None, 1, 1, 1, 4)
+    assert not engine_module._unfolds_well(large, depthwise, None, 1, 1, 1, 4)  # 81 output positions
+    assert not engine_module._unfolds_well(small, grouped, None, 1, 1, 1, 2)
+    assert not engine_module._unfolds_well(small, depthwise, None, 1, "same", 1, 4)
+    assert not engine_module._unfolds_well(small.float(), depthwise.float(), None, 1, 1, 1, 4)
+    assert not engine_module._unfolds_well(small[0], depthwise, None, 1, 1, 1, 4)
+
+
 def test_sign_disagreement_counts_zeros_and_missing_gradients_as_signs():
     batched = {"a": torch.tensor([[1.0, -2.0, 0.0, 3.0]]), "b": torch.tensor([[0.0, 5.0]])}
     reference = {"a": torch.tensor([1.0, 2.0, 0.0, -1e-30]), "b": None, "c": torch.tensor([0.0, 0.0])}

@@ -808,12 +808,12 @@ def _use_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> boo
     convolutions that are 1x1 without padding (no unfolding needed), have at most ``MATMUL_POSITIONS``
     output positions or few input channels (``_few_input_channels``), and for grouped ones with at most
     ``GROUPED_MATMUL_POSITIONS`` (where the grouped convolution is slower; measured by
-    bench/layer_kernels.py)."""
+    bench/layer_kernels.py) or in float64."""
     if x.device.type != "cpu":
         return False
     positions = grad_out.shape[2] * grad_out.shape[3]
-    if conv.groups != 1:
-        return positions <= GROUPED_MATMUL_POSITIONS
+    if conv.groups != 1:  # in float64 torch's grouped convolutions take one group at a time
+        return positions <= GROUPED_MATMUL_POSITIONS or x.dtype == torch.float64
     pointwise = conv.weight.shape[2:] == (1, 1) and conv.dilation == (1, 1) and tuple(conv.padding) == (0, 0)
     return pointwise or positions <= MATMUL_POSITIONS or _few_input_channels(conv, positions)
 
@@ -1626,7 +1626,9 @@ def _float64_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
         targets = targets.double()
     layers = counted_layers(model)
     sample = slice(verified, verified + 1)
-    with _in_float64(model), _requires_grad_kept(model):
+    depthwise = any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.weight.shape[1] == 1 for m in model.modules())
+    with _in_float64(model), _requires_grad_kept(model), \
+            _DepthwiseConvolutionsUnfolded() if depthwise else contextlib.nullcontext():
         try:
             reference, single_shapes, swap = _reference_then_batched_form(model, inputs[sample], targets[sample],
                                                                           loss_fn, layers)
@@ -1673,6 +1675,52 @@ def _in_float64(model: nn.Module) -> Iterator[None]:
             p.grad = grad
         for m, name, b in buffers:
             m._buffers[name] = b
+
+
+_CONV2D_SIGNATURE = inspect.signature(lambda input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: None)
+
+
+class _DepthwiseConvolutionsUnfolded(TorchFunctionMode):
+    """Within the block, a depthwise ``F.conv2d`` in float64 on a CPU with a batched input, numeric padding
+    and at most ``MATMUL_POSITIONS`` output positions is computed as the product of each channel's kernel
+    with its unfolded input (the same sums): torch computes float64 grouped convolutions one group at a
+    time, forward and backward, which was most of MobileNetV2's float64 check (about 16,000 calls;
+    1.02x -> 0.70x of its forward+backward, ad hoc interleaved runs). Every torch call in the block pays
+    the mode's Python dispatch, so it is entered only for models with depthwise layers."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.conv2d:
+            call = _CONV2D_SIGNATURE.bind(*args, **kwargs)
+            call.apply_defaults()
+            if _unfolds_well(**call.arguments):
+                return _grouped_conv2d_unfolded(**call.arguments)
+        return func(*args, **kwargs)
+
+
+def _unfolds_well(input: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int) -> bool:
+    if weight.shape[1] != 1 or input.dim() != 4 or input.dtype != torch.float64 or input.device.type != "cpu":
+        return False
+    if isinstance(padding, str):
+        return False
+    (pad_h, pad_w), (stride_h, stride_w), (dil_h, dil_w) = map(nn.modules.utils._pair, (padding, stride, dilation))
+    out_h = (input.shape[2] + 2 * pad_h - dil_h * (weight.shape[2] - 1) - 1) // stride_h + 1
+    out_w = (input.shape[3] + 2 * pad_w - dil_w * (weight.shape[3] - 1) - 1) // stride_w + 1
+    return out_h * out_w <= MATMUL_POSITIONS
+
+
+def _grouped_conv2d_unfolded(input: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation,
+                             groups: int) -> torch.Tensor:
+    """``F.conv2d`` of a batched input with ``groups`` as a product per group over the unfolded input."""
+    padding, stride, dilation = map(nn.modules.utils._pair, (padding, stride, dilation))
+    out_channels, in_per_group, kernel_h, kernel_w = weight.shape
+    out_h = (input.shape[2] + 2 * padding[0] - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
+    out_w = (input.shape[3] + 2 * padding[1] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
+    columns = F.unfold(input, (kernel_h, kernel_w), dilation=dilation, padding=padding, stride=stride)
+    columns = columns.view(len(input), groups, in_per_group * kernel_h * kernel_w, out_h * out_w)
+    out = torch.matmul(weight.reshape(groups, out_channels // groups, -1), columns)
+    out = out.reshape(len(input), out_channels, out_h, out_w)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
 def _mismatch_cause(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
