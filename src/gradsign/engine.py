@@ -338,7 +338,7 @@ def _verified_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: to
     those per-sample gradients (one row per counted weight).
     Where the reference's graph used a counted weight outside its modules' calls, a one-sample probe
     looks for ``F.linear`` calls on it first, so that the batched pass counts them too.
-    ``verified_only``: form only the verified sample's gradients (the counts are then its alone)."""
+    ``verified_only``: form only the verified sample's gradients (and count no signs: no counts)."""
     if single_shapes is not None and single_shapes.used_elsewhere:
         single_shapes = _single_sample_input_shapes(model, inputs[:1], _weight_users(model, layers))
     counts, prefix = _batched_counts(model, inputs, targets, loss_fn, layers, chunk_size, verified=verified,
@@ -906,7 +906,7 @@ class _SignCountHooks:
     one forward (a reused module, or modules sharing it) has its per-sample gradients summed over the
     calls before the sign is taken. The per-sample gradients of sample ``verified`` of the first chunk
     (if any) are kept in ``prefix``, one row per weight, for verification; with ``verified_only``, only
-    that sample's are formed (the totals then count it alone).
+    that sample's are formed and kept, and no signs counted (``totals`` is not used).
 
     How a call's input holds the samples is read by comparing its shape with the same call's input shape
     for a single sample (``single_shapes``): ``samples`` times as many rows (a sample's rows consecutive),
@@ -916,6 +916,7 @@ class _SignCountHooks:
     def __init__(self, users: list[tuple[str, nn.Module]], totals: dict[str, torch.Tensor],
                  verified: int | None, single_shapes: _CallShapes, *, verified_only: bool = False):
         self.totals = totals
+        self.shapes = {name: m.weight.shape for name, m in users}
         self.verified = verified
         self.verified_only = verified_only and verified is not None
         self.prefix: dict[str, torch.Tensor] = {}
@@ -1092,7 +1093,8 @@ class _SignCountHooks:
             return False
         kept_sample = self._kept_sample()
         x, padding = _padded_input(conv, x)
-        kept = add_depthwise_signs(conv, x, grad_out, self.totals[name], padding, kept_sample)
+        counts = self.totals[name] if not self.verified_only else torch.zeros_like(conv.weight)
+        kept = add_depthwise_signs(conv, x, grad_out, counts, padding, kept_sample)
         if kept is not None:
             self.prefix[name] = kept[None]
         return True
@@ -1103,7 +1105,12 @@ class _SignCountHooks:
         formed for all samples at once a slice of the larger side at a time (of about ``SLICE_ELEMENTS``
         floats on a CPU), the smaller side spanning each product's rows, so that every slice's sign sum
         is already its rows' sum over the chunk. Where numba is installed, one fused loop forms and counts
-        them instead (``gradsign.sign_kernels``)."""
+        them instead (``gradsign.sign_kernels``). With ``verified_only`` only its product is kept."""
+        if self.verified_only:
+            kept_sample = self._kept_sample()
+            if kept_sample is not None:
+                self.prefix[name] = (a[kept_sample] @ b[kept_sample]).detach().reshape(1, *shape)
+            return
         if fused_available(a):
             self._add_fused_product_signs(name, a, b, shape)
             return
@@ -1161,7 +1168,7 @@ class _SignCountHooks:
             self._add_outer_product_signs(name, x[:, 0], grad_out[:, 0])
             return
         if x.shape[1] <= SHALLOW_PRODUCT_DEPTH:
-            self._add_product_signs(name, grad_out.transpose(1, 2), x, self.totals[name].shape)
+            self._add_product_signs(name, grad_out.transpose(1, 2), x, self.shapes[name])
             return
         step = self._slice(x.shape[2] * grad_out.shape[2], x)
         scratch = self._scratch(step * x.shape[2] * grad_out.shape[2], x)
@@ -1176,6 +1183,8 @@ class _SignCountHooks:
         v = self._kept_sample()
         if v is not None:
             self.prefix[name] = (grad_out[v:v + 1, :, None] * x[v:v + 1, None, :]).detach()
+        if self.verified_only:
+            return
         total = self.totals[name]
         total.addmm_(torch.sign(grad_out).transpose(0, 1).to(total.dtype), torch.sign(x).to(total.dtype))
 
@@ -1184,6 +1193,8 @@ class _SignCountHooks:
         if kept_sample is not None and 0 <= kept_sample - first < len(sample_grads):
             v = kept_sample - first
             self.prefix[name] = sample_grads[v:v + 1].detach().clone()
+        if self.verified_only:
+            return
         # signs in place (no copy of the per-sample gradients, whose memory traffic dominates on wide
         # layers), summed into a reused buffer and added to the totals
         signs = torch.sign(sample_grads, out=sample_grads)
@@ -1284,12 +1295,13 @@ def _batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Sign counts from batched passes, and the per-sample gradients of sample ``verified`` (one row per
     counted weight; none without it). With ``verified_only`` only that sample's gradients are formed
-    (the other samples still run through the model, and the counts are that sample's alone).
+    (the other samples still run through the model) and no signs are counted (the counts are empty).
     ``single_shapes``: the counted weights' calls' input shapes for one sample, when already known (a
     one-sample probe reads them otherwise); where they include functional ``F.linear`` calls, the forwards
     run under ``_FunctionalLinearCalls`` so that those calls are counted too."""
     model.requires_grad_(False)
-    totals = _zero_totals(layers)  # added to in place, turned into int32 counts once at the end
+    # added to in place, turned into int32 counts once at the end
+    totals = _zero_totals(layers) if not verified_only else {}
     users = _weight_users(model, layers)
     if single_shapes is None:
         single_shapes = _single_sample_input_shapes(model, inputs[:1], users)
