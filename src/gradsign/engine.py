@@ -1711,27 +1711,29 @@ class _DepthwiseConvolutionsUnfolded(TorchFunctionMode):
 
 
 def _unfolds_well(input: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int) -> bool:
+    """Whether ``_DepthwiseConvolutionsUnfolded`` computes this ``F.conv2d`` call itself."""
     if weight.shape[1] != 1 or input.dim() != 4 or input.dtype != torch.float64 or input.device.type != "cpu":
         return False
     if isinstance(padding, str):
         return False
+    return math.prod(_conv2d_output_size(input, weight, stride, padding, dilation)) <= MATMUL_POSITIONS
+
+
+def _conv2d_output_size(input: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, int]:
     (pad_h, pad_w), (stride_h, stride_w), (dil_h, dil_w) = map(nn.modules.utils._pair, (padding, stride, dilation))
-    out_h = (input.shape[2] + 2 * pad_h - dil_h * (weight.shape[2] - 1) - 1) // stride_h + 1
-    out_w = (input.shape[3] + 2 * pad_w - dil_w * (weight.shape[3] - 1) - 1) // stride_w + 1
-    return out_h * out_w <= MATMUL_POSITIONS
+    return ((input.shape[2] + 2 * pad_h - dil_h * (weight.shape[2] - 1) - 1) // stride_h + 1,
+            (input.shape[3] + 2 * pad_w - dil_w * (weight.shape[3] - 1) - 1) // stride_w + 1)
 
 
 def _grouped_conv2d_unfolded(input: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation,
                              groups: int) -> torch.Tensor:
     """``F.conv2d`` of a batched input with ``groups`` as a product per group over the unfolded input."""
-    padding, stride, dilation = map(nn.modules.utils._pair, (padding, stride, dilation))
-    out_channels, in_per_group, kernel_h, kernel_w = weight.shape
-    out_h = (input.shape[2] + 2 * padding[0] - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
-    out_w = (input.shape[3] + 2 * padding[1] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
-    columns = F.unfold(input, (kernel_h, kernel_w), dilation=dilation, padding=padding, stride=stride)
-    columns = columns.view(len(input), groups, in_per_group * kernel_h * kernel_w, out_h * out_w)
+    out_size = _conv2d_output_size(input, weight, stride, padding, dilation)
+    out_channels, in_per_group, *kernel = weight.shape
+    columns = F.unfold(input, kernel, dilation=dilation, padding=padding, stride=stride)
+    columns = columns.view(len(input), groups, in_per_group * math.prod(kernel), math.prod(out_size))
     out = torch.matmul(weight.reshape(groups, out_channels // groups, -1), columns)
-    out = out.reshape(len(input), out_channels, out_h, out_w)
+    out = out.reshape(len(input), out_channels, *out_size)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
