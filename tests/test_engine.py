@@ -568,15 +568,16 @@ def test_the_reference_and_the_batched_pass_normalise_a_sample_alike():
     verified sample in its batch to the bit as alone: the float32 verification sees no difference there."""
     torch.manual_seed(0)
     model = engine_module.scoring_mode(nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(4, affine=False)))
-    x = torch.randn(5, 4, 6, 6) * 3 + 1
     form = engine_module.BatchedForm(model, attention=False, stock_norms_only=True)
     try:
         assert all(isinstance(m, engine_module._PerSampleNorm) for m in model)
-        with torch.no_grad():
-            assert torch.equal(model(x)[1], model(x[1:2])[0])
-            assert torch.allclose(model(x[1:2]), F.batch_norm(F.batch_norm(x[1:2], None, None, model[0].weight,
-                                                                           model[0].bias, True), None, None,
-                                                              training=True), atol=1e-5)
+        for size in (6, 2):  # group normalisation, and instance normalisation on 2x2 maps
+            x = torch.randn(5, 4, size, size) * 3 + 1
+            with torch.no_grad():
+                assert torch.equal(model(x)[1], model(x[1:2])[0])
+                alone = F.batch_norm(F.batch_norm(x[1:2], None, None, model[0].weight, model[0].bias, True),
+                                     None, None, training=True)
+                assert torch.allclose(model(x[1:2]), alone, atol=1e-5)
     finally:
         form.undo()
     assert all(type(m) is nn.BatchNorm2d for m in model)
