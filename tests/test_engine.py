@@ -583,6 +583,18 @@ def test_the_reference_and_the_batched_pass_normalise_a_sample_alike():
     assert all(type(m) is nn.BatchNorm2d for m in model)
 
 
+def test_a_channels_last_model_counts_as_the_loop_in_float64(caplog):
+    torch.manual_seed(0)
+    model = cnn(nn.BatchNorm2d).double().to(memory_format=torch.channels_last)
+    x, y, _ = batch("image", 6)
+    x = x.double().contiguous(memory_format=torch.channels_last)
+    loop = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="loop")
+    with caplog.at_level("WARNING", logger="gradsign"):
+        auto = sign_counts(model, x, y, F.cross_entropy, engine="auto")
+    assert caplog.text == ""
+    assert all(torch.equal(auto[k], loop[k]) for k in loop)
+
+
 def test_bad_options_are_rejected():
     model = nn.Linear(2, 2)
     x, y = torch.randn(3, 2), torch.tensor([0, 1, 0])
