@@ -82,9 +82,7 @@ def add_depthwise_signs(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor
     channel), from its input ``x`` (zero ``padding`` on each side still to apply) and output gradient,
     by one loop over the samples along the channels (``_sign_loops.depthwise_signs``). Returns sample
     ``kept_sample``'s gradient dL_s/dW (None without one)."""
-    loops = _loops()
-    if loops is None:
-        raise RuntimeError("the fused loop needs numba")
+    loops = _required_loops()
     pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
     kernel_h, kernel_w = conv.kernel_size
     channels = conv.in_channels
@@ -135,10 +133,7 @@ def add_product_signs(a: torch.Tensor, b: torch.Tensor, totals: torch.Tensor,
         buffer = torch.empty(needed, dtype=a.dtype)
     counts, partial, signs, a_space, b_space = np.split(buffer.numpy()[:needed], np.cumsum(
         [(4 if in_place else padded_rows) * columns, 4 * columns, 4 * columns, samples * padded_rows * padded_depth]))
-    loops = _loops()
-    if loops is None:
-        raise RuntimeError("the fused loop needs numba")
-    kernel = loops.product_signs
+    kernel = _required_loops().product_signs
     factors = (_zero_padded(a.detach(), a_space.reshape(samples, padded_rows, padded_depth)),
                _zero_padded(b.detach(), b_space.reshape(samples, padded_depth, columns)))
     partial = partial.reshape(4, columns)
@@ -172,6 +167,14 @@ def _zero_padded(t: torch.Tensor, space: np.ndarray) -> np.ndarray:
         space.fill(0)
     space[tuple(slice(0, n) for n in t.shape)] = t.numpy()
     return space
+
+
+def _required_loops():
+    """``_loops()``, or RuntimeError where numba cannot run them."""
+    loops = _loops()
+    if loops is None:
+        raise RuntimeError("the fused loop needs numba")
+    return loops
 
 
 @functools.cache
