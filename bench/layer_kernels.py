@@ -22,7 +22,8 @@ products take their inputs from.
 ``--norms``: a BatchNorm applied to each sample alone, forward and backward, on the zoo's, NB201's and the
 narrow residual CNN's map shapes: ``F.instance_norm`` against group normalisation with a group per channel
 (the two ways ``engine._PerSampleNorm`` has; ``FEW_NORM_POSITIONS`` says where it takes which), whose
-float64 outputs and input gradients must agree to 1e-12 of their largest.
+float64 outputs and input gradients must agree to 1e-12 of their largest; and group normalisation on the
+same maps laid out channels-last against NCHW (the engine normalises channels-last maps from an NCHW copy).
 
 ``--depthwise``: the zoo's depthwise layers, their maps laid out as torch leaves them (NCHW) and
 channels-last (as ConvNeXt's are): the engine's torch way (the one its rules pick, then signs and sum)
@@ -240,7 +241,7 @@ NORMS = [(16, 32), (32, 32), (48, 32), (32, 16), (96, 16), (64, 8), (144, 8), (1
 def per_sample_norm(way: str, bn: nn.BatchNorm2d, x: torch.Tensor, grad_out: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output and input gradient of ``bn`` applied to each sample of ``x`` alone, by instance or group
-    normalisation."""
+    normalisation (``x`` and ``grad_out`` as laid out by the caller)."""
     x = x.detach().requires_grad_(True)
     if way == "instance":
         out = nn.functional.instance_norm(x, weight=bn.weight, bias=bn.bias, use_input_stats=True, eps=bn.eps)
@@ -252,8 +253,9 @@ def per_sample_norm(way: str, bn: nn.BatchNorm2d, x: torch.Tensor, grad_out: tor
 
 def norms(args: argparse.Namespace) -> None:
     """Per-sample BatchNorm by instance against group normalisation (see the module docstring)."""
-    print("| channels | size | instance norm (ms) | group norm (ms) | group / instance | engine uses |")
-    print("|---|---|---|---|---|---|")
+    print("| channels | size | instance norm (ms) | group norm (ms) | group / instance | group norm on channels-last "
+          "maps / on NCHW | engine uses |")
+    print("|---|---|---|---|---|---|---|")
     for channels, size in NORMS:
         torch.manual_seed(0)
         bn = nn.BatchNorm2d(channels)
@@ -263,13 +265,15 @@ def norms(args: argparse.Namespace) -> None:
         grad_out = torch.randn_like(x)
         instance = median_seconds(lambda: per_sample_norm("instance", bn, x, grad_out), args.repeats)
         group = median_seconds(lambda: per_sample_norm("group", bn, x, grad_out), args.repeats)
+        last = [t.contiguous(memory_format=torch.channels_last) for t in (x, grad_out)]
+        group_last = median_seconds(lambda: per_sample_norm("group", bn, *last), args.repeats)
         bn.double()
         wide = [per_sample_norm(way, bn, x.double(), grad_out.double()) for way in ("instance", "group")]
         if not all(torch.allclose(a, b, rtol=0, atol=1e-12 * float(a.abs().max())) for a, b in zip(*wide)):
             raise SystemExit(f"group and instance normalisation differ on {channels} channels, {size}x{size}")
         uses = "group" if size * size > engine.FEW_NORM_POSITIONS else "instance"
         print(f"| {channels} | {size}x{size} | {instance * 1e3:.3f} | {group * 1e3:.3f} | {group / instance:.2f} | "
-              f"{uses} |")
+              f"{group_last / group:.2f} | {uses} |")
 
 
 def main() -> None:

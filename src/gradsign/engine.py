@@ -90,8 +90,8 @@ FEW_CHANNEL_POSITIONS = 1024
 SHALLOW_PRODUCT_DEPTH = 16
 #: BatchNorm layers normalise each sample by its own statistics as group normalisation with a group per
 #: channel where a channel holds more than this many values of a sample (maps larger than 2x2), by
-#: ``F.instance_norm`` on 2x2 maps (forward and backward, group normalisation took 0.2-0.82x instance
-#: normalisation's time on 4x4 to 32x32 maps and 1.0-1.3x on 2x2 ones in two runs of `python
+#: ``F.instance_norm`` on 2x2 maps (forward and backward, group normalisation took 0.2-0.87x instance
+#: normalisation's time on 4x4 to 32x32 maps and 1.0-1.3x on 2x2 ones in three runs of `python
 #: bench/layer_kernels.py --norms --threads 1 --batch-size 32`)
 FEW_NORM_POSITIONS = 4
 #: the sample whose batched per-sample gradients ``auto`` compares with its single-sample gradients: the
@@ -570,7 +570,8 @@ class _PerSampleNorm(nn.Module):
         """Instance normalisation of (samples, C, ...) by group normalisation with a group per channel
         (the same formula, faster than ``F.instance_norm`` on a CPU where a channel has more than
         ``FEW_NORM_POSITIONS`` values; on a copy laid out contiguously, as ``F.instance_norm`` takes one,
-        since torch's channels-last group normalisation is several times slower with a group per channel);
+        since torch's channels-last group normalisation with a group per channel took 3.3-16x as long:
+        ``python bench/layer_kernels.py --norms``);
         with one value per channel ``F.instance_norm`` raises torch's error for it (group normalisation
         would give the bias)."""
         if x.dim() > 2 and math.prod(x.shape[2:]) > FEW_NORM_POSITIONS:
