@@ -134,9 +134,11 @@ def product_signs_shallow(hooks: engine._SignCountHooks, a: torch.Tensor, b: tor
 
 
 def product_signs_fused(hooks: engine._SignCountHooks, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    hooks.totals["w"] = a.new_zeros(a.shape[1], b.shape[2])
-    hooks._add_fused_product_signs("w", a, b, torch.Size((a.shape[1], b.shape[2])))
-    return hooks.totals.pop("w")
+    """The fused loop, into a buffer reused from call to call as the engine's hooks reuse theirs."""
+    totals = a.new_zeros(a.shape[1], b.shape[2])
+    sign_kernels.add_product_signs(a, b, totals, hooks._scratch(sign_kernels.scratch_elements(a, b, totals), a,
+                                                                "fused"))
+    return totals
 
 
 def products(args: argparse.Namespace) -> None:

@@ -291,6 +291,11 @@ def test_the_engines_unfolding_is_torchs(conv, shape, layout):
     out_size = conv(x).shape[2:]
     expected = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
     assert torch.equal(engine_module._unfolded(x, conv, conv.padding, out_size), expected)
+    # the fused loop's layout: (samples, positions, kernel row, kernel column, channel)
+    samples, channels = shape[:2]
+    expected = expected.view(samples, channels, *conv.kernel_size, -1).permute(0, 4, 2, 3, 1)
+    assert torch.equal(engine_module._unfolded_channels_last(x, conv, conv.padding, out_size),
+                       expected.reshape(samples, expected.shape[1], -1))
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5])

@@ -856,6 +856,29 @@ def _unfolded(x: torch.Tensor, conv: nn.Conv2d, padding: tuple[int, int] | int, 
     return columns
 
 
+def _unfolded_channels_last(x: torch.Tensor, conv: nn.Conv2d, padding: tuple[int, int] | int, out_size: torch.Size
+                            ) -> torch.Tensor:
+    """The input windows of every output position, (batch, positions, k_h k_w C), each ordered (kernel
+    row, kernel column, channel): one copy of ``x`` zero-padded channels-last (none without padding) and
+    one strided copy along its channels (for the fused loop, which wants the positions before the
+    columns: on the zoo's 2x2 and 4x4 maps 0.1-0.2x of torch's im2col followed by a transposing copy, ad
+    hoc)."""
+    pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
+    batch, channels, height, width = x.shape
+    padded = x.permute(0, 2, 3, 1)
+    if pad_h or pad_w:
+        padded = x.new_zeros(batch, height + 2 * pad_h, width + 2 * pad_w, channels)
+        padded[:, pad_h:pad_h + height, pad_w:pad_w + width] = x.permute(0, 2, 3, 1)
+    (kernel_h, kernel_w), (stride_h, stride_w), (dilation_h, dilation_w) = conv.kernel_size, conv.stride, conv.dilation
+    step_b, step_h, step_w, step_c = padded.stride()
+    windows = padded.as_strided((batch, *out_size, kernel_h, kernel_w, channels),
+                                (step_b, step_h * stride_h, step_w * stride_w, step_h * dilation_h,
+                                 step_w * dilation_w, step_c))
+    columns = x.new_empty(batch, out_size[0] * out_size[1], kernel_h * kernel_w * channels)
+    columns.view(windows.shape).copy_(windows)
+    return columns
+
+
 def _conv2d_sample_grads_matmul(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
                                 padding: tuple[int, int] | int, scratch: torch.Tensor | None = None
                                 ) -> torch.Tensor:
@@ -1085,8 +1108,11 @@ class _SignCountHooks:
                 or not _use_matmul(conv, x, grad_out)):
             return False
         x, padding = _padded_input(conv, x)
-        rows, columns = _conv2d_factors(conv, x, grad_out, padding)
-        self._add_product_signs(name, rows, columns.transpose(1, 2), conv.weight.shape)
+        out_channels, in_channels, kernel_h, kernel_w = conv.weight.shape
+        # columns in the order (kernel row, kernel column, channel), and so the products
+        self._add_product_signs(name, grad_out.reshape(len(grad_out), out_channels, -1),
+                                _unfolded_channels_last(x, conv, padding, grad_out.shape[2:]),
+                                torch.Size((out_channels, kernel_h, kernel_w, in_channels)), (0, 3, 1, 2))
         return True
 
     def _add_depthwise_signs(self, name: str, conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
@@ -1102,21 +1128,39 @@ class _SignCountHooks:
             self.prefix[name] = kept[None]
         return True
 
-    def _add_product_signs(self, name: str, a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> None:
+    def _add_product_signs(self, name: str, a: torch.Tensor, b: torch.Tensor, shape: torch.Size,
+                           permutation: tuple[int, ...] | None = None) -> None:
         """Sign counts, added to the totals, of per-sample gradients that are products ``a_n b_n`` (``a``:
-        (samples, out, depth), ``b``: (samples, depth, in); reshaped to the weight's ``shape``). They are
+        (samples, out, depth), ``b``: (samples, depth, in); reshaped to ``shape``: the weight's, or with
+        ``permutation`` the weight's dimensions in another order, which ``permutation`` restores). They are
         formed for all samples at once a slice of the larger side at a time (of about ``SLICE_ELEMENTS``
         floats on a CPU), the smaller side spanning each product's rows, so that every slice's sign sum
         is already its rows' sum over the chunk. Where numba is installed, one fused loop forms and counts
         them instead (``gradsign.sign_kernels``). With ``verified_only`` only its product is kept."""
+        kept_sample = self._kept_sample()
         if self.verified_only:
-            kept_sample = self._kept_sample()
             if kept_sample is not None:
-                self.prefix[name] = (a[kept_sample] @ b[kept_sample]).detach().reshape(1, *shape)
+                self._keep(name, (a[kept_sample] @ b[kept_sample]).detach().reshape(1, *shape), permutation)
             return
+        totals = self.totals[name]
+        counts = totals if permutation is None else (
+            self._scratch(shape.numel(), totals, "permuted")[:shape.numel()].view(shape).zero_())
         if fused_available(a):
-            self._add_fused_product_signs(name, a, b, shape)
-            return
+            if kept_sample is not None:
+                self._keep(name, (a[kept_sample] @ b[kept_sample]).detach().reshape(1, *shape), permutation)
+            rows = counts.view(a.shape[1], b.shape[2])
+            add_product_signs(a, b, rows, self._scratch(scratch_elements(a, b, rows), a, "fused"))
+        else:
+            kept = self._add_product_signs_by_torch(a, b, counts, kept_sample)
+            if kept is not None:
+                self._keep(name, kept.reshape(1, *shape), permutation)
+        if permutation is not None:
+            totals += counts.permute(permutation)
+
+    def _add_product_signs_by_torch(self, a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor,
+                                    kept_sample: int | None) -> torch.Tensor | None:
+        """``_add_product_signs`` by batched products into a reused buffer, their signs and sums, added to
+        ``counts`` (any shape of out x in elements); returns sample ``kept_sample``'s product (out, in)."""
         samples, transposed = len(a), b.shape[2] > a.shape[1]
         if transposed:  # slices of the input side: products b_n^T a_n^T, whose sums are the counts transposed
             a, b = b.transpose(1, 2), a.transpose(1, 2)
@@ -1124,7 +1168,6 @@ class _SignCountHooks:
         step = max(1, SLICE_ELEMENTS // (samples * whole)) if a.device.type == "cpu" else sliced
         buffer = self._scratch(samples * min(step, sliced) * whole, a)
         sums = self._scratch(sliced * whole, a, "sums")[:sliced * whole].view(sliced, whole)
-        kept_sample = self._kept_sample()
         kept = a.new_empty(sliced, whole) if kept_sample is not None else None
         for part in _chunks(sliced, step):
             out = _scratch_view(buffer, (samples, part.stop - part.start, whole), a.dtype)
@@ -1132,17 +1175,14 @@ class _SignCountHooks:
             if kept is not None:
                 kept[part] = products[kept_sample]
             torch.sum(torch.sign(products, out=products), 0, out=sums[part])
-        if kept is not None:
-            self.prefix[name] = (kept.t() if transposed else kept).reshape(1, *shape)
-        total = self.totals[name].view(-1, whole if not transposed else sliced)
+        total = counts.view(-1, whole if not transposed else sliced)
         total += sums.t() if transposed else sums
+        return None if kept is None else kept.t() if transposed else kept
 
-    def _add_fused_product_signs(self, name: str, a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> None:
-        kept_sample = self._kept_sample()
-        if kept_sample is not None:
-            self.prefix[name] = (a[kept_sample] @ b[kept_sample]).detach().reshape(1, *shape)
-        total = self.totals[name].view(a.shape[1], b.shape[2])
-        add_product_signs(a, b, total, self._scratch(scratch_elements(a, b, total), a, "fused"))
+    def _keep(self, name: str, sample_grads: torch.Tensor, permutation: tuple[int, ...] | None) -> None:
+        """Keep the verified sample's gradients (1, *shape), their dimensions put in the weight's order."""
+        self.prefix[name] = sample_grads if permutation is None else sample_grads.permute(
+            0, *(d + 1 for d in permutation))
 
     def _slice(self, per_sample: int, x: torch.Tensor) -> int:
         """Samples per slice: per-sample gradients of about ``SLICE_ELEMENTS`` floats on a CPU."""
