@@ -295,7 +295,26 @@ def test_the_engines_unfolding_is_torchs(conv, shape, layout):
     samples, channels = shape[:2]
     expected = expected.view(samples, channels, *conv.kernel_size, -1).permute(0, 4, 2, 3, 1)
     assert torch.equal(engine_module._unfolded_channels_last(x, conv, conv.padding, out_size),
-                       expected.reshape(samples, expected.shape[1], -1))
+                       expected.reshape(1, samples, expected.shape[1], -1))
+
+
+@pytest.mark.parametrize("conv, shape", [
+    (nn.Conv2d(8, 6, 3, padding=1, groups=2), (3, 8, 4, 4)),
+    (nn.Conv2d(12, 8, (3, 2), stride=2, dilation=(1, 2), padding=(1, 2), groups=4), (2, 12, 5, 6)),
+])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_the_channels_last_unfolding_of_a_grouped_convolution_holds_each_groups_windows(conv, shape, layout):
+    x = torch.randn(shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out_size = conv(x).shape[2:]
+    groups, per_group = conv.groups, shape[1] // conv.groups
+    columns = engine_module._unfolded_channels_last(x, conv, conv.padding, out_size)
+    for g in range(groups):
+        own = x[:, g * per_group:(g + 1) * per_group]
+        expected = F.unfold(own, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+        expected = expected.view(shape[0], per_group, *conv.kernel_size, -1).permute(0, 4, 2, 3, 1)
+        assert torch.equal(columns[g], expected.reshape(shape[0], expected.shape[1], -1))
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5])

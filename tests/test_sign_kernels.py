@@ -9,8 +9,8 @@ from torch import nn
 
 import gradsign.engine as engine_module
 from gradsign.engine import engine_warnings, sign_counts
-from gradsign.sign_kernels import (add_depthwise_signs, add_product_signs, depthwise_available, fused_available,
-                                  loops_available, scratch_elements)
+from gradsign.sign_kernels import (add_depthwise_signs, add_grouped_product_signs, add_product_signs,
+                                  depthwise_available, fused_available, loops_available, scratch_elements)
 
 pytest.importorskip("numba")
 
@@ -43,6 +43,27 @@ def test_counts_equal_torch_in_float64(samples, rows, columns, depth):
     stale = torch.full((scratch_elements(a, b, again) + 5,), float("nan"), dtype=torch.float64)
     add_product_signs(a, b, again, stale)
     assert torch.equal(again, torch_counts(a, b))
+
+
+@pytest.mark.parametrize("groups, samples, rows, depth, columns", [(3, 5, 8, 4, 9), (24, 4, 16, 4, 144), (2, 3, 4, 16, 1)])
+def test_grouped_counts_equal_torch_per_group_in_float64(groups, samples, rows, depth, columns):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(groups, samples, rows, depth, generator=g, dtype=torch.float64)
+    b = torch.randn(groups, samples, depth, columns, generator=g, dtype=torch.float64)
+    b[:, :, :, 0] = 0  # exact zero products: sign 0
+    totals = torch.full((groups, rows, columns), 2.0, dtype=torch.float64)
+    add_grouped_product_signs(a, b, totals)
+    assert torch.equal(totals, torch.stack([torch_counts(a[i], b[i]) for i in range(groups)]) + 2)
+
+
+@pytest.mark.parametrize("a, b, totals", [
+    (torch.zeros(2, 3, 6, 4), torch.zeros(2, 3, 4, 5), torch.zeros(2, 6, 5)),  # rows not a multiple of four
+    (torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 5), torch.zeros(2, 5, 4).transpose(1, 2)),  # not contiguous
+    (torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 5), torch.zeros(2, 4, 5, dtype=torch.float64)),
+])
+def test_grouped_counts_refuse_what_the_loop_cannot_read(a, b, totals):
+    with pytest.raises(ValueError, match="multiples of four"):
+        add_grouped_product_signs(a, b, totals)
 
 
 def test_float32_counts_differ_from_float64_only_by_rounding():
@@ -189,15 +210,38 @@ class SmallMaps(nn.Module):
         return self.head(self.pointwise(torch.relu(self.rectangular(x))).mean((2, 3)))
 
 
+class GroupedSmallMaps(nn.Module):
+    """Grouped convolutions on 4x4 and 2x2 maps (as in RegNet's last stages): two groups of eight channels
+    on 4x4 maps (not the fused loop's), then on 2x2 maps four groups with a stride of 2 and a rectangular
+    kernel, a grouped 1x1, and groups of two output channels (not the fused loop's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=4, padding=1)  # 16x16 -> 4x4, 3 input channels
+        self.two_groups = nn.Conv2d(16, 16, 3, padding=1, groups=2)
+        self.strided = nn.Conv2d(16, 32, (3, 2), stride=2, padding=(1, 0), groups=4)  # -> 2x2
+        self.pointwise = nn.Conv2d(32, 16, 1, groups=4)
+        self.narrow_groups = nn.Conv2d(16, 16, 3, padding=1, groups=8)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.two_groups(torch.relu(self.stem(x))))
+        x = torch.relu(self.pointwise(torch.relu(self.strided(x))))
+        return self.head(torch.tanh(self.narrow_groups(x)).mean((2, 3)))
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("model_class, samples, fused_calls", [
     (FewTokens, 12, 3),  # conv, wide and narrow; the head sees one row per sample
     (SmallMaps, 7, 4),  # all but the stem (64 positions); the head sees one row per sample
+    (GroupedSmallMaps, 6, 3),  # the stem (4x4 maps), two grouped layers on 2x2 maps (one call each)
 ])
 def test_engine_counts_equal_the_loop_in_float64_with_and_without_the_fused_loop(fused, model_class, samples,
                                                                                 fused_calls, monkeypatch):
     calls = []
     monkeypatch.setattr(engine_module, "add_product_signs", lambda *args: calls.append(1) or add_product_signs(*args))
+    monkeypatch.setattr(engine_module, "add_grouped_product_signs",
+                        lambda *args: calls.append(1) or add_grouped_product_signs(*args))
     if not fused:
         monkeypatch.setattr(engine_module, "fused_available", lambda a: False)
     assert_engine_equals_loop(model_class, samples)

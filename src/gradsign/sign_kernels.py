@@ -151,6 +151,21 @@ def add_product_signs(a: torch.Tensor, b: torch.Tensor, totals: torch.Tensor,
         totals[whole:] += torch.from_numpy(counts[:rows - whole])
 
 
+def add_grouped_product_signs(a: torch.Tensor, b: torch.Tensor, totals: torch.Tensor) -> None:
+    """``totals[g, o, i] += sum_s sign(sum_p a[g, s, o, p] b[g, s, p, i])`` for every group g, in place,
+    in the calling thread: ``a``: (groups, samples, rows, depth) and ``b``: (groups, samples, depth,
+    columns), C-contiguous CPU tensors with rows and depth multiples of four; ``totals``: (groups, rows,
+    columns), C-contiguous, of their dtype."""
+    groups, samples, rows, depth = a.shape
+    if (rows % 4 or depth % 4 or b.shape != (groups, samples, depth, b.shape[3]) or totals.shape != (groups, rows, b.shape[3])
+            or not all(t.is_contiguous() and t.dtype == a.dtype for t in (a, b, totals))):
+        raise ValueError("add_grouped_product_signs needs contiguous factors of one dtype, rows and depth multiples "
+                         "of four")
+    partial = np.empty((4, b.shape[3]), dtype=_numpy_dtype(a))
+    signs = np.empty((4, b.shape[3]), dtype=np.int32)
+    _required_loops().grouped_product_signs(a.detach().numpy(), b.detach().numpy(), totals.numpy(), partial, signs)
+
+
 def _counted_in_place(a: torch.Tensor, totals: torch.Tensor) -> bool:
     return totals.is_contiguous() and totals.dtype == a.dtype and totals.device.type == "cpu"
 
