@@ -45,7 +45,8 @@ def test_counts_equal_torch_in_float64(samples, rows, columns, depth):
     assert torch.equal(again, torch_counts(a, b))
 
 
-@pytest.mark.parametrize("groups, samples, rows, depth, columns", [(3, 5, 8, 4, 9), (24, 4, 16, 4, 144), (2, 3, 4, 16, 1)])
+@pytest.mark.parametrize("groups, samples, rows, depth, columns", [
+    (3, 5, 8, 4, 9), (24, 4, 16, 4, 144), (2, 3, 4, 16, 1)])
 def test_grouped_counts_equal_torch_per_group_in_float64(groups, samples, rows, depth, columns):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(groups, samples, rows, depth, generator=g, dtype=torch.float64)

@@ -157,12 +157,13 @@ def add_grouped_product_signs(a: torch.Tensor, b: torch.Tensor, totals: torch.Te
     columns), C-contiguous CPU tensors with rows and depth multiples of four; ``totals``: (groups, rows,
     columns), C-contiguous, of their dtype."""
     groups, samples, rows, depth = a.shape
-    if (rows % 4 or depth % 4 or b.shape != (groups, samples, depth, b.shape[3]) or totals.shape != (groups, rows, b.shape[3])
+    columns = b.shape[3]
+    if (rows % 4 or depth % 4 or b.shape != (groups, samples, depth, columns) or totals.shape != (groups, rows, columns)
             or not all(t.is_contiguous() and t.dtype == a.dtype for t in (a, b, totals))):
         raise ValueError("add_grouped_product_signs needs contiguous factors of one dtype, rows and depth multiples "
                          "of four")
-    partial = np.empty((4, b.shape[3]), dtype=_numpy_dtype(a))
-    signs = np.empty((4, b.shape[3]), dtype=np.int32)
+    partial = np.empty((4, columns), dtype=_numpy_dtype(a))
+    signs = np.empty((4, columns), dtype=np.int32)
     _required_loops().grouped_product_signs(a.detach().numpy(), b.detach().numpy(), totals.numpy(), partial, signs)
 
 
