@@ -275,6 +275,29 @@ def test_per_sample_gradients_by_forward_convolution_match_autograd_per_sample(c
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("conv, size", [
+    (nn.Conv2d(6, 5, 3, padding=1), 8),
+    (nn.Conv2d(6, 5, (3, 2), stride=2, dilation=(2, 1), padding=(2, 0)), 13),
+    (nn.Conv2d(6, 5, 3, padding=1), 9),  # 81 positions
+    (nn.Conv2d(6, 5, 1), 6),  # 1x1: the input itself
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_per_sample_gradients_by_matrix_product_match_autograd_per_sample(conv, size, channels_last):
+    torch.manual_seed(0)
+    conv = conv.double()
+    x = torch.randn(4, conv.in_channels, size, size, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn_like(conv(x))
+    expected = torch.stack([torch.autograd.grad(conv(x[i:i + 1]), conv.weight, grad_out[i:i + 1])[0]
+                            for i in range(len(x))])
+    padded, padding = engine_module._padded_input(conv, x)
+    scratch = torch.full((expected.numel() + 3,), float("nan"), dtype=torch.float64)  # old contents play no part
+    for buffer in (None, scratch):
+        grads = engine_module._conv2d_sample_grads_matmul(conv, padded, grad_out, padding, buffer)
+        torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("conv, shape", [
     (nn.Conv2d(4, 4, 3, padding=1), (3, 4, 9, 9)),
     (nn.Conv2d(4, 4, (3, 5), stride=(2, 1), dilation=(1, 2), padding=(1, 3)), (3, 4, 13, 11)),
