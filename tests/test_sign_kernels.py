@@ -214,7 +214,8 @@ class SmallMaps(nn.Module):
 class GroupedSmallMaps(nn.Module):
     """Grouped convolutions on 4x4 and 2x2 maps (as in RegNet's last stages): two groups of eight channels
     on 4x4 maps (not the fused loop's), then on 2x2 maps four groups with a stride of 2 and a rectangular
-    kernel, a grouped 1x1, and groups of two output channels (not the fused loop's)."""
+    kernel, a grouped 1x1 on channels-last maps, and groups of two output channels (not the fused
+    loop's)."""
 
     def __init__(self):
         super().__init__()
@@ -227,7 +228,8 @@ class GroupedSmallMaps(nn.Module):
 
     def forward(self, x):
         x = torch.relu(self.two_groups(torch.relu(self.stem(x))))
-        x = torch.relu(self.pointwise(torch.relu(self.strided(x))))
+        x = torch.relu(self.strided(x)).contiguous(memory_format=torch.channels_last)
+        x = torch.relu(self.pointwise(x))
         return self.head(torch.tanh(self.narrow_groups(x)).mean((2, 3)))
 
 

@@ -1143,7 +1143,7 @@ class _SignCountHooks:
         (samples, out, depth), a group's output channels consecutive; ``b``: (groups, samples, depth,
         in/groups)."""
         groups, samples = b.shape[:2]
-        a = a.view(samples, groups, -1).transpose(0, 1).contiguous().view(groups, samples, -1, a.shape[2])
+        a = a.reshape(samples, groups, -1, a.shape[2]).transpose(0, 1).contiguous()
         kept_sample = self._kept_sample()
         if kept_sample is not None:
             self._keep(name, torch.bmm(a[:, kept_sample], b[:, kept_sample]).reshape(1, *shape), permutation)
