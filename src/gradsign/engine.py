@@ -1149,10 +1149,9 @@ class _SignCountHooks:
             self._keep(name, torch.bmm(a[:, kept_sample], b[:, kept_sample]).reshape(1, *shape), permutation)
         if self.verified_only:
             return
-        totals = self.totals[name]
-        counts = self._scratch(shape.numel(), a, "permuted")[:shape.numel()].view(groups, a.shape[2], -1).zero_()
-        add_grouped_product_signs(a, b, counts)
-        totals += counts.view(shape).permute(permutation)
+        counts = self._formed_counts(shape, a)
+        add_grouped_product_signs(a, b, counts.view(groups, a.shape[2], -1))
+        self.totals[name] += counts.permute(permutation)
 
     def _add_depthwise_signs(self, name: str, conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
         """Sign counts of a depthwise Conv2d's one call by the depthwise loop of ``gradsign.sign_kernels``
@@ -1176,17 +1175,14 @@ class _SignCountHooks:
         floats on a CPU), the smaller side spanning each product's rows, so that every slice's sign sum
         is already its rows' sum over the chunk. Where numba is installed, one fused loop forms and counts
         them instead (``gradsign.sign_kernels``). With ``verified_only`` only its product is kept."""
-        kept_sample = self._kept_sample()
+        kept_sample, fused = self._kept_sample(), fused_available(a)
+        if kept_sample is not None and (self.verified_only or fused):  # torch's way keeps it as it forms it
+            self._keep(name, (a[kept_sample] @ b[kept_sample]).detach().reshape(1, *shape), permutation)
         if self.verified_only:
-            if kept_sample is not None:
-                self._keep(name, (a[kept_sample] @ b[kept_sample]).detach().reshape(1, *shape), permutation)
             return
         totals = self.totals[name]
-        counts = totals if permutation is None else (
-            self._scratch(shape.numel(), totals, "permuted")[:shape.numel()].view(shape).zero_())
-        if fused_available(a):
-            if kept_sample is not None:
-                self._keep(name, (a[kept_sample] @ b[kept_sample]).detach().reshape(1, *shape), permutation)
+        counts = totals if permutation is None else self._formed_counts(shape, totals)
+        if fused:
             rows = counts.view(a.shape[1], b.shape[2])
             add_product_signs(a, b, rows, self._scratch(scratch_elements(a, b, rows), a, "fused"))
         else:
@@ -1217,6 +1213,11 @@ class _SignCountHooks:
         total = counts.view(-1, whole if not transposed else sliced)
         total += sums.t() if transposed else sums
         return None if kept is None else kept.t() if transposed else kept
+
+    def _formed_counts(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        """Zeroed sign counts of ``shape`` (the order in which products are formed) in a reused buffer of
+        ``like``'s dtype, to be added to the totals permuted into the weight's order."""
+        return self._scratch(shape.numel(), like, "permuted")[:shape.numel()].view(shape).zero_()
 
     def _keep(self, name: str, sample_grads: torch.Tensor, permutation: tuple[int, ...] | None) -> None:
         """Keep the verified sample's gradients (1, *shape), their dimensions put in the weight's order."""
