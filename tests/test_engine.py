@@ -249,6 +249,12 @@ def test_every_padding_mode_with_uneven_same_padding_matches_the_loop_in_float64
     assert all(torch.equal(counts["batched"][k], counts["loop"][k]) for k in counts["loop"])
 
 
+def autograd_per_sample(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """dW of each sample alone, by autograd: (samples, *W.shape)."""
+    return torch.stack([torch.autograd.grad(conv(x[i:i + 1]), conv.weight, grad_out[i:i + 1])[0]
+                        for i in range(len(x))])
+
+
 @pytest.mark.parametrize("conv, size, rule_picks_it", [
     (nn.Conv2d(3, 5, 7, stride=2, padding=3), 20, True),  # a ResNet stem
     (nn.Conv2d(1, 4, 5, padding=2), 12, True),
@@ -266,8 +272,7 @@ def test_per_sample_gradients_by_forward_convolution_match_autograd_per_sample(c
     conv = conv.double()
     x = torch.randn(5, conv.in_channels, size, size, dtype=torch.float64)
     grad_out = torch.randn_like(conv(x))
-    expected = torch.stack([torch.autograd.grad(conv(x[i:i + 1]), conv.weight, grad_out[i:i + 1])[0]
-                            for i in range(len(x))])
+    expected = autograd_per_sample(conv, x, grad_out)
     padded, padding = engine_module._padded_input(conv, x)
     assert engine_module._use_forward_convolution(conv, padded, grad_out) == rule_picks_it
     grads = engine_module._forward_convolution_sample_grads(conv, padded, grad_out, padding)
@@ -289,8 +294,7 @@ def test_per_sample_gradients_by_matrix_product_match_autograd_per_sample(conv, 
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     grad_out = torch.randn_like(conv(x))
-    expected = torch.stack([torch.autograd.grad(conv(x[i:i + 1]), conv.weight, grad_out[i:i + 1])[0]
-                            for i in range(len(x))])
+    expected = autograd_per_sample(conv, x, grad_out)
     padded, padding = engine_module._padded_input(conv, x)
     scratch = torch.full((expected.numel() + 3,), float("nan"), dtype=torch.float64)  # old contents play no part
     for buffer in (None, scratch):
