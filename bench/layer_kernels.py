@@ -25,6 +25,12 @@ narrow residual CNN's map shapes: ``F.instance_norm`` against group normalisatio
 float64 outputs and input gradients must agree to 1e-12 of their largest; and group normalisation on the
 same maps laid out channels-last against NCHW (the engine normalises channels-last maps from an NCHW copy).
 
+``--small-maps``: convolutions on 2x2 and 4x4 maps (ResNet's, RegNetX's grouped ones), one call's sign
+counts as the engine forms them (``_add_shallow_conv_signs``: channels-last windows into the fused loop,
+grouped layers a compiled call for all groups) against the way before it (ungrouped: ``F.unfold``'s
+columns copied transposed into the loop; grouped: per-sample-and-group products, signs and sums), whose
+float64 counts must be equal; batch 32 is the zoo's.
+
 ``--depthwise``: the zoo's depthwise layers, their maps laid out as torch leaves them (NCHW) and
 channels-last (as ConvNeXt's are): the engine's torch way (the one its rules pick, then signs and sum)
 against the depthwise loop of ``gradsign.sign_kernels`` (numba; copying both maps channels-last where
@@ -32,7 +38,7 @@ they are not), whose float64 counts must equal the torch way's; ``depthwise_avai
 engine uses.
 
     python bench/layer_kernels.py [--threads N] [--repeats 7] [--batch-size 64] [--products | --unfold |
-                                   --depthwise | --norms]
+                                   --depthwise | --norms | --small-maps]
 """
 from __future__ import annotations
 
@@ -197,6 +203,49 @@ def unfolds(args: argparse.Namespace) -> None:
         print(f"| {cin} | {k} | {size} | {stride} | {plain * 1e3:.3f} | {ours * 1e3:.3f} | {ours / plain:.2f} |")
 
 
+#: (in, out, input size, stride, groups): ResNet's 3x3 layers on 4x4 and 2x2 maps, RegNetX's grouped ones
+SMALL_MAPS = [(128, 128, 4, 1, 1), (256, 256, 2, 1, 1), (64, 128, 8, 2, 1), (128, 256, 4, 2, 1),
+              (384, 384, 2, 1, 24), (384, 384, 4, 2, 24)]
+
+
+def small_map_counts(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, way: str) -> torch.Tensor:
+    """One call's sign counts by the engine's hooks (``way`` "engine") or by the way before this engine's
+    channels-last windows and grouped loop ("before")."""
+    totals = {"w": torch.zeros_like(conv.weight)}
+    hooks = engine._SignCountHooks([], totals, None, engine._CallShapes())
+    hooks.samples = len(x)
+    if way == "engine":
+        if not hooks._add_shallow_conv_signs("w", conv, x, grad_out):
+            raise SystemExit(f"the engine does not take {tuple(conv.weight.shape)} on {tuple(x.shape)} as a small map")
+    elif conv.groups == 1:
+        padded, padding = engine._padded_input(conv, x)
+        rows, columns = engine._conv2d_factors(conv, padded, grad_out, padding)
+        hooks._add_product_signs("w", rows, columns.transpose(1, 2), conv.weight.shape)
+    else:
+        hooks._add_signs("w", engine._sample_grads(conv, x, grad_out, len(x)), 0)
+    return totals["w"]
+
+
+def small_maps(args: argparse.Namespace) -> None:
+    if not sign_kernels.loops_available():
+        raise SystemExit("--small-maps times the fused loop, which needs numba (pip install gradsign[fast])")
+    print("| in | out | size | stride | groups | before (ms) | engine (ms) | engine / before |")
+    print("|---|---|---|---|---|---|---|---|")
+    for cin, cout, size, stride, groups in SMALL_MAPS:
+        torch.manual_seed(0)
+        conv = nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=False)
+        x = torch.randn(args.batch_size, cin, size, size)
+        grad_out = torch.randn_like(conv(x))
+        exact = [small_map_counts(conv.double(), x.double(), grad_out.double(), way) for way in ("before", "engine")]
+        if not torch.equal(*exact):
+            raise SystemExit(f"the two ways' float64 counts differ on {cin} -> {cout} channels, {size}x{size}")
+        conv.float()
+        before, ours = (median_seconds(lambda way=way: small_map_counts(conv, x, grad_out, way), args.repeats)
+                        for way in ("before", "engine"))
+        print(f"| {cin} | {cout} | {size} | {stride} | {groups} | {before * 1e3:.3f} | {ours * 1e3:.3f} | "
+              f"{ours / before:.2f} |")
+
+
 #: (channels, kernel, input size, stride): ConvNeXt's 7x7 layers, MobileNetV2's, EfficientNet's and
 #: MobileViT's 3x3 and 5x5 ones
 DEPTHWISE = [(32, 7, 16, 1), (64, 7, 8, 1), (128, 7, 4, 1), (256, 7, 2, 1), (16, 3, 32, 1), (32, 3, 32, 1),
@@ -287,6 +336,8 @@ def main() -> None:
     parser.add_argument("--unfold", action="store_true", help="time torch's unfolding against the engine's")
     parser.add_argument("--depthwise", action="store_true", help="time the depthwise loop against the torch way")
     parser.add_argument("--norms", action="store_true", help="time per-sample BatchNorm's two ways")
+    parser.add_argument("--small-maps", action="store_true",
+                        help="time the engine's counts on 2x2 and 4x4 maps against the way before")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -302,6 +353,9 @@ def main() -> None:
         return
     if args.norms:
         norms(args)
+        return
+    if args.small_maps:
+        small_maps(args)
         return
     print("| in | out | kernel | size | stride | groups | batched dW (ms) | grouped / dW | matmul / dW | "
           "forward / dW | rule picks |")

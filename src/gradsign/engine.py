@@ -860,8 +860,8 @@ def _grouped_in_fused_loop(conv: nn.Conv2d, rows: torch.Tensor) -> bool:
     """Whether a grouped convolution's per-sample products ``rows`` (samples, out, positions) go to the fused
     loop: on at most ``GROUPED_MATMUL_POSITIONS`` positions (a multiple of four), with output channels per
     group a multiple of four and more than one input channel per group, where the loop is available.
-    On RegNetX's 2x2 maps (24 groups of 16 channels) 0.55-0.75x the batched matrix product's time, on
-    4x4 maps slower (ad hoc, one torch thread)."""
+    On RegNetX's 2x2 maps (24 groups of 16 channels) 0.34-0.40x the time of the per-sample-and-group
+    products (``python bench/layer_kernels.py --small-maps``); on 4x4 maps slower."""
     positions = rows.shape[2]
     return (positions <= GROUPED_MATMUL_POSITIONS and positions % 4 == 0 and (conv.out_channels // conv.groups) % 4 == 0
             and conv.in_channels // conv.groups > 1 and fused_available(rows))
@@ -872,8 +872,8 @@ def _unfolded_channels_last(x: torch.Tensor, conv: nn.Conv2d, padding: tuple[int
     """The input windows of every output position, (groups, batch, positions, k_h k_w C/G), each ordered
     (kernel row, kernel column, channel of the group): one copy of ``x`` zero-padded channels-last (none
     without padding) and one strided copy along its channels (for the fused loop, which wants the
-    positions before the columns: on the zoo's 2x2 and 4x4 maps 0.1-0.2x of torch's im2col followed by
-    a transposing copy, ad hoc)."""
+    positions before the columns; ``python bench/layer_kernels.py --small-maps`` times the whole call
+    against torch's im2col copied transposed)."""
     pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
     batch, channels, height, width = x.shape
     padded = x.permute(0, 2, 3, 1)
