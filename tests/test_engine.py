@@ -213,6 +213,23 @@ def test_sign_disagreement_counts_zeros_and_missing_gradients_as_signs():
     assert engine_module._sign_disagreement(batched, {"a": batched["a"][0]}) == 0.0
 
 
+def test_sampled_sign_disagreement_reads_the_same_weights_in_any_layout():
+    # gradients kept as a permuted view (formed with the kernel's channel last) are sampled at the same
+    # weights as contiguous ones: the tiles along the diagonal of (out channels, the rest flattened)
+    torch.manual_seed(0)
+    single = torch.randn(16, 8, 3, 3)
+    flipped = torch.where(torch.rand(single.shape) < 0.3, -single, single)
+    permuted = flipped.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)[None]
+    assert not permuted[0].is_contiguous()
+    tiles, rows, columns = 4, 16, 72  # sample 256 of 1,152 weights: four 8x8 tiles
+    step_rows, step_columns = (rows - 8) // tiles, (columns - 8) // tiles
+    flat_single, flat_flipped = single.reshape(rows, columns), flipped.reshape(rows, columns)
+    expected = sum(int(torch.sign(flat_single[r, c]) != torch.sign(flat_flipped[r, c]))
+                   for t in range(tiles) for r in range(t * step_rows, t * step_rows + 8)
+                   for c in range(t * step_columns, t * step_columns + 8)) / (tiles * 64)
+    for batched in (flipped[None], permuted):
+        assert engine_module._sign_disagreement({"w": batched}, {"w": single}, sample=256) == pytest.approx(expected)
+
 @pytest.mark.parametrize("name", ["bn-running-stats", "token-mlp-mse", "small-maps-depthwise"])
 @pytest.mark.parametrize("slice_elements", [1 << 19, 700])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

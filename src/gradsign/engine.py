@@ -1633,23 +1633,19 @@ def _sign_disagreement(batched: dict[str, torch.Tensor], reference: dict[str, to
     than in ``reference`` (None, or a weight missing from ``batched``: zeros), measured on about ``sample``
     weights taken from each layer in proportion to its size (None: on every weight): tiles of
     ``SIGN_TILE`` x ``SIGN_TILE`` weights (output channels x the rest, flattened) spread along the
-    diagonal of the weight, so that memory is read a cache line at a time whichever of the two layouts
-    the batched gradients have (a transposed product keeps output channels adjacent)."""
+    diagonal of the weight (``_diagonal_tiles``)."""
     total = sum(g.numel() for g in reference.values() if g is not None)
     differing = measured = 0
     for name, single in reference.items():
-        grads = [None if g is None else g.reshape(len(g), -1) for g in (batched[name][0] if name in batched else None,
-                                                                          single)]
+        grads = [batched[name][0] if name in batched else None, single]
         present = [g for g in grads if g is not None]
         if not present:
             continue
-        rows, columns = present[0].shape
+        rows = len(present[0]) if present[0].dim() else 1
+        columns = present[0].numel() // max(rows, 1)
         tiles = round(sample * rows * columns / total / SIGN_TILE ** 2) if sample and total > sample else 0
         if tiles and min(rows, columns) > SIGN_TILE:
-            step_rows, step_columns = (rows - SIGN_TILE) // tiles, (columns - SIGN_TILE) // tiles
-            grads = [None if g is None else g.as_strided(
-                (tiles, SIGN_TILE, SIGN_TILE), (step_rows * g.stride(0) + step_columns * g.stride(1), *g.stride()))
-                for g in grads]
+            grads = [None if g is None else _diagonal_tiles(g, rows, columns, tiles) for g in grads]
             present = [g for g in grads if g is not None]
         if len(present) == 1:  # against zeros: every nonzero gradient differs
             differing += int(present[0].count_nonzero())
@@ -1657,6 +1653,22 @@ def _sign_disagreement(batched: dict[str, torch.Tensor], reference: dict[str, to
             differing += int(torch.count_nonzero(torch.sign(grads[0]) - torch.sign(grads[1])))
         measured += present[0].numel()
     return differing / measured if measured else 0.0
+
+
+def _diagonal_tiles(g: torch.Tensor, rows: int, columns: int, tiles: int) -> torch.Tensor:
+    """``tiles`` tiles of ``SIGN_TILE`` x ``SIGN_TILE`` elements of ``g`` seen as (rows, columns), spread
+    along its diagonal, (tiles, SIGN_TILE, SIGN_TILE): a view where ``g``'s layout allows one, so that
+    memory is read a cache line at a time whichever of the two layouts the batched gradients have (a
+    transposed product keeps output channels adjacent); else gathered (gradients formed with the kernel's
+    dimensions in another order, kept as a permuted view, whose flattening would copy the whole weight)."""
+    step_rows, step_columns = (rows - SIGN_TILE) // tiles, (columns - SIGN_TILE) // tiles
+    try:
+        flat = g.view(rows, columns)
+    except RuntimeError:
+        tile, offset = torch.arange(tiles, device=g.device)[:, None, None], torch.arange(SIGN_TILE, device=g.device)
+        return torch.take(g, (tile * step_rows + offset[:, None]) * columns + tile * step_columns + offset)
+    return flat.as_strided((tiles, SIGN_TILE, SIGN_TILE),
+                           (step_rows * flat.stride(0) + step_columns * flat.stride(1), *flat.stride()))
 
 
 def _warn_if_rounding_decides_signs(batched: dict[str, torch.Tensor],
