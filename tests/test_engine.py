@@ -230,6 +230,7 @@ def test_sampled_sign_disagreement_reads_the_same_weights_in_any_layout():
     for batched in (flipped[None], permuted):
         assert engine_module._sign_disagreement({"w": batched}, {"w": single}, sample=256) == pytest.approx(expected)
 
+
 @pytest.mark.parametrize("name", ["bn-running-stats", "token-mlp-mse", "small-maps-depthwise"])
 @pytest.mark.parametrize("slice_elements", [1 << 19, 700])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -524,6 +525,33 @@ def test_a_model_that_writes_its_own_weights_gets_them_back():
     before = fingerprint(model)
     gradsign.score(model, tokens, targets)
     assert same(fingerprint(model), before)
+
+
+class WritesThroughData(nn.Module):
+    """Writes two of its weights in every forward through ``.data`` (which autograd's version counters do
+    not see): one value changed, and a zero's sign flipped (equal to the old value, not the same bytes);
+    odd-sized parameters before them."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.scale, self.out = nn.Linear(3, 5), nn.Parameter(torch.ones(1)), nn.Linear(5, 4)
+        with torch.no_grad():
+            self.out.weight[0, 0] = 0.0
+
+    def forward(self, x):
+        self.first.bias.data.add_(1.0)
+        self.out.weight.data[0, 0] = -0.0
+        return self.out(torch.tanh(self.first(x)) * self.scale)
+
+
+def test_weights_a_model_writes_through_data_come_back_to_the_bit():
+    torch.manual_seed(0)
+    model = WritesThroughData()
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(6, 3), torch.randint(0, 4, (6,))
+    gradsign.score(model, x, y)
+    bits = lambda t: t.view(torch.int32)
+    assert all(torch.equal(bits(p.detach()), bits(b)) for p, b in zip(model.parameters(), before))
 
 
 def test_rng_state_is_restored_and_seeded_scores_repeat():
