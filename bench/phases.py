@@ -10,7 +10,11 @@ the median seconds of one plain batched forward+backward (as bench/zoo.py times 
 - ``compare``: comparing the verified sample's gradients (``_first_mismatch``);
 - ``probe``: one-sample probes for call shapes (``_single_sample_input_shapes``);
 - ``float64``: the float64 check, when float32 rounding left a doubt (its own passes included);
-- ``rest``: everything else (lending the model, scoring mode, the API).
+- ``lend``: lending the caller's model (``gradsign.api._lent``: saving and putting back its modules'
+  attributes, parameter and buffer values, flags and gradients);
+- ``checks``: the warnings' checks after the counts (``_warn_if_rounding_decides_signs``, the sampled sign
+  comparison of the verified sample, and ``_warn_about_uncounted_weights``);
+- ``rest``: everything else (scoring mode, the counted layers, the API, the sum of the counts).
 
 Phases nested in the float64 check are counted in it only. Also printed: one batch-of-one
 forward+backward as a fraction of the batch of 32 (1/32 would be free of per-call costs).
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import statistics
 import time
@@ -28,12 +33,14 @@ import time
 import torch
 
 import gradsign
-from gradsign import engine, zoo
+from gradsign import api, engine, zoo
+from gradsign.proxies import gradsign as gradsign_proxy
 
 from zoo import forward_backward  # bench/zoo.py: the plain forward+backward it times
 
 PHASES = {"_reference_grads": "reference", "_batched_counts": "batched", "_first_mismatch": "compare",
-          "_single_sample_input_shapes": "probe", "_float64_mismatch": "float64"}
+          "_single_sample_input_shapes": "probe", "_float64_mismatch": "float64",
+          "_warn_if_rounding_decides_signs": "checks"}
 
 
 class PhaseClock:
@@ -51,6 +58,8 @@ class PhaseClock:
             self._wrap(engine, function, phase)
         for method in ("_accumulate", "_reduce_linear"):
             self._wrap(engine._SignCountHooks, method, "hooks")
+        self._wrap(gradsign_proxy, "_warn_about_uncounted_weights", "checks")
+        self._wrap_context(api, "_lent", "lend")
         return self
 
     def __exit__(self, *exc):
@@ -73,6 +82,28 @@ class PhaseClock:
                     self.seconds[phase] += time.perf_counter() - start
         setattr(owner, name, timed)
 
+    def _wrap_context(self, owner, name: str, phase: str) -> None:
+        """Time a context manager's entering and leaving (not the block it wraps)."""
+        original = getattr(owner, name)
+        self.originals.append((owner, name, original))
+
+        @contextlib.contextmanager
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            manager = original(*args, **kwargs)
+            value = manager.__enter__()
+            self.seconds[phase] += time.perf_counter() - start
+            try:
+                yield value
+            except BaseException as error:
+                if not manager.__exit__(type(error), error, error.__traceback__):
+                    raise
+            else:
+                start = time.perf_counter()
+                manager.__exit__(None, None, None)
+                self.seconds[phase] += time.perf_counter() - start
+        setattr(owner, name, timed)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -82,7 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = args.models.split(",") if args.models else zoo.names()
-    columns = ["reference", "batched", "hooks", "compare", "probe", "float64", "rest"]
+    columns = ["reference", "batched", "hooks", "compare", "probe", "float64", "lend", "checks", "rest"]
     print(f"batch 32, {torch.get_num_threads()} torch threads, {args.repeats} calls per model; "
           "fractions of one batched forward+backward")
     print("| model | fwd+bwd ms | score | " + " | ".join(columns) + " | batch of one |")
