@@ -144,10 +144,10 @@ def _lent(model: nn.Module) -> Iterator[nn.Module]:
     too, every module's attributes (mode, forward overrides, flags), submodules, parameters and buffers
     are the objects they were, buffer values (e.g. running statistics) are restored, and every
     parameter's ``requires_grad`` and ``grad`` are back; so are parameter values that the model's own
-    forward wrote (e.g. ``nn.Embedding(max_norm=...)`` renormalising rows), to the bit, and the contents of every
-    dict a module holds: its submodules, parameters, buffers and hook tables (a model that installs hooks
-    on its first forward and marks itself so, as ``transformers`` models collecting hidden states do,
-    loses both the mark and the hooks, and installs them again when next run)."""
+    forward wrote (e.g. ``nn.Embedding(max_norm=...)`` renormalising rows), to the bit, and the contents
+    of every dict a module holds: its submodules, parameters, buffers and hook tables (a model that
+    installs hooks on its first forward and marks itself so, as ``transformers`` models collecting hidden
+    states do, loses both the mark and the hooks, and installs them again when next run)."""
     modules = list(model.modules())
     attributes = [dict(m.__dict__) for m in modules]
     # copies of the dicts that hold something: most of a module's dicts are empty hook tables, and each
@@ -202,14 +202,16 @@ class _Values:
             pieces = [t.detach().reshape(-1) for t in group]
             if any(gaps):  # (empty pieces would take torch.cat off its fast path)
                 filler = group[0].new_zeros(per_word)
-                pieces = [p for piece, gap in zip(pieces, gaps) for p in ((piece, filler[:gap]) if gap else (piece,))]
+                pieces = [part for piece, gap in zip(pieces, gaps)
+                          for part in ((piece, filler[:gap]) if gap else (piece,))]
             flat, start = torch.cat(pieces), 0
             for t, gap in zip(group, gaps):
                 self.saved.append((t, flat[start:start + t.numel()].view(t.shape)))
                 start += t.numel() + gap
 
     def restore(self, changed_only: bool = False) -> None:
-        """Write the saved values back (with ``changed_only``, only into tensors whose bytes differ)."""
+        """Write the saved values back (with ``changed_only``, only into tensors that ``_same_bytes`` finds
+        changed)."""
         for t, value in self.saved:
             if not changed_only or not _same_bytes(t, value):
                 t.copy_(value)

@@ -1641,7 +1641,7 @@ def _sign_disagreement(batched: dict[str, torch.Tensor], reference: dict[str, to
         present = [g for g in grads if g is not None]
         if not present:
             continue
-        rows = len(present[0]) if present[0].dim() else 1
+        rows = len(present[0])
         columns = present[0].numel() // max(rows, 1)
         tiles = round(sample * rows * columns / total / SIGN_TILE ** 2) if sample and total > sample else 0
         if tiles and min(rows, columns) > SIGN_TILE:
