@@ -593,6 +593,57 @@ def test_auto_falls_back_to_an_exact_engine_when_samples_interact(caplog):
     assert gradsign.score(model, x, y, engine="batched") != pytest.approx(auto, rel=1e-3)
 
 
+class ConvolutionsThatMix(nn.Module):
+    """Convolutions whose samples interact slightly (each map gets 0.01 of the batch's mean map): a real
+    difference, which a reference rounded as the batched pass (on oneDNN) must not explain away."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.first(x))
+        h = h + 0.01 * h.mean(0, keepdim=True)
+        return self.head(torch.relu(self.second(h)).mean((2, 3)))
+
+
+def test_a_real_interaction_is_not_settled_by_the_reference_on_onednn(monkeypatch, caplog):
+    phases = PhaseCalls(monkeypatch, "_reference_on_onednn", "_float64_mismatch")
+    torch.manual_seed(0)
+    model = ConvolutionsThatMix()
+    x, y = torch.randn(6, 3, 5, 5), torch.randint(0, 3, (6,))
+    with caplog.at_level("WARNING", logger="gradsign"):
+        counts = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy)
+    assert phases.calls == {"_reference_on_onednn": 1, "_float64_mismatch": 1}
+    assert "samples interact within a batch" in caplog.text
+    reference = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="loop")
+    assert all(torch.equal(counts[k], reference[k]) for k in reference)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("options", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=(2, 1)),
+                                     dict(kernel_size=(3, 5), dilation=2, bias=False), dict(kernel_size=3, groups=4),
+                                     dict(kernel_size=1), dict(kernel_size=1, stride=2), dict(kernel_size=3, padding="same")])
+@pytest.mark.parametrize("batch", [8, 32])
+def test_convolutions_on_onednn_are_torchs_where_torch_runs_the_batch_there(options, batch):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, **options)
+    x = torch.randn(1, 8, 9, 9, requires_grad=True)
+    expected = conv(x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, conv.weight))
+    with engine_module._ConvolutionsOnOneDNN(batch):
+        out = conv(x)
+    grads = torch.autograd.grad(out.square().sum(), (x, conv.weight))
+    assert torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
+    assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-4) for g, e in zip(grads, expected_grads))
+    # torch runs a batch of 8 unstrided 1x1 convolutions in one thread sample by sample, as one sample
+    pointwise = options.get("kernel_size") == 1 and "stride" not in options
+    routed = options.get("padding") != "same" and (not pointwise or batch >= 16 or torch.get_num_threads() > 1)
+    assert ("Mkldnn" in type(out.grad_fn).__name__) == routed
+    with engine_module._ConvolutionsOnOneDNN(batch):  # batches are torch's to run
+        assert type(conv(x.expand(2, -1, -1, -1)).grad_fn).__name__ == "ConvolutionBackward0"
+
+
 class NeighbourMix(nn.Module):
     """Each sample gets half of its neighbour's features: the one before it (``shift=1``) or after it
     (``shift=-1``); the first or last sample of the batch has no such neighbour and is left alone."""

@@ -317,6 +317,11 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
             cause = _first_line(error)
         finally:
             swap.undo()
+    if mismatch and cause is None and _convolutions_on_onednn_differ(model, inputs):
+        # torch's batch-of-one convolutions round otherwise than the batch's; chaotic models (normalising
+        # 2x2 maps) or a ReLU's kink amplify that: the reference again, rounded as the batched pass was
+        again = _reference_on_onednn(model, inputs[sample], targets[sample], loss_fn, layers, len(inputs))
+        mismatch = _first_mismatch(prefix, again, FLOAT32_TOLERANCE)
     if mismatch and cause is None:
         # float32 noise (e.g. normalising near-constant maps) or a real difference: decide in float64, on
         # the verified sample with its neighbours
@@ -1720,6 +1725,64 @@ def _difference(batched: torch.Tensor | None, single: torch.Tensor | None, toler
     if error <= tolerance * scale or (scale == 0 and error == 0):
         return None
     return f"largest difference {error:.3g} of {scale:.3g}"
+
+
+def _convolutions_on_onednn_differ(model: nn.Module, inputs: torch.Tensor) -> bool:
+    """Whether ``_ConvolutionsOnOneDNN`` would change how a reference pass computes ``model``: float32
+    ``Conv2d`` weights and inputs on a CPU where torch has oneDNN."""
+    return (inputs.device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and any(isinstance(m, nn.Conv2d) and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+                    for m in model.modules()))
+
+
+def _reference_on_onednn(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
+                         layers: list[tuple[str, nn.Module]], batch: int) -> list[dict[str, torch.Tensor | None]]:
+    """``_reference_grads`` of ``inputs`` (the verified sample) as the verification takes them (torch's own
+    BatchNorm layers in their single-sample form), its convolutions on oneDNN where torch ran them so for
+    the ``batch`` samples of the batched pass (``_ConvolutionsOnOneDNN``)."""
+    norms = BatchedForm(model, attention=False, stock_norms_only=True)
+    try:
+        with _ConvolutionsOnOneDNN(batch):
+            return _reference_grads(model, inputs, targets, loss_fn, layers)[0]
+    finally:
+        norms.undo()
+
+
+class _ConvolutionsOnOneDNN(TorchFunctionMode):
+    """Within the block, ``F.conv2d`` of one float32 sample on a CPU (numeric padding) runs on oneDNN
+    (``torch.mkldnn_convolution``) where torch runs it so for ``batch`` samples (``_onednn_for_batch``),
+    instead of the unfolding convolution torch takes for a batch of one: a reference pass so computed
+    rounds the sample's activations and gradients as the batched pass did. Two exact float32 computations
+    that round otherwise differ by more than the verification's tolerance on chaotic models (RegNetX at
+    64x64, whose 2x2 maps normalised per sample amplify rounding a thousandfold) and where an activation
+    sits within rounding of a ReLU's kink; rounded alike, by 0.001-0.01 of it (``python bench/doubts.py``)."""
+
+    def __init__(self, batch: int):
+        super().__init__()
+        self.batch = batch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.conv2d:
+            call = _CONV2D_SIGNATURE.bind(*args, **kwargs)
+            call.apply_defaults()
+            x, weight, bias, stride, padding, dilation, groups = call.arguments.values()
+            pair = nn.modules.utils._pair
+            if (x.dim() == 4 and len(x) == 1 and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+                    and not isinstance(padding, str) and _onednn_for_batch(weight, pair(stride), pair(dilation),
+                                                                            self.batch)):
+                return torch.mkldnn_convolution(x, weight, bias, list(pair(padding)), list(pair(stride)),
+                                                list(pair(dilation)), groups)
+        return func(*args, **kwargs)
+
+
+def _onednn_for_batch(weight: torch.Tensor, stride: tuple[int, int], dilation: tuple[int, int], batch: int) -> bool:
+    """Whether torch convolves ``batch`` (more than one) float32 samples on a CPU with oneDNN, by its rule
+    (ATen's ``use_mkldnn``): all but unstrided, undilated 1x1 kernels on fewer than 16 samples in one
+    thread, which it computes sample by sample as it computes one sample alone. Where this misjudges, the
+    references differ in rounding as before and the float64 check decides."""
+    pointwise = tuple(weight.shape[2:]) == (1, 1) and stride == (1, 1) and dilation == (1, 1)
+    return not pointwise or batch >= 16 or torch.get_num_threads() > 1
 
 
 def _float64_mismatch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
