@@ -1,9 +1,10 @@
-"""How the default engine's verification settles NAS-Bench-201 archs: float32 agreement, float64
-agreement after a float32 doubt, or a fallback, and how far the batched score lies from the loop's.
+"""How the default engine's verification settles NAS-Bench-201 archs: float32 agreement, agreement with
+the reference computed again on oneDNN or in float64 after a float32 doubt, or a fallback, and how far the
+batched score lies from the loop's.
 
 For every ``--step``-th arch (CIFAR-10 canonical batch of 64, network built with ``torch.manual_seed(0)``)
 it scores GradSign with the default engine and records which way its verification went; for up to
-``--compare`` archs that needed the float64 check it also scores the loop and prints the relative
+``--compare`` archs that doubted in float32 it also scores the loop and prints the relative
 difference of the two scores; and for every arch the verification accepted, the share of the counted
 weights whose float32 gradient signs differ between the batched pass and the single-sample reference (the
 default engine warns above ``gradsign.engine.NOISY_SIGN_SHARE``). With ``--float64 I,J``, instead: for those arch indices, GradSign of the
@@ -35,7 +36,7 @@ from gradsign.spaces.base import UnknownArchError
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--step", type=int, default=25, help="score every step-th arch index")
-    parser.add_argument("--compare", type=int, default=10, help="score this many float64-checked archs by the loop")
+    parser.add_argument("--compare", type=int, default=10, help="score this many archs that doubted by the loop")
     parser.add_argument("--float64", metavar="INDICES", type=arch_indices,
                         help="instead: float32 against float64 on these comma-separated arch indices")
     args = parser.parse_args()
@@ -48,19 +49,25 @@ def main() -> None:
         except UnknownArchError as error:
             sys.exit(str(error))
         return float32_against_float64(space, archs, x, y)
-    float64_checks: list[int] = []
+    checks: list[str] = []
     shares: list[float] = []
     original, original_share = engine._float64_mismatch, engine._sign_disagreement
+    original_again = engine._reference_on_onednn
 
     def counted(*call_args, **kwargs):
-        float64_checks.append(1)
+        checks.append("float64")
         return original(*call_args, **kwargs)
+
+    def counted_again(*call_args, **kwargs):
+        checks.append("onednn")
+        return original_again(*call_args, **kwargs)
 
     def recorded_share(*call_args):
         shares.append(original_share(*call_args))
         return shares[-1]
 
     engine._float64_mismatch, engine._sign_disagreement = counted, recorded_share
+    engine._reference_on_onednn = counted_again
     outcomes, doubted, share_of = Counter(), [], {}
     start = time.perf_counter()
     indices = range(0, len(space), args.step)
@@ -68,7 +75,7 @@ def main() -> None:
         arch = space.arch(index)
         torch.manual_seed(0)
         model = space.build(arch, num_classes=10)
-        float64_checks.clear()
+        checks.clear()
         shares_before = len(shares)
         with engine_warnings() as messages:
             score = gradsign.score(model, x, y)
@@ -76,19 +83,23 @@ def main() -> None:
         if messages:
             outcomes["fallback"] += 1
             print(f"arch {index}: {messages[0]}")
-        elif float64_checks:
+        elif "float64" in checks:
             outcomes["float64 agreement after a float32 doubt"] += 1
+            doubted.append((index, model, score))
+        elif checks:
+            outcomes["agreement with the reference on oneDNN after a float32 doubt"] += 1
             doubted.append((index, model, score))
         else:
             outcomes["float32 agreement"] += 1
     engine._float64_mismatch, engine._sign_disagreement = original, original_share
+    engine._reference_on_onednn = original_again
     print(f"{len(indices)} archs (every {args.step}th index), {time.perf_counter() - start:.0f} s: "
           + ", ".join(f"{n} {what}" for what, n in outcomes.items()))
     if shares:
         above = sum(share > engine.NOISY_SIGN_SHARE for share in shares)
         noisiest = max((share, index) for index, measured in share_of.items() for share in measured)
         print(f"float32 sign disagreement of the verified sample, batched against alone (every arch the "
-              f"verification accepted, after a float64 check or not): "
+              f"verification accepted, after a doubt or not): "
               f"median {100 * statistics.median(shares):.2f}%, largest {100 * noisiest[0]:.2f}% of the counted "
               f"weights (arch {noisiest[1]}); {above} of {len(shares)} above "
               f"{100 * engine.NOISY_SIGN_SHARE:g}% (warned)")
