@@ -620,6 +620,21 @@ def test_a_real_interaction_is_not_settled_by_the_reference_on_onednn(monkeypatc
     assert all(torch.equal(counts[k], reference[k]) for k in reference)
 
 
+def test_a_reference_on_onednn_that_fails_leaves_the_doubt_to_the_float64_check(monkeypatch, caplog):
+    def refused(*args, **kwargs):
+        raise RuntimeError("oneDNN refuses this convolution")
+
+    monkeypatch.setattr(engine_module, "FLOAT32_TOLERANCE", -1.0)  # every float32 comparison "fails"
+    monkeypatch.setattr(torch, "mkldnn_convolution", refused)
+    phases = PhaseCalls(monkeypatch, "_reference_on_onednn", "_float64_mismatch")
+    torch.manual_seed(0)
+    model = cnn(nn.BatchNorm2d)
+    x, y, _ = batch("image")
+    batched = gradsign.score(model, x, y, engine="batched")
+    assert scored_without_warnings(model, x, y, caplog) == batched
+    assert phases.calls == {"_reference_on_onednn": 1, "_float64_mismatch": 1}
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 @pytest.mark.parametrize("options", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=(2, 1)),
                                      dict(kernel_size=(3, 5), dilation=2, bias=False), dict(kernel_size=3, groups=4),

@@ -320,8 +320,11 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
     if mismatch and cause is None and _convolutions_on_onednn_differ(model, inputs):
         # torch's batch-of-one convolutions round otherwise than the batch's; chaotic models (normalising
         # 2x2 maps) or a ReLU's kink amplify that: the reference again, rounded as the batched pass was
-        again = _reference_on_onednn(model, inputs[sample], targets[sample], loss_fn, layers, len(inputs))
-        mismatch = _first_mismatch(prefix, again, FLOAT32_TOLERANCE)
+        try:
+            again = _reference_on_onednn(model, inputs[sample], targets[sample], loss_fn, layers, len(inputs))
+            mismatch = _first_mismatch(prefix, again, FLOAT32_TOLERANCE)
+        except (RuntimeError, ValueError, NotImplementedError):
+            pass  # a convolution oneDNN refuses: the float64 check decides, as it would without this one
     if mismatch and cause is None:
         # float32 noise (e.g. normalising near-constant maps) or a real difference: decide in float64, on
         # the verified sample with its neighbours
