@@ -1767,9 +1767,12 @@ class _ConvolutionsOnOneDNN(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.conv2d:
-            call = _CONV2D_SIGNATURE.bind(*args, **kwargs)
-            call.apply_defaults()
-            x, weight, bias, stride, padding, dilation, groups = call.arguments.values()
+            if len(args) == 7 and not kwargs:  # as nn.Conv2d calls it (binding the signature costs more)
+                x, weight, bias, stride, padding, dilation, groups = args
+            else:
+                call = _CONV2D_SIGNATURE.bind(*args, **kwargs)
+                call.apply_defaults()
+                x, weight, bias, stride, padding, dilation, groups = call.arguments.values()
             pair = nn.modules.utils._pair
             if (x.dim() == 4 and len(x) == 1 and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
                     and not isinstance(padding, str) and _onednn_for_batch(weight, pair(stride), pair(dilation),
