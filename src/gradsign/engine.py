@@ -23,8 +23,8 @@ Engines:
 - ``loop``: the reference; one forward/backward per sample.
 - ``auto`` (default): ``batched``, verified on one sample that shares the first batched pass with a
   sample before it and one after it: its batched per-sample gradients must equal its single-sample
-  gradients for every counted weight (in float64 where float32 noise leaves a
-  doubt). When they do not (a weight used outside its module's call, a batch dimension that is not the
+  gradients for every counted weight (where float32 noise leaves a doubt, against single-sample
+  gradients whose convolutions round as the batch's did, then in float64). When they do not (a weight used outside its module's call, a batch dimension that is not the
   sample index, samples that interact), it warns with the cause and uses ``vmap``, then ``loop``.
 """
 from __future__ import annotations
