@@ -158,6 +158,45 @@ def test_engines_match_reference_loop(name, engine):
     assert fast == pytest.approx(reference, rel=1e-3)
 
 
+class RecordedBackward(torch.autograd.Function):
+    """The identity, recording each backward pass through it."""
+
+    @staticmethod
+    def forward(ctx, x, record):
+        ctx.record = record
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.record.append(grad.shape)
+        return grad, None
+
+
+class PreprocessedStem(nn.Module):
+    """Pixels normalised and padded before the first convolution, as image models do: no counted weight
+    lies before the stem, so no gradient needs to flow into the preprocessing."""
+
+    def __init__(self, record: list):
+        super().__init__()
+        self.record = record
+        self.stem, self.norm, self.head = nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.pad(RecordedBackward.apply((x - 0.5) / 0.25, self.record), (1, 1, 1, 1))
+        return self.head(torch.relu(self.norm(self.stem(x))).mean((2, 3)))
+
+
+def test_no_gradient_is_formed_for_the_input_behind_the_first_layer():
+    record = []
+    torch.manual_seed(0)
+    model = PreprocessedStem(record).double()
+    x, y = torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (8,))
+    loop = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="loop")
+    batched = sign_counts(model, x, y, F.cross_entropy, engine="batched")
+    assert all(torch.equal(batched[k], loop[k]) for k in loop)
+    assert model.record is record and record == []
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_the_float64_check_passes_every_exact_model(name, monkeypatch, caplog):
     # every float32 comparison "fails", so the float64 check (which forms the verified sample's

@@ -24,8 +24,9 @@ Engines:
 - ``auto`` (default): ``batched``, verified on one sample that shares the first batched pass with a
   sample before it and one after it: its batched per-sample gradients must equal its single-sample
   gradients for every counted weight (where float32 noise leaves a doubt, against single-sample
-  gradients whose convolutions round as the batch's did, then in float64). When they do not (a weight used outside its module's call, a batch dimension that is not the
-  sample index, samples that interact), it warns with the cause and uses ``vmap``, then ``loop``.
+  gradients whose convolutions round as the batch's did, then in float64). When they do not (a weight
+  used outside its module's call, a batch dimension that is not the sample index, samples that
+  interact), it warns with the cause and uses ``vmap``, then ``loop``.
 """
 from __future__ import annotations
 
@@ -975,6 +976,8 @@ class _SignCountHooks:
         self.linear_rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.scratch: dict[str, torch.Tensor] = {}
         self.chunk_inputs: torch.Tensor | None = None
+        # autograd nodes of the chunk's hooked outputs: a gradient through them reaches a counted layer
+        self.hooked_nodes: set = set()
         # an Embedding with its own forward changes its lookup's rows (e.g. scales them): its call is seen
         # at its F.embedding under _FunctionalLinearCalls instead
         self.handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in users
@@ -985,6 +988,7 @@ class _SignCountHooks:
         requires grad only so that the graph reaches every layer (its own gradient is never used)."""
         self.samples = samples
         self.chunk_inputs = inputs
+        self.hooked_nodes = set()
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -1003,8 +1007,8 @@ class _SignCountHooks:
         sequence_first = self._sequence_first(name, module, x)
         if not torch.is_grad_enabled():  # a call under no_grad: no gradient reaches the weight through it
             return output
-        if not output.requires_grad or self._reads_chunk_inputs(x):
-            # the input does not depend on the batch (e.g. zeros from a cut-off path), or is the
+        if not output.requires_grad or self._no_layer_behind(x):
+            # the input does not depend on the batch (e.g. zeros from a cut-off path), or only on the
             # batch itself, whose gradient nobody needs: start the graph anew at the output, so that the
             # gradient arriving at it is still seen and none is computed for the input (a copy of a leaf:
             # the model may change the output in place, which a leaf that requires grad refuses)
@@ -1012,11 +1016,13 @@ class _SignCountHooks:
         self.pending_calls[name] = self.pending_calls.get(name, 0) + 1
         x = x.detach()
         shape = output.shape
+        hooked = _hooked_tensor(output)
+        self.hooked_nodes.update(t.grad_fn for t in (hooked, output) if t.grad_fn is not None)
         if sequence_first:  # a Linear acts on each position alone: put the samples first
-            _hooked_tensor(output).register_hook(lambda grad: self._accumulate_call(
+            hooked.register_hook(lambda grad: self._accumulate_call(
                 name, module, *self._formed(x.transpose(0, 1), grad.reshape(shape).transpose(0, 1))))
         else:
-            _hooked_tensor(output).register_hook(
+            hooked.register_hook(
                 lambda grad: self._accumulate_call(name, module, *self._formed(x, grad.reshape(shape))))
         return output
 
@@ -1038,9 +1044,33 @@ class _SignCountHooks:
             return None
         return 0 if self.verified_only else self.verified
 
-    def _reads_chunk_inputs(self, x: torch.Tensor) -> bool:
+    def _no_layer_behind(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` depends on no hooked output: only on the chunk's inputs (which require grad only
+        so that the graph reaches every layer), directly or through operations without counted weights (a
+        stem's padding, normalising pixel values), so that no hook needs a gradient through it. Its graph
+        is walked back until a hooked output's node or a leaf other than the inputs says otherwise."""
         inputs = self.chunk_inputs
-        return inputs is not None and (x is inputs or x._base is inputs)
+        if inputs is None or not x.requires_grad:
+            return False
+        if x is inputs or x._base is inputs:
+            return True
+        if x.grad_fn is None:  # another leaf
+            return False
+        pending, seen = [x.grad_fn], {x.grad_fn}
+        while pending:
+            node = pending.pop()
+            if node in self.hooked_nodes:
+                return False
+            for child, _ in node.next_functions:
+                if child is None or child in seen:
+                    continue
+                seen.add(child)
+                if hasattr(child, "variable"):  # a leaf's gradient accumulator
+                    if child.variable is not inputs:
+                        return False
+                else:
+                    pending.append(child)
+        return True
 
     def _sequence_first(self, name: str, module: nn.Module, x: torch.Tensor) -> bool:
         call = (name, self.calls.get(name, 0))
