@@ -1797,12 +1797,7 @@ class _ConvolutionsOnOneDNN(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.conv2d:
-            if len(args) == 7 and not kwargs:  # as nn.Conv2d calls it (binding the signature costs more)
-                x, weight, bias, stride, padding, dilation, groups = args
-            else:
-                call = _CONV2D_SIGNATURE.bind(*args, **kwargs)
-                call.apply_defaults()
-                x, weight, bias, stride, padding, dilation, groups = call.arguments.values()
+            x, weight, bias, stride, padding, dilation, groups = _conv2d_arguments(args, kwargs)
             pair = nn.modules.utils._pair
             if (x.dim() == 4 and len(x) == 1 and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
                     and not isinstance(padding, str) and _onednn_for_batch(weight, pair(stride), pair(dilation),
@@ -1886,6 +1881,17 @@ def _in_float64(model: nn.Module) -> Iterator[None]:
 _CONV2D_SIGNATURE = inspect.signature(lambda input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: None)
 
 
+def _conv2d_arguments(args: tuple, kwargs: dict) -> tuple:
+    """An ``F.conv2d`` call's (input, weight, bias, stride, padding, dilation, groups), defaults filled in;
+    read straight from the seven positional arguments ``nn.Conv2d`` passes (binding the signature costs
+    more, on every convolution of a pass under a torch function mode)."""
+    if len(args) == 7 and not kwargs:
+        return args
+    call = _CONV2D_SIGNATURE.bind(*args, **kwargs)
+    call.apply_defaults()
+    return tuple(call.arguments.values())
+
+
 class _DepthwiseConvolutionsUnfolded(TorchFunctionMode):
     """Within the block, a depthwise ``F.conv2d`` in float64 on a CPU with a batched input, numeric padding
     and at most ``MATMUL_POSITIONS`` output positions is computed as the product of each channel's kernel
@@ -1897,10 +1903,9 @@ class _DepthwiseConvolutionsUnfolded(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.conv2d:
-            call = _CONV2D_SIGNATURE.bind(*args, **kwargs)
-            call.apply_defaults()
-            if _unfolds_well(**call.arguments):
-                return _grouped_conv2d_unfolded(**call.arguments)
+            arguments = _conv2d_arguments(args, kwargs)
+            if _unfolds_well(*arguments):
+                return _grouped_conv2d_unfolded(*arguments)
         return func(*args, **kwargs)
 
 
