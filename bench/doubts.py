@@ -114,5 +114,6 @@ def main() -> None:
               f"| {f'{max(again):.2g}' if again else '-'} | {len(checked)} of {len(rows)} | {cell(clear)} "
               f"| {cell(checked)} |", flush=True)
 
+
 if __name__ == "__main__":
     main()
