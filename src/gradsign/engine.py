@@ -1336,10 +1336,19 @@ class _SignCountHooks:
         self.pending_calls.clear()
         self.calls.clear()
         self.first_chunk = False
+        self._forget_graph()
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        self._forget_graph()
+
+    def _forget_graph(self) -> None:
+        """Drop the references to the chunk's graph: its nodes hold the gradient hooks, whose closures hold
+        this object, a cycle through torch's C++ graph that Python's collector cannot see (each pass's
+        layer inputs were never freed)."""
+        self.hooked_nodes = set()
+        self.chunk_inputs = None
 
 
 #: operations that keep each row's values in their row (reshapes, activations, scalar arithmetic, layer
