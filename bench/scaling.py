@@ -5,7 +5,9 @@ All numbers come from one run of this script, so they are comparable as ratios:
   per process: in this process, with a pool of 2 workers, and on a local 2-CPU Ray instance; the rate
   is taken from the first finished arch to the last, so pool start-up is reported separately;
 - peak resident memory of a fresh process that scores the largest NAS-Bench-201 network at batch 64
-  and 128 (fast and loop engines), minus the same process's peak before scoring.
+  and 128 (fast and loop engines), minus the same process's peak before scoring; and its resident
+  memory after that first score and after ``REPEATED_SCORES`` more of the same model (which must not
+  grow: a process scores thousands of archs).
 
     python bench/scaling.py [--archs 24] [--dataset cifar10]
 """
@@ -21,6 +23,13 @@ import time
 import numpy as np
 
 LARGEST = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|"
+REPEATED_SCORES = 10
+
+
+def resident_mib() -> float:
+    """This process's resident memory now (Linux), in MiB."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def throughput(executor, setup, archs) -> dict:
@@ -48,7 +57,11 @@ def memory_child(engine: str, batch_size: int, dataset: str) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     gradsign.score(model, x, y, engine=engine)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"before_mib": before / 1024, "after_mib": after / 1024}))
+    resident_first = resident_mib()
+    for _ in range(REPEATED_SCORES):
+        gradsign.score(model, x, y, engine=engine)
+    print(json.dumps({"before_mib": before / 1024, "after_mib": after / 1024, "resident_first_mib": resident_first,
+                      "resident_last_mib": resident_mib()}))
 
 
 def memory(engine: str, batch_size: int, dataset: str) -> dict:
@@ -93,12 +106,14 @@ def main() -> None:
         print(f"| {name} | {r['archs_per_s']:.2f} | {r['archs_per_s'] / base:.2f}x | {r['startup_s']:.1f} | "
               f"{r['total_s']:.1f} |")
     print(f"\nPeak resident memory of one scoring process, largest NB201 network ({LARGEST}), {args.dataset}")
-    print("| engine | batch | before scoring MiB | peak MiB | scoring adds MiB |\n|---|---|---|---|---|")
+    print(f"| engine | batch | before scoring MiB | peak MiB | scoring adds MiB | resident after 1 score MiB | "
+          f"after {1 + REPEATED_SCORES} MiB |\n|---|---|---|---|---|---|---|")
     for engine in ("auto", "loop"):
         for batch_size in (64, 128):
             m = memory(engine, batch_size, args.dataset)
             print(f"| {engine} | {batch_size} | {m['before_mib']:.0f} | {m['after_mib']:.0f} | "
-                  f"{m['after_mib'] - m['before_mib']:.0f} |")
+                  f"{m['after_mib'] - m['before_mib']:.0f} | {m['resident_first_mib']:.0f} | "
+                  f"{m['resident_last_mib']:.0f} |")
 
 
 if __name__ == "__main__":
