@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import gc
 import logging
 
 import pytest
@@ -145,6 +146,22 @@ def test_default_engine_falls_back_only_where_it_must(scored):
 def test_default_engine_counts_are_exact_in_float64(name):
     model, inputs, targets = zoo_case(name, double=True)
     assert gradsign.score(model, inputs, targets) == reference_gradsign(model, inputs, targets)
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("name", zoo_params())
+def test_scoring_again_keeps_no_tensor_alive(name):
+    # a process scores model after model: nothing of one score may outlive it (the batched pass's hooks
+    # once kept every layer input alive through a reference cycle with torch's graph)
+    model, inputs, targets = zoo_case(name)
+    gradsign.score(model, inputs, targets)
+    before = _live_tensors()
+    gradsign.score(model, inputs, targets)
+    assert _live_tensors() == before
 
 
 def test_reference_counts_a_tied_weight_once_with_its_total_gradient():
