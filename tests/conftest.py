@@ -20,3 +20,16 @@ def one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def live_tensors():
+    """A function counting the tensors alive in the process (after a garbage collection)."""
+    import gc
+
+    import torch
+
+    def count() -> int:
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+    return count

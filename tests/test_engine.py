@@ -2,7 +2,6 @@
 import collections
 import copy
 import functools
-import gc
 import math
 import warnings
 
@@ -1888,33 +1887,28 @@ def test_proxies_that_get_the_model_itself_give_it_back_and_score_as_on_a_copy(p
     assert same(fingerprint(model), before)
 
 
-def _live_tensors() -> int:
-    gc.collect()
-    return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
-
-
-def _repeated_scores(make, x, y, engine: str, times: int = 3) -> int:
+def _repeated_scores(live_tensors, make, x, y, engine: str, times: int = 3) -> int:
     """Live tensors after ``times`` more scores of a fresh model than after the first score."""
     torch.manual_seed(0)
     model = make()
     gradsign.score(model, x, y, engine=engine)
-    before = _live_tensors()
+    before = live_tensors()
     for _ in range(times):
         gradsign.score(model, x, y, engine=engine)
-    return _live_tensors() - before
+    return live_tensors() - before
 
 
 @pytest.mark.parametrize("engine", ["auto", "batched", "loop", "vmap"])
-def test_scoring_again_and_again_keeps_no_tensor_alive(engine):
+def test_scoring_again_and_again_keeps_no_tensor_alive(engine, live_tensors):
     # the batched pass's gradient hooks sit in torch's graph and hold the engine's state: a reference from
     # that state back to the graph is a cycle Python's collector cannot see, which kept every pass's layer
     # inputs alive (about 45 MB per score of a ResNet at 64x64)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
-    assert _repeated_scores(lambda: cnn(nn.BatchNorm2d), x, y, engine) == 0
+    assert _repeated_scores(live_tensors, lambda: cnn(nn.BatchNorm2d), x, y, engine) == 0
 
 
 @pytest.mark.parametrize("make", [TokenTransformer, TiedEmbedding, FunctionalReuse], ids=lambda m: m.__name__)
-def test_scoring_models_with_other_hook_paths_keeps_no_tensor_alive(make):
+def test_scoring_models_with_other_hook_paths_keeps_no_tensor_alive(make, live_tensors):
     # attention rewritten, an Embedding tied to a Linear, a weight used by F.linear outside its module
     g = torch.Generator().manual_seed(1)
     if make is FunctionalReuse:
@@ -1922,4 +1916,4 @@ def test_scoring_models_with_other_hook_paths_keeps_no_tensor_alive(make):
     else:
         classes = 3 if make is TokenTransformer else 12
         x, y = torch.randint(0, 12, (8, 5), generator=g), torch.randint(0, classes, (8,), generator=g)
-    assert _repeated_scores(make, x, y, "auto") == 0
+    assert _repeated_scores(live_tensors, make, x, y, "auto") == 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import gc
 import logging
 
 import pytest
@@ -148,20 +147,15 @@ def test_default_engine_counts_are_exact_in_float64(name):
     assert gradsign.score(model, inputs, targets) == reference_gradsign(model, inputs, targets)
 
 
-def _live_tensors() -> int:
-    gc.collect()
-    return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
-
-
 @pytest.mark.parametrize("name", zoo_params())
-def test_scoring_again_keeps_no_tensor_alive(name):
+def test_scoring_again_keeps_no_tensor_alive(name, live_tensors):
     # a process scores model after model: nothing of one score may outlive it (the batched pass's hooks
     # once kept every layer input alive through a reference cycle with torch's graph)
     model, inputs, targets = zoo_case(name)
     gradsign.score(model, inputs, targets)
-    before = _live_tensors()
+    before = live_tensors()
     gradsign.score(model, inputs, targets)
-    assert _live_tensors() == before
+    assert live_tensors() == before
 
 
 def test_reference_counts_a_tied_weight_once_with_its_total_gradient():

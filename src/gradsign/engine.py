@@ -988,7 +988,6 @@ class _SignCountHooks:
         requires grad only so that the graph reaches every layer (its own gradient is never used)."""
         self.samples = samples
         self.chunk_inputs = inputs
-        self.hooked_nodes = set()
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
