@@ -6,7 +6,8 @@ into a reused buffer as the engine does) and the forward convolution of inputs w
 (depthwise layers and those on at most 16 input channels), each followed by the sign reduction the engine
 does, in the engine's cache-sized slices. Prints ratios to the batched weight gradient and which way the
 engine's rules (``gradsign.engine._use_matmul``, ``gradsign.engine._use_forward_convolution``) pick, so
-the rules can be checked on a new machine.
+the rules can be checked on a new machine; for float32 stems on few channels with kernels above 3x3, also
+each sample's weight-gradient convolution alone (``gradsign.engine._use_sample_by_sample``).
 
 ``--products``: per-sample gradients that are products a_n b_n over ``depth`` positions or rows per sample
 (a Linear on tokens, an unfolded convolution), (out x depth) (depth x in): formed sample slice by sample
@@ -37,8 +38,8 @@ against the depthwise loop of ``gradsign.sign_kernels`` (numba; copying both map
 they are not), whose float64 counts must equal the torch way's; ``depthwise_available`` says which the
 engine uses.
 
-    python bench/layer_kernels.py [--threads N] [--repeats 7] [--batch-size 64] [--products | --unfold |
-                                   --depthwise | --norms | --small-maps]
+    python bench/layer_kernels.py [--threads N] [--repeats 7] [--batch-size 64] [--stems | --products |
+                                   --unfold | --depthwise | --norms | --small-maps]
 """
 from __future__ import annotations
 
@@ -65,14 +66,17 @@ SHAPES = [
     (96, 96, 3, 8, 1, 6), (384, 384, 3, 2, 1, 384), (256, 256, 3, 8, 1, 1), (3, 32, 7, 64, 2, 1),
     (3, 32, 3, 64, 2, 1), (1, 16, 3, 32, 1, 1), (4, 16, 3, 32, 1, 1), (6, 16, 3, 32, 1, 1), (8, 16, 3, 32, 1, 1),
     (3, 24, 3, 224, 2, 1), (3, 64, 7, 224, 2, 1), (3, 96, 4, 64, 4, 1), (3, 128, 8, 64, 8, 1),
+    (3, 32, 7, 32, 2, 1), (3, 32, 5, 64, 2, 1), (1, 32, 7, 32, 1, 1), (1, 32, 5, 64, 1, 1), (3, 64, 7, 128, 2, 1),
 ]
 #: the engine's rules, each forced in turn: (name, rule the way replaces, layers it applies to)
 WAYS = [("grouped", None, lambda conv: True),
         ("matmul", "_use_matmul", lambda conv: True),
         ("forward", "_use_forward_convolution",
          lambda conv: conv.groups == conv.in_channels == conv.out_channels
-         or (conv.groups == 1 and conv.in_channels <= 16))]
-RULES = ("_use_matmul", "_use_forward_convolution")
+         or (conv.groups == 1 and conv.in_channels <= 16)),
+        ("sample by sample", "_use_sample_by_sample",
+         lambda conv: conv.groups == 1 and conv.in_channels <= 16 and conv.kernel_size[0] * conv.kernel_size[1] > 9)]
+RULES = ("_use_matmul", "_use_forward_convolution", "_use_sample_by_sample")
 #: (out, in, depth): the zoo's Linear layers on 4 and 16 tokens (ConvNeXt's last stages), 3x3
 #: convolutions on 2x2 and 4x4 maps (ResNet's), a Linear on 65 tokens (ViT) and on 256 (ConvNeXt's first
 #: stage); RegNetX's 1x1 layers on 2x2 maps; convolutions on 3x3 and 2x3 maps (depth 9 and 6)
@@ -111,6 +115,8 @@ def per_sample_signs(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, w
 
 
 def picked_way(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> str:
+    if engine._use_sample_by_sample(conv, x, grad_out):
+        return "sample by sample"
     if engine._use_forward_convolution(conv, x, grad_out):
         return "forward"
     return "matmul" if engine._use_matmul(conv, x, grad_out) else "grouped"
@@ -336,6 +342,7 @@ def main() -> None:
     parser.add_argument("--unfold", action="store_true", help="time torch's unfolding against the engine's")
     parser.add_argument("--depthwise", action="store_true", help="time the depthwise loop against the torch way")
     parser.add_argument("--norms", action="store_true", help="time per-sample BatchNorm's two ways")
+    parser.add_argument("--stems", action="store_true", help="only the layers on fewer than 8 input channels")
     parser.add_argument("--small-maps", action="store_true",
                         help="time the engine's counts on 2x2 and 4x4 maps against the way before")
     args = parser.parse_args()
@@ -358,9 +365,11 @@ def main() -> None:
         small_maps(args)
         return
     print("| in | out | kernel | size | stride | groups | batched dW (ms) | grouped / dW | matmul / dW | "
-          "forward / dW | rule picks |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "forward / dW | sample by sample / dW | rule picks |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for cin, cout, k, size, stride, groups in SHAPES:
+        if args.stems and cin >= engine.FEW_INPUT_CHANNELS:
+            continue
         torch.manual_seed(0)
         conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
         x = torch.randn(args.batch_size, cin, size, size)

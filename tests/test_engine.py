@@ -337,6 +337,33 @@ def test_per_sample_gradients_by_forward_convolution_match_autograd_per_sample(c
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("conv, size, rule_picks_it", [
+    (nn.Conv2d(3, 8, 7, stride=2, padding=3), 64, True),  # a ResNet stem at 64x64
+    (nn.Conv2d(1, 4, 5, padding="same", padding_mode="reflect"), 52, True),
+    (nn.Conv2d(3, 4, (5, 7), stride=(1, 2), dilation=(2, 1), padding=(4, 3)), 48, True),
+    (nn.Conv2d(3, 8, 7, stride=2, padding=3), 32, False),  # 16x16 output maps: too little work per sample
+    (nn.Conv2d(3, 8, 3, padding=1), 64, False),  # 3x3
+    (nn.Conv2d(8, 4, 5, padding=2), 64, False),  # 8 input channels
+    (nn.Conv2d(4, 4, 5, padding=2, groups=2), 64, False),  # grouped
+])
+def test_per_sample_gradients_sample_by_sample_match_autograd_per_sample(conv, size, rule_picks_it):
+    # float32, where the rule applies (one torch thread, as conftest sets): each sample's weight-gradient
+    # convolution against autograd on it
+    torch.manual_seed(0)
+    x = torch.randn(3, conv.in_channels, size, size)
+    grad_out = torch.randn_like(conv(x))
+    padded, padding = engine_module._padded_input(conv, x)
+    onednn = torch.backends.mkldnn.is_available()
+    assert engine_module._use_sample_by_sample(conv, padded, grad_out) == (rule_picks_it and onednn)
+    if conv.groups > 1:
+        return
+    expected = autograd_per_sample(conv, x, grad_out)
+    scratch = torch.full((expected.numel() + 3,), float("nan"))  # old contents play no part
+    for buffer in (None, scratch):
+        grads = engine_module._sample_by_sample_grads(conv, padded, grad_out, padding, buffer)
+        torch.testing.assert_close(grads, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize("conv, size", [
     (nn.Conv2d(6, 5, 3, padding=1), 8),
     (nn.Conv2d(6, 5, (3, 2), stride=2, dilation=(2, 1), padding=(2, 0)), 13),

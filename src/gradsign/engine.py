@@ -82,6 +82,15 @@ GROUPED_MATMUL_POSITIONS = 4
 #: faster)
 FEW_INPUT_CHANNELS = 8
 FEW_CHANNEL_POSITIONS = 1024
+#: float32 stems on a CPU with oneDNN (ungrouped, fewer than ``FEW_INPUT_CHANNELS`` input channels,
+#: kernels above 3x3) whose input channels x kernel taps x output positions reach this times torch's
+#: threads form their per-sample gradients one sample at a time, by the weight-gradient convolution torch
+#: runs for a batch of one, which gains little from more threads (``python bench/layer_kernels.py
+#: --stems --batch-size 32``, ``--threads 1`` and ``--threads 2``: with one thread 0.66x the best other
+#: way's time on a 7x7 RGB stem at 64x64, 0.48-0.57x at 128x128 and 224x224, 0.88x for a 5x5 one at
+#: 64x64; with two, 1.07x, 0.40-0.64x, and 1.7x for the 5x5 one, which the threads' factor leaves out;
+#: on 16x16 output maps, or one input channel on 32x32, 1.7-3.4x slower)
+SAMPLE_BY_SAMPLE_WORK = 1 << 16
 #: per-sample gradients that are products over at most this many positions or rows of a sample (an
 #: ungrouped convolution on maps of up to 4x4, a Linear on up to 16 tokens) are formed a slice of weight
 #: rows (or columns) at a time for all samples of the chunk at once, the larger of the weight's two sides
@@ -745,6 +754,8 @@ def _conv2d_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tenso
     """Per-row dL/dW of a Conv2d, shape (rows, *W.shape), from its input and output gradient. ``scratch``:
     a flat buffer the result may be written into (when the chosen way can and it is large enough)."""
     x, padding = _padded_input(conv, x)
+    if _use_sample_by_sample(conv, x, grad_out):
+        return _sample_by_sample_grads(conv, x, grad_out, padding, scratch)
     if _use_forward_convolution(conv, x, grad_out):
         return _forward_convolution_sample_grads(conv, x, grad_out, padding)
     if _use_matmul(conv, x, grad_out):
@@ -773,6 +784,34 @@ def _padded_maps(x: torch.Tensor, padding: tuple[int, int] | int) -> torch.Tenso
     """``x`` with ``padding`` (one int, or (height, width)) zeros on each side of its maps."""
     pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
     return F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+
+
+def _use_sample_by_sample(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
+    """Whether a float32 stem on a CPU with oneDNN forms its per-sample gradients fastest one sample at a
+    time (``_sample_by_sample_grads``): ungrouped, on fewer than ``FEW_INPUT_CHANNELS`` input channels,
+    kernels above 3x3, and at least ``SAMPLE_BY_SAMPLE_WORK`` times torch's threads input channels x
+    kernel taps x output positions (with one thread a 7x7 RGB stem from 32x32 output maps on)."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled):
+        return False
+    taps = conv.weight.shape[2] * conv.weight.shape[3]
+    positions = grad_out.shape[2] * grad_out.shape[3]
+    return (conv.groups == 1 and conv.in_channels < FEW_INPUT_CHANNELS and taps > 9
+            and conv.in_channels * taps * positions >= SAMPLE_BY_SAMPLE_WORK * torch.get_num_threads())
+
+
+def _sample_by_sample_grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor,
+                            padding: tuple[int, int] | int, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample dL/dW of an ungrouped Conv2d, (samples, *W.shape), by torch's weight-gradient convolution
+    of each sample alone: what a backward pass of that sample computes. ``scratch``: a flat buffer the
+    result may be written into."""
+    grads = _scratch_view(scratch, (len(x), *conv.weight.shape), x.dtype)
+    if grads is None:
+        grads = x.new_empty(len(x), *conv.weight.shape)
+    for i in range(len(x)):
+        grads[i] = torch.nn.grad.conv2d_weight(x[i:i + 1], conv.weight.shape, grad_out[i:i + 1], stride=conv.stride,
+                                               padding=padding, dilation=conv.dilation)
+    return grads
 
 
 def _use_forward_convolution(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> bool:
