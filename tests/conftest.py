@@ -33,3 +33,23 @@ def live_tensors():
         gc.collect()
         return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
     return count
+
+
+@pytest.fixture
+def engine_calls(monkeypatch):
+    """A function that starts counting the calls of the named ``gradsign.engine`` functions (wrapped for the
+    test) and returns the dict of their counts, kept up to date."""
+    from gradsign import engine
+
+    def counted(calls: dict, name: str, original):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        return call
+
+    def watch(*names: str) -> dict:
+        calls = dict.fromkeys(names, 0)
+        for name in names:
+            monkeypatch.setattr(engine, name, counted(calls, name, getattr(engine, name)))
+        return calls
+    return watch

@@ -673,32 +673,32 @@ class ConvolutionsThatMix(nn.Module):
         return self.head(torch.relu(self.second(h)).mean((2, 3)))
 
 
-def test_a_real_interaction_is_not_settled_by_the_reference_on_onednn(monkeypatch, caplog):
-    phases = PhaseCalls(monkeypatch, "_reference_on_onednn", "_float64_mismatch")
+def test_a_real_interaction_is_not_settled_by_the_reference_on_onednn(caplog, engine_calls):
+    calls = engine_calls("_reference_on_onednn", "_float64_mismatch")
     torch.manual_seed(0)
     model = ConvolutionsThatMix()
     x, y = torch.randn(6, 3, 5, 5), torch.randint(0, 3, (6,))
     with caplog.at_level("WARNING", logger="gradsign"):
         counts = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy)
-    assert phases.calls == {"_reference_on_onednn": 1, "_float64_mismatch": 1}
+    assert calls == {"_reference_on_onednn": 1, "_float64_mismatch": 1}
     assert "samples interact within a batch" in caplog.text
     reference = sign_counts(copy.deepcopy(model), x, y, F.cross_entropy, engine="loop")
     assert all(torch.equal(counts[k], reference[k]) for k in reference)
 
 
-def test_a_reference_on_onednn_that_fails_leaves_the_doubt_to_the_float64_check(monkeypatch, caplog):
+def test_a_reference_on_onednn_that_fails_leaves_the_doubt_to_the_float64_check(monkeypatch, caplog, engine_calls):
     def refused(*args, **kwargs):
         raise RuntimeError("oneDNN refuses this convolution")
 
     monkeypatch.setattr(engine_module, "FLOAT32_TOLERANCE", -1.0)  # every float32 comparison "fails"
     monkeypatch.setattr(torch, "mkldnn_convolution", refused)
-    phases = PhaseCalls(monkeypatch, "_reference_on_onednn", "_float64_mismatch")
+    calls = engine_calls("_reference_on_onednn", "_float64_mismatch")
     torch.manual_seed(0)
     model = cnn(nn.BatchNorm2d)
     x, y, _ = batch("image")
     batched = gradsign.score(model, x, y, engine="batched")
     assert scored_without_warnings(model, x, y, caplog) == batched
-    assert phases.calls == {"_reference_on_onednn": 1, "_float64_mismatch": 1}
+    assert calls == {"_reference_on_onednn": 1, "_float64_mismatch": 1}
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
@@ -1548,21 +1548,6 @@ def test_shared_functional_and_folded_weights_match_the_definition(make, kind, f
     assert all(torch.equal(counts["auto"][k], counts["loop"][k]) for k in counts["loop"])
 
 
-class PhaseCalls:
-    """Counts calls of engine functions (monkeypatched wrappers around the originals)."""
-
-    def __init__(self, monkeypatch, *names):
-        self.calls = {name: 0 for name in names}
-        for name in names:
-            monkeypatch.setattr(engine_module, name, self._counted(name, getattr(engine_module, name)))
-
-    def _counted(self, name, original):
-        def counted(*args, **kwargs):
-            self.calls[name] += 1
-            return original(*args, **kwargs)
-        return counted
-
-
 @pytest.mark.parametrize("make, x, outside", [
     (FunctionalReuse, torch.randn(1, 5), {"hidden": 1}), (KeywordFunctionalReuse, torch.randn(1, 4, 5), {"hidden": 1}),
     (MatmulReuse, torch.randn(1, 5), {"hidden": 1}), (TiedLinears, torch.randn(1, 6), {}),
@@ -1582,26 +1567,26 @@ def test_the_reference_graph_shows_uses_outside_the_modules(make, x, outside):
     assert shapes.used_elsewhere == bool(outside)
 
 
-def test_a_float32_doubt_probes_no_model_whose_weights_stay_in_their_modules(monkeypatch, caplog):
+def test_a_float32_doubt_probes_no_model_whose_weights_stay_in_their_modules(monkeypatch, caplog, engine_calls):
     # LentModel: BatchNorm, attention (out_proj used inside the functional attention), a frozen Linear
     monkeypatch.setattr(engine_module, "FLOAT32_TOLERANCE", -1.0)
-    phases = PhaseCalls(monkeypatch, "_single_sample_input_shapes", "_batched_counts")
+    calls = engine_calls("_single_sample_input_shapes", "_batched_counts")
     torch.manual_seed(0)
     model = LentModel()
     x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 10, (8,))
     score = scored_without_warnings(model, x, y, caplog)
-    assert phases.calls == {"_single_sample_input_shapes": 0, "_batched_counts": 2}  # float32, float64
+    assert calls == {"_single_sample_input_shapes": 0, "_batched_counts": 2}  # float32, float64
     assert score == pytest.approx(gradsign.score(model, x, y, engine="loop"), rel=1e-3)
 
 
-def test_a_functional_use_is_probed_once_before_the_one_batched_pass(monkeypatch, caplog):
-    phases = PhaseCalls(monkeypatch, "_single_sample_input_shapes", "_batched_counts")
+def test_a_functional_use_is_probed_once_before_the_one_batched_pass(caplog, engine_calls):
+    calls = engine_calls("_single_sample_input_shapes", "_batched_counts")
     torch.manual_seed(0)
     model = FunctionalReuse()
     x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
     score = scored_without_warnings(model, x, y, caplog)
     assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
-    assert phases.calls == {"_single_sample_input_shapes": 1, "_batched_counts": 1}
+    assert calls == {"_single_sample_input_shapes": 1, "_batched_counts": 1}
 
 
 class InPlaceAfterLayers(nn.Module):
