@@ -364,6 +364,34 @@ def test_per_sample_gradients_sample_by_sample_match_autograd_per_sample(conv, s
         torch.testing.assert_close(grads, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+class LargeStem(nn.Module):
+    """A 7x7 stride-2 stem on 64x64 RGB inputs (the sample-by-sample way's shape), optionally on frames
+    folded into the batch (two rows per sample)."""
+
+    def __init__(self, frames: bool):
+        super().__init__()
+        self.frames = frames
+        self.stem = nn.Conv2d(3, 8, 7, stride=2, padding=3)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        rows = x.flatten(0, 1) if self.frames else x
+        pooled = torch.relu(self.stem(rows)).mean((2, 3))
+        return self.head(pooled.unflatten(0, (len(x), -1)).mean(1) if self.frames else pooled)
+
+
+@pytest.mark.parametrize("frames", [False, True])
+def test_a_large_stem_taken_sample_by_sample_scores_as_the_definition(frames, caplog, engine_calls):
+    calls = engine_calls("_sample_by_sample_grads")
+    torch.manual_seed(0)
+    model = LargeStem(frames)
+    x = torch.randn(6, 2, 3, 64, 64) if frames else torch.randn(6, 3, 64, 64)
+    y = torch.randint(0, 3, (6,))
+    score = scored_without_warnings(model, x, y, caplog)
+    assert calls == {"_sample_by_sample_grads": int(torch.backends.mkldnn.is_available())}
+    assert score == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
+
+
 @pytest.mark.parametrize("conv, size", [
     (nn.Conv2d(6, 5, 3, padding=1), 8),
     (nn.Conv2d(6, 5, (3, 2), stride=2, dilation=(2, 1), padding=(2, 0)), 13),
