@@ -222,8 +222,8 @@ def uncounted_weights(model: nn.Module) -> dict[str, int]:
     for module in model.modules():
         if isinstance(module, (nn.Embedding, parametrize.ParametrizationList)) or _computed_layer(module):
             continue
-        for p in module.parameters(recurse=False):
-            if p.dim() >= 2 and id(p) not in counted and id(p) not in seen:
+        for p in module._parameters.values():  # parameters(recurse=False), without its generators' cost
+            if p is not None and p.dim() >= 2 and id(p) not in counted and id(p) not in seen:
                 seen.add(id(p))
                 kind = type(module).__name__
                 found[kind] = found.get(kind, 0) + p.numel()
