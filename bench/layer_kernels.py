@@ -342,7 +342,7 @@ def main() -> None:
     parser.add_argument("--unfold", action="store_true", help="time torch's unfolding against the engine's")
     parser.add_argument("--depthwise", action="store_true", help="time the depthwise loop against the torch way")
     parser.add_argument("--norms", action="store_true", help="time per-sample BatchNorm's two ways")
-    parser.add_argument("--stems", action="store_true", help="only the layers on fewer than 8 input channels")
+    parser.add_argument("--stems", action="store_true", help=f"only the layers on fewer than {engine.FEW_INPUT_CHANNELS} input channels")
     parser.add_argument("--small-maps", action="store_true",
                         help="time the engine's counts on 2x2 and 4x4 maps against the way before")
     args = parser.parse_args()

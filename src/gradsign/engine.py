@@ -791,8 +791,7 @@ def _use_sample_by_sample(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tens
     time (``_sample_by_sample_grads``): ungrouped, on fewer than ``FEW_INPUT_CHANNELS`` input channels,
     kernels above 3x3, and at least ``SAMPLE_BY_SAMPLE_WORK`` times torch's threads input channels x
     kernel taps x output positions (with one thread a 7x7 RGB stem from 32x32 output maps on)."""
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled):
+    if not (x.dtype == torch.float32 and _on_onednn_cpu(x)):
         return False
     taps = conv.weight.shape[2] * conv.weight.shape[3]
     positions = grad_out.shape[2] * grad_out.shape[3]
@@ -1810,9 +1809,14 @@ def _difference(batched: torch.Tensor | None, single: torch.Tensor | None, toler
 def _convolutions_on_onednn_differ(model: nn.Module, inputs: torch.Tensor) -> bool:
     """Whether ``_ConvolutionsOnOneDNN`` would change how a reference pass computes ``model``: float32
     ``Conv2d`` weights and inputs on a CPU where torch has oneDNN."""
-    return (inputs.device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and any(isinstance(m, nn.Conv2d) and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
-                    for m in model.modules()))
+    return _on_onednn_cpu(inputs) and any(
+        isinstance(m, nn.Conv2d) and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+        for m in model.modules())
+
+
+def _on_onednn_cpu(t: torch.Tensor) -> bool:
+    """Whether ``t`` is on a CPU where torch has oneDNN, and it is enabled."""
+    return t.device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
 def _reference_on_onednn(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
