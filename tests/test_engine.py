@@ -1830,6 +1830,67 @@ def test_a_shared_table_or_a_batchnorm_on_rows_it_cannot_group_falls_back_saying
     assert score == plain_gradsign(model, x, y)
 
 
+class GradientMixing(torch.autograd.Function):
+    """The identity forward; backward, each row's gradient plus half the batch's mean gradient: samples
+    interact in the backward pass only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad + 0.5 * grad.mean(0, keepdim=True)
+
+
+class BackwardMixing(nn.Module):
+    """Two Linear layers, between them ``GradientMixing``."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(GradientMixing.apply(torch.relu(self.hidden(x))))
+
+
+class NormalisedGradient(BackwardMixing):
+    """A gradient hook between the two layers that divides the batch's gradient by its norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.hidden(x))
+        if h.requires_grad:
+            h.register_hook(lambda grad: grad / grad.norm())
+        return self.head(h)
+
+
+class ClampedOutputGradient(BackwardMixing):
+    """A gradient hook on the first layer's output that clamps each element (no sample sees another)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(x)
+        if h.requires_grad:
+            h.register_hook(lambda grad: grad.clamp(-0.01, 0.01))
+        return self.head(torch.relu(h))
+
+
+@pytest.mark.parametrize("make, cause", [
+    (BackwardMixing, "samples interact within a batch in the backward pass"),
+    (NormalisedGradient, "samples interact within a batch in the backward pass"),
+    (ClampedOutputGradient, "a gradient hook on layer model.hidden's output")],
+    ids=["autograd function", "hook over the batch", "hook on a layer's output"])
+def test_a_backward_that_mixes_samples_or_a_hook_on_a_layers_output_falls_back_saying_so(make, cause, caplog):
+    # before, the causes given were "the first dimension of layer model.hidden's input does not index
+    # samples" and "weight of layer model.hidden gets gradient outside the layer's own call"
+    torch.manual_seed(0)
+    model = make()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    score = score_logging_warnings(model, x, y, caplog)
+    assert cause in caplog.text
+    assert "does not index samples" not in caplog.text and "outside the layer's own call" not in caplog.text
+    assert score == plain_gradsign(model, x, y)
+
+
 def test_float32_noise_is_settled_in_float64_without_a_fallback(monkeypatch, caplog):
     torch.manual_seed(0)
     model = cnn(nn.BatchNorm2d)

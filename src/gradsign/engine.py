@@ -1992,10 +1992,11 @@ def _mismatch_cause(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
                     layers: list[tuple[str, nn.Module]], one_input: torch.Tensor, one_target: torch.Tensor,
                     name: str, difference: str) -> str:
     """Why layer ``name``'s batched per-sample gradients are wrong: the model's output is random (two
-    passes over the same sample differ); samples of ``inputs`` interact; or, on a batch of one
-    (``one_input``), the hooked formula already misses gradient (the layer's class computes its output in
-    its own way, or the weight is used outside the layer's call); or else the layer's batch dimension does
-    not index samples."""
+    passes over the same sample differ); samples of ``inputs`` interact, in the forward pass or only in
+    the backward pass; or, on a batch of one (``one_input``), the hooked formula already misses gradient (a
+    gradient hook of the model's on the layer's output, the layer's class computing its output in its own
+    way, or the weight used outside the layer's call); or else the layer's batch dimension does not index
+    samples."""
     with torch.no_grad():
         random_output = not torch.equal(model(one_input), model(one_input))
     if random_output:
@@ -2008,10 +2009,17 @@ def _mismatch_cause(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
                     f"not consecutive ({', '.join(grouped)}; e.g. tokens flattened sequence-first), which the "
                     "batched form normalises as each sample's rows")
         return "samples interact within a batch"
+    model.requires_grad_(True)
+    if _backward_interacts(model, inputs, targets, loss_fn, layers):
+        return ("samples interact within a batch in the backward pass only (a gradient hook or an autograd "
+                "function that mixes the samples' gradients)")
     _, alone = _batched_counts(model, one_input, one_target, loss_fn, layers, 1, verified=0)
     model.requires_grad_(True)
     reference = next(iter(_single_sample_grads(model, one_input, one_target, loss_fn, layers)))[name]
     if _difference(alone[name][0] if name in alone else None, reference, FLOAT64_TOLERANCE) is not None:
+        if name in _outputs_with_gradient_hooks(model, one_input, layers):
+            return (f"a gradient hook on layer {name}'s output (Tensor.register_hook) changes the gradient its "
+                    "weight gets, and the batched engine reads that gradient before the model's own hooks run")
         own = _own_forward(dict(layers)[name])
         if own:
             return (f"layer {name} is a {own} with its own forward, which does not apply the weight to the "
@@ -2020,6 +2028,59 @@ def _mismatch_cause(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
                 "(a shared weight or a functional use of it)")
     return (f"the first dimension of layer {name}'s input does not index samples (a reshaped or "
             f"transposed batch dimension; {difference})")
+
+
+def _backward_interacts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
+                        layers: list[tuple[str, nn.Module]]) -> bool:
+    """Whether the counted weights' gradients of ``inputs``' losses, back-propagated through the batch,
+    differ from each sample's alone (within ``FLOAT64_TOLERANCE`` of each weight's largest): the first
+    sample's loss alone, and the sum of all samples' losses, against the first sample's single-sample
+    gradients and the sum of every sample's. Where the outputs do not interact (``samples_interact``),
+    only the backward pass can mix samples: a gradient hook or an autograd function over the batch (one
+    that mixes linearly shows in the first comparison, one that normalises in the second). Batch-statistics
+    BatchNorm is in its single-sample form (``BatchedForm``)."""
+    if len(inputs) < 2:
+        return False
+    weights = [m.weight for _, m in layers]
+
+    def grads(loss: torch.Tensor, retain: bool = False) -> list[torch.Tensor | None]:
+        return list(torch.autograd.grad(loss, weights, retain_graph=retain, allow_unused=True))
+
+    swap = BatchedForm(model, attention=False)
+    try:
+        alone = [grads(loss_fn(model(inputs[i:i + 1]), targets[i:i + 1])) for i in range(len(inputs))]
+        outputs = model(inputs)
+        losses = [loss_fn(outputs[i:i + 1], targets[i:i + 1]) for i in range(len(inputs))]
+        first = grads(losses[0], retain=True)
+        together = grads(torch.stack(losses).sum())
+    finally:
+        swap.undo()
+    summed = [None if all(g is None for g in per_weight) else sum(g for g in per_weight if g is not None)
+              for per_weight in zip(*alone)]
+    return any(_difference(batched, single, FLOAT64_TOLERANCE) is not None
+               for pairs in (zip(first, alone[0]), zip(together, summed)) for batched, single in pairs)
+
+
+def _outputs_with_gradient_hooks(model: nn.Module, one_input: torch.Tensor,
+                                 layers: list[tuple[str, nn.Module]]) -> set[str]:
+    """The counted layers whose output the model gives a gradient hook (``Tensor.register_hook``) in a
+    forward of one sample."""
+    outputs: list[tuple[str, torch.Tensor]] = []
+
+    def keep(name: str):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            if isinstance(output, torch.Tensor):
+                outputs.append((name, output))
+        return hook
+
+    handles = [m.register_forward_hook(keep(name)) for name, m in _weight_users(model, layers)]
+    try:
+        with torch.enable_grad():
+            model(one_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name for name, output in outputs if output._backward_hooks}
 
 
 def _norms_over_several_rows(model: nn.Module, one_input: torch.Tensor) -> list[str]:
