@@ -19,6 +19,8 @@ from gradsign.proxies import PROXIES, ProxyInfo, get_proxy
 API_OPTIONS = ("n_inits", "seed")
 
 OutputFn = Callable[[Any], torch.Tensor]
+#: a batch: one tensor, or a model's several inputs (a dict of keyword inputs, a tuple of positional ones)
+Inputs = torch.Tensor | Mapping[str, Any] | Sequence[Any]
 
 
 def default_output(output: Any) -> torch.Tensor:
@@ -37,15 +39,87 @@ def default_output(output: Any) -> torch.Tensor:
                     "pass output_fn=... to pick it")
 
 
-class _OutputAdapter(nn.Module):
-    """``output_fn(model(x))``: lets every proxy see the prediction tensor of any model."""
+class _InputLayout:
+    """How a model's several per-sample inputs (a dict of keyword inputs, e.g. a tokenizer's ``input_ids`` and
+    ``attention_mask``, or a tuple of positional ones; non-tensor values are constants of every call) lie
+    side by side in the rows of one (samples, features) tensor, which every proxy and engine slices along
+    its first dimension as it slices a single input: integer tensors as int64, floating ones in their
+    (common) dtype."""
 
-    def __init__(self, model: nn.Module, output_fn: OutputFn):
+    def __init__(self, inputs: Mapping[str, Any] | Sequence[Any]):
+        self.keyword = isinstance(inputs, Mapping)
+        self.slots = list(inputs.items()) if self.keyword else list(enumerate(inputs))
+        tensors = [(key, value) for key, value in self.slots if isinstance(value, torch.Tensor)]
+        if not tensors:
+            raise ValueError("inputs hold no tensor: give the per-sample inputs as tensors of one row per sample")
+        first_key, first = tensors[0]
+        for key, value in tensors:
+            if value.dim() == 0 or len(value) != len(first):
+                rows = "no rows" if value.dim() == 0 else f"{len(value)} rows"
+                raise ValueError(f"input {key} has {rows} and input {first_key} has {len(first)}: every input "
+                                 "tensor must hold one row per sample (a tensor shared by all samples belongs in the model)")
+        kinds = {value.is_floating_point() for _, value in tensors}
+        if len(kinds) > 1:
+            dtypes = ", ".join(f"{key}: {value.dtype}" for key, value in tensors)
+            raise ValueError(f"inputs mix floating and integer tensors ({dtypes}): scoring packs a sample's "
+                             "inputs into one row of one kind; pass a model that takes them in one kind")
+        floating = {value.dtype for _, value in tensors if value.is_floating_point()}
+        if len(floating) > 1:
+            raise ValueError(f"floating inputs of different dtypes ({', '.join(map(str, floating))}): give them "
+                             "in one dtype")
+        self.dtype = floating.pop() if floating else torch.int64
+        self.names = [str(key) for key, _ in tensors]
+        self.shapes = [value.shape[1:] for _, value in tensors]
+        self.dtypes = [value.dtype for _, value in tensors]
+        self.widths = [value[0].numel() for _, value in tensors]
+        self.packed = torch.cat([value.reshape(len(value), -1).to(self.dtype, copy=False) for _, value in tensors], 1)
+
+    def unpacked(self, packed: torch.Tensor) -> tuple[tuple, dict]:
+        """The model's positional and keyword arguments for the samples in ``packed``'s rows."""
+        if not packed.is_floating_point() and self.dtype.is_floating_point:
+            raise ValueError(f"the model gets {packed.dtype} inputs where its inputs are floating")
+        if packed.is_floating_point() and not self.dtype.is_floating_point:
+            raise ValueError(f"the model gets {packed.dtype} inputs where its inputs are integer "
+                             f"({', '.join(self.names)}): a proxy that draws its own floating inputs (zen, "
+                             "synflow) cannot score it")
+        parts = iter(packed.split(self.widths, 1))
+        values = {}
+        for key, value in self.slots:
+            if isinstance(value, torch.Tensor):
+                i = len(values)
+                part = next(parts).reshape(len(packed), *self.shapes[i])
+                # integer inputs take back their own dtype (a bool mask, int32 ids); floating ones keep the
+                # rows' dtype, which a proxy or check may have changed (float64 for synflow and exactness checks)
+                values[key] = part if part.is_floating_point() else part.to(self.dtypes[i])
+        arguments = [(key, values.get(key, value)) for key, value in self.slots]
+        if self.keyword:
+            return (), dict(arguments)
+        return tuple(value for _, value in arguments), {}
+
+
+class _OutputAdapter(nn.Module):
+    """``output_fn(model(x))``: lets every proxy see the prediction tensor of any model; with a ``layout``,
+    ``x`` holds the model's several inputs, unpacked for each call."""
+
+    def __init__(self, model: nn.Module, output_fn: OutputFn, layout: _InputLayout | None = None):
         super().__init__()
-        self.model, self.output_fn = model, output_fn
+        self.model, self.output_fn, self.layout = model, output_fn, layout
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
+        if self.layout is not None:
+            args, kwargs = self.layout.unpacked(*args)
         return self.output_fn(self.model(*args, **kwargs))
+
+
+def _as_rows(inputs: Any) -> tuple[torch.Tensor, _InputLayout | None]:
+    """``inputs`` as one tensor of one row per sample, and the layout of several inputs in it (None: one)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs, None
+    if isinstance(inputs, (Mapping, tuple, list)):
+        layout = _InputLayout(inputs)
+        return layout.packed, layout
+    raise TypeError("inputs must be a tensor, a dict of keyword inputs or a tuple of positional ones, not "
+                    f"{type(inputs).__name__}")
 
 
 def available_proxies() -> list[str]:
@@ -58,17 +132,19 @@ def proxy_info(name: str) -> ProxyInfo:
     return get_proxy(name)
 
 
-def score(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
+def score(model: nn.Module, inputs: Inputs, targets: torch.Tensor | None = None,
           proxy: str = "gradsign", loss_fn: LossFn | None = None, **options) -> float:
     """Score an untrained ``model`` on one mini-batch with ``proxy`` (GradSign by default).
 
-    ``loss_fn(outputs, targets) -> scalar`` defaults to cross-entropy; options are those of the proxy
+    ``inputs``: the batch (one row per sample), or the model's several inputs as a dict of keyword inputs
+    (e.g. ``input_ids`` and ``attention_mask``) or a tuple of positional ones, each tensor one row per
+    sample (see ``scores``). ``loss_fn(outputs, targets) -> scalar`` defaults to cross-entropy; options are those of the proxy
     (see ``proxy_info(name).options``) plus ``n_inits``, ``seed`` and ``output_fn`` (see ``scores``).
     """
     return scores(model, inputs, targets, [proxy], loss_fn, **options)[proxy]
 
 
-def scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
+def scores(model: nn.Module, inputs: Inputs, targets: torch.Tensor | None = None,
            proxies: Sequence[str] = ("gradsign",), loss_fn: LossFn | None = None, *,
            n_inits: int = 1, seed: int = 0, output_fn: OutputFn = default_output,
            **options) -> dict[str, float]:
@@ -81,10 +157,15 @@ def scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None 
     ``reset_parameters`` (GradSign paper, appendix: averaging over several theta_0); with ``n_inits=1``
     the model is scored as given. ``output_fn`` maps the model's output to the prediction tensor the loss
     and the proxies see (default: ``default_output``, which takes the ``logits`` of a ModelOutput or dict
-    and the first element of a tuple). Options are passed to the proxies that accept them; an option no
+    and the first element of a tuple). A model with several inputs gets them as ``inputs``, a dict (called
+    ``model(**inputs)``) or a tuple (``model(*inputs)``): every tensor in it holds one row per sample and each
+    sample is scored with its own rows of each (its own attention mask); other values are passed to every
+    call as they are. Its tensors must be all integer (token ids, masks) or all floating in one dtype; proxies
+    that draw their own floating inputs (zen, synflow) refuse integer ones. Options are passed to the proxies that accept them; an option no
     requested proxy accepts is an error. NaN or infinite scores are returned as they are.
     """
     infos = [get_proxy(name) for name in proxies]
+    inputs, layout = _as_rows(inputs)
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
         raise ValueError("the model has uninitialised parameters (lazy modules such as nn.LazyLinear, "
                          "which take their shapes from their first input): run it once on a batch first")
@@ -110,8 +191,8 @@ def scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None 
         for i in range(n_inits):
             if "seed" in info.options:  # proxies that draw their own randomness (zen) re-draw it too
                 proxy_options["seed"] = seed + i
-            values.append(_score_once(model, inputs, targets, loss_fn, info, proxy_options,
-                                      seed=seed + i, reinitialise=n_inits > 1, output_fn=output_fn))
+            values.append(_score_once(model, inputs, targets, loss_fn, info, proxy_options, seed=seed + i,
+                                      reinitialise=n_inits > 1, output_fn=output_fn, layout=layout))
         result[info.name] = math.fsum(values) / n_inits
         if info.uses_targets and result[info.name] == 0:
             warnings.warn(f"{info.name} scored 0: no weight got a nonzero gradient of the loss. A constant "
@@ -122,8 +203,8 @@ def scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None 
 
 
 def _score_once(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None, loss_fn: LossFn,
-                info: ProxyInfo, options: dict, *, seed: int, reinitialise: bool, output_fn: OutputFn
-                ) -> float:
+                info: ProxyInfo, options: dict, *, seed: int, reinitialise: bool, output_fn: OutputFn,
+                layout: _InputLayout | None = None) -> float:
     with torch.random.fork_rng(devices=_cuda_devices(inputs)), contextlib.ExitStack() as stack:
         _seed(seed, inputs)
         if info.reads_weights_only and not reinitialise:
@@ -132,7 +213,7 @@ def _score_once(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | 
             work = copy.deepcopy(model)
         if reinitialise:
             reinitialise_parameters(work)
-        work = scoring_mode(_OutputAdapter(work, output_fn))
+        work = scoring_mode(_OutputAdapter(work, output_fn, layout))
         work.requires_grad_(True)
         return float(info.fn(work, inputs, targets, loss_fn, **options))
 
