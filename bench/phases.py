@@ -19,7 +19,14 @@ the median seconds of one plain batched forward+backward (as bench/zoo.py times 
 Phases nested in the float64 check are counted in it only. Also printed: one batch-of-one
 forward+backward as a fraction of the batch of 32 (1/32 would be free of per-call costs).
 
-    python bench/phases.py [--models a,b] [--repeats 5] [--threads 1]
+With ``--layers``, instead, for each model and counted layer: the milliseconds its gradient hooks took
+in the batched pass (forming its per-sample gradients and counting their signs, all its calls; the
+verified sample's own pass in the float64 check not included) against the milliseconds torch takes for
+the layer's batched weight gradient alone from the same inputs and output gradients (the work the
+batched pass leaves out: ``convolution_backward`` for the weight only, the product of a Linear's rows),
+medians of ``--repeats`` calls: the ``--top`` layers that cost most above it, and all layers together.
+
+    python bench/phases.py [--models a,b] [--repeats 5] [--threads 1] [--layers [--top 8]]
 """
 from __future__ import annotations
 
@@ -105,14 +112,95 @@ class PhaseClock:
         setattr(owner, name, timed)
 
 
+class LayerClock:
+    """Wraps ``_SignCountHooks._accumulate_call`` to add up, per counted layer and score, the seconds its
+    gradient hooks take in batched passes, and keeps the last score's calls (module, input, output
+    gradient) to time torch's batched weight gradient on."""
+
+    def __init__(self):
+        self.scores: list[dict[str, float]] = []
+        self.calls: dict[str, list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]] = {}
+        self.original = engine._SignCountHooks._accumulate_call
+
+    def __enter__(self):
+        clock, original = self, self.original
+
+        def timed(hooks, name, module, x, grad_out):
+            start = time.perf_counter()
+            original(hooks, name, module, x, grad_out)
+            if not hooks.verified_only:
+                clock.scores[-1][name] = clock.scores[-1].get(name, 0.0) + time.perf_counter() - start
+                clock.calls.setdefault(name, []).append((module, x, grad_out))
+        engine._SignCountHooks._accumulate_call = timed
+        return self
+
+    def __exit__(self, *exc):
+        engine._SignCountHooks._accumulate_call = self.original
+
+    def start_score(self) -> None:
+        self.scores.append({})
+        self.calls = {}
+
+
+def batched_weight_gradient(module: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+    """torch's batched weight gradient of one call: all samples' gradients summed."""
+    if isinstance(module, torch.nn.Conv2d):
+        torch.ops.aten.convolution_backward(grad_out, x, module.weight, None, module.stride, module.padding,
+                                            module.dilation, False, [0, 0], module.groups, [False, True, False])
+    elif isinstance(module, torch.nn.Linear):
+        grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+
+def layer_table(names: list[str], repeats: int, top: int) -> None:
+    """The ``--layers`` table (module docstring)."""
+    print(f"batch 32, {torch.get_num_threads()} torch threads, medians of {repeats} calls; ms per score")
+    print("| model | layer | weight | output positions | hooks ms | batched dW ms | hooks / dW |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        model = zoo.build(name, "bench", 0)
+        x, y = zoo.example_batch(name, 32, "bench", 1)
+        gradsign.score(model, x, y)
+        with LayerClock() as clock:
+            for _ in range(repeats):
+                clock.start_score()
+                gradsign.score(model, x, y)
+        rows = []
+        for layer, calls in clock.calls.items():
+            hooks = statistics.median(score.get(layer, 0.0) for score in clock.scores)
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for module, inputs, grad_out in calls:
+                    batched_weight_gradient(module, inputs, grad_out)
+                seconds.append(time.perf_counter() - start)
+            module, _, grad_out = calls[0]
+            if isinstance(module, torch.nn.Conv2d):
+                positions = "x".join(map(str, grad_out.shape[2:]))
+            else:  # rows per sample of a Linear (tokens, or positions of channels-last maps)
+                positions = str(grad_out[0].numel() // grad_out.shape[-1])
+            rows.append((hooks, statistics.median(seconds), layer, tuple(module.weight.shape), positions))
+        for hooks, plain, layer, shape, positions in sorted(rows, key=lambda r: r[1] - r[0])[:top]:
+            print(f"| {name} | {layer} | {'x'.join(map(str, shape))} | {positions} | {hooks * 1e3:.2f} | "
+                  f"{plain * 1e3:.2f} | {hooks / plain:.2f} |")
+        hooks, plain = sum(r[0] for r in rows), sum(r[1] for r in rows)
+        print(f"| {name} | all {len(rows)} counted layers | | | {hooks * 1e3:.1f} | {plain * 1e3:.1f} | "
+              f"{hooks / plain:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated zoo names (default: all)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layers", action="store_true",
+                        help="per counted layer: its hooks' time against its batched weight gradient's")
+    parser.add_argument("--top", type=int, default=8, help="with --layers: how many layers to list per model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = args.models.split(",") if args.models else zoo.names()
+    if args.layers:
+        layer_table(names, args.repeats, args.top)
+        return
     columns = ["reference", "batched", "hooks", "compare", "probe", "float64", "lend", "checks", "rest"]
     print(f"batch 32, {torch.get_num_threads()} torch threads, {args.repeats} calls per model; "
           "fractions of one batched forward+backward")
