@@ -2084,13 +2084,7 @@ def _outputs_with_gradient_hooks(model: nn.Module, one_input: torch.Tensor,
                 outputs.append((name, output))
         return hook
 
-    handles = [m.register_forward_hook(keep(name)) for name, m in _weight_users(model, layers)]
-    try:
-        with torch.enable_grad():
-            model(one_input)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _probe_forward(model, one_input, [(m, keep(name)) for name, m in _weight_users(model, layers)], grad=True)
     return {name for name, output in outputs if output._backward_hooks}
 
 
@@ -2104,15 +2098,22 @@ def _norms_over_several_rows(model: nn.Module, one_input: torch.Tensor) -> list[
                 seen.append(name)
         return hook
 
-    handles = [m.register_forward_hook(watch(name)) for name, m in model.named_modules()
-               if _normalises_by_batch_statistics(m)]
+    _probe_forward(model, one_input, [(m, watch(name)) for name, m in model.named_modules()
+                                      if _normalises_by_batch_statistics(m)], grad=False)
+    return list(dict.fromkeys(seen))
+
+
+def _probe_forward(model: nn.Module, one_input: torch.Tensor, hooks: list[tuple[nn.Module, Callable]], *,
+                   grad: bool) -> None:
+    """One forward of ``one_input``, with autograd on or off, while each (module, forward hook) of ``hooks``
+    is installed."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             model(one_input)
     finally:
         for handle in handles:
             handle.remove()
-    return list(dict.fromkeys(seen))
 
 
 def _own_forward(layer: nn.Module) -> str | None:
