@@ -114,6 +114,43 @@ def test_grasp_matches_finite_difference_hessian_gradient_product():
     assert run("grasp", model, x, y) == pytest.approx(expected, rel=1e-6)
 
 
+class SelfAttention(nn.Module):
+    """One head of ``F.scaled_dot_product_attention`` over 4 tokens (torch's fused kernel on a CPU, which
+    has no second derivative), then a Linear head on the mean token."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(5, 15), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x.view(len(x), 1, 4, 5)).chunk(3, dim=-1)  # (samples, heads, tokens, width)
+        return self.head(F.scaled_dot_product_attention(q, k, v).mean((1, 2)))
+
+
+def test_grasp_through_fused_attention_matches_finite_differences():
+    # before, torch's error: "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is
+    # not implemented" (BERT-style models of transformers attend this way)
+    torch.manual_seed(3)
+    model = SelfAttention().double()
+    x, y = torch.randn(6, 20, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    weights = [model.qkv.weight, model.head.weight]
+
+    def weight_grads(shift: list[torch.Tensor]) -> list[torch.Tensor]:
+        shifted = copy.deepcopy(model)
+        with torch.no_grad():
+            shifted.qkv.weight += shift[0]
+            shifted.head.weight += shift[1]
+        loss = F.cross_entropy(shifted(x), y)
+        return list(torch.autograd.grad(loss, [shifted.qkv.weight, shifted.head.weight]))
+
+    g = weight_grads([torch.zeros_like(w) for w in weights])
+    h = 1e-5
+    plus = weight_grads([h * gi for gi in g])
+    minus = weight_grads([-h * gi for gi in g])
+    expected = -sum((w.detach() * (p - m) / (2 * h)).sum().item() for w, p, m in zip(weights, plus, minus))
+    assert run("grasp", model, x, y) == pytest.approx(expected, rel=1e-6)
+
+
 def test_synflow_of_bias_free_chain_is_depth_times_path_sum():
     # With |W| and an all-ones input, every layer of a bias-free ReLU chain carries the whole synaptic
     # flow R = 1^T |W2| |W1| 1 (Tanaka et al.), so the score is 2 R; BatchNorm is removed first.

@@ -1,6 +1,8 @@
 """grasp: -W * (H g) summed over every Conv2d/Linear weight, H g by double backpropagation."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -23,7 +25,24 @@ def grasp(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn
     preserves gradient flow. The zero-cost form (Abdelfattah et al., ICLR 2021) sums S over all
     Conv2d/Linear weights and reads a larger sum as a better network; this function follows that sign
     convention. H is the Hessian block of the weights only (biases and norm parameters are held fixed).
+    ``scaled_dot_product_attention`` runs as its plain matrix products and softmax (torch's fused CPU
+    kernels have no second derivative).
     """
+    with _attention_twice_differentiable():
+        return _grasp(model, inputs, targets, loss_fn)
+
+
+def _attention_twice_differentiable() -> contextlib.AbstractContextManager:
+    """Within the block, ``F.scaled_dot_product_attention`` takes torch's math backend (composite, so
+    differentiable twice); where this torch has no ``torch.nn.attention`` (before 2.3), nothing changes."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _grasp(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn) -> float:
     pairs = weight_gradients(model, inputs, targets, loss_fn, create_graph=True)
     if not pairs:
         return 0.0
