@@ -331,3 +331,12 @@ def test_jacob_cov_is_nan_when_the_output_ignores_the_input():
     torch.manual_seed(0)
     model = space.build("|avg_pool_3x3~0|+|nor_conv_1x1~0|avg_pool_3x3~1|+|none~0|none~1|none~2|", num_classes=10)
     assert math.isnan(gradsign.score(model, torch.randn(4, 3, 32, 32), proxy="jacob_cov"))
+
+
+def test_jacob_cov_refuses_integer_inputs_plainly():
+    # before, torch's "only Tensors of floating point dtype can require gradients"
+    import gradsign
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+    with pytest.raises(ValueError, match="jacob_cov differentiates the outputs with respect to the inputs, and "
+                                         "torch.int64 inputs"):
+        gradsign.score(model, torch.randint(0, 10, (5, 3)), proxy="jacob_cov")

@@ -28,6 +28,9 @@ def jacob_cov(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | No
     A sample whose Jacobian is constant gives a NaN correlation and thus a NaN score; so does a network
     whose output does not depend on its input (e.g. a NAS-Bench-201 cell cut off by 'none' edges).
     """
+    if not inputs.is_floating_point():
+        raise ValueError(f"jacob_cov differentiates the outputs with respect to the inputs, and {inputs.dtype} "
+                         "inputs (e.g. token ids) have no gradient")
     param = next(model.parameters(), None)
     device = param.device if param is not None else inputs.device
     x = inputs.detach().to(device).clone().requires_grad_(True)
