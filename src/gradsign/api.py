@@ -58,6 +58,10 @@ class _InputLayout:
                 rows = "no rows" if value.dim() == 0 else f"{len(value)} rows"
                 raise ValueError(f"input {key} has {rows} and input {first_key} has {len(first)}: every input "
                                  "tensor must hold one row per sample (a tensor shared by all samples belongs in the model)")
+        complex_inputs = [str(key) for key, value in tensors if value.is_complex()]
+        if complex_inputs:
+            raise ValueError(f"complex inputs ({', '.join(complex_inputs)}): several inputs must be integer or "
+                             "floating tensors")
         kinds = {value.is_floating_point() for _, value in tensors}
         if len(kinds) > 1:
             dtypes = ", ".join(f"{key}: {value.dtype}" for key, value in tensors)
