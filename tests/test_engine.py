@@ -1531,7 +1531,14 @@ def test_half_precision_counts_warn_that_rounding_decides_signs(dtype):
         assert noise == []
     else:
         assert len(noise) == 1 and str(dtype).removeprefix("torch.") in str(noise[0].message)
-        assert "float32 copy" in str(noise[0].message)
+        assert "float32 copy" in str(noise[0].message) and noise[0].message.share is not None
+    for engine in ("loop", "vmap", "batched"):  # they measure no share, and say so in a lower precision
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gradsign.score(model, x, y, engine=engine)
+        noise = [w for w in caught if issubclass(w.category, engine_module.RoundingNoiseWarning)]
+        assert len(noise) == (0 if dtype == torch.float32 else 1), engine
+        assert all(w.message.share is None for w in noise)
 
 
 class KeywordCrossAttention(nn.Module):

@@ -137,9 +137,10 @@ class UnsupportedModelError(RuntimeError):
 class RoundingNoiseWarning(UserWarning):
     """Rounding decides the sign of a large share of the model's per-sample gradients in float32, or of
     some in a lower precision; ``share``: the measured share of the counted weights whose signs two
-    computations of one sample's gradients disagree on."""
+    computations of one sample's gradients disagree on (None where an engine without the verification,
+    ``engine="loop"``, ``"vmap"`` or ``"batched"``, warns of a lower precision without measuring it)."""
 
-    def __init__(self, message: str, share: float):
+    def __init__(self, message: str, share: float | None):
         super().__init__(message)
         self.share = share
 
@@ -282,6 +283,8 @@ def sign_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, l
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     scoring_mode(model)
     layers = counted_layers(model)
+    if engine != "auto" and layers and _below_float32(layers[0][1].weight.dtype):
+        _warn_of_low_precision(layers[0][1].weight.dtype, None)  # the default engine measures its share
     try:
         if engine == "loop":
             return _loop_counts(model, inputs, targets, loss_fn, layers)
@@ -1767,12 +1770,8 @@ def _warn_if_rounding_decides_signs(batched: dict[str, torch.Tensor],
     share = _sign_disagreement(batched, reference)
     dtype = next((g.dtype for g in reference.values() if g is not None), torch.float32)
     precision = str(dtype).removeprefix("torch.")
-    if torch.finfo(dtype).eps > torch.finfo(torch.float32).eps:
-        warnings.warn(RoundingNoiseWarning(
-            f"{precision} rounding decides some of this model's gradient signs: exact {precision} computations "
-            f"of the counts (batched, and sample by sample) can differ (here two computations of one sample's "
-            f"gradients differ in sign on {share:.1%} of the counted weights sampled); score a float32 copy of "
-            "the model and inputs for counts that do not depend on how they are computed", share), stacklevel=2)
+    if _below_float32(dtype):
+        _warn_of_low_precision(dtype, share)
         return
     if share <= NOISY_SIGN_SHARE:
         return
@@ -1783,6 +1782,23 @@ def _warn_if_rounding_decides_signs(batched: dict[str, torch.Tensor],
         "weights sampled (gradients that are zero but for rounding, as in a branch that ends in BatchNorm "
         "and reaches the logits only through global pooling, or normalisation over near-constant or 2x2 "
         f"maps); GradSign's counts carry that noise in any engine{advice}", share), stacklevel=2)
+
+
+def _below_float32(dtype: torch.dtype) -> bool:
+    """A floating dtype with fewer mantissa bits than float32 (bfloat16, float16)."""
+    return dtype.is_floating_point and torch.finfo(dtype).eps > torch.finfo(torch.float32).eps
+
+
+def _warn_of_low_precision(dtype: torch.dtype, share: float | None) -> None:
+    """``RoundingNoiseWarning`` for counts in a precision below float32, with the share of one sample's
+    signs that two computations disagreed on where it was measured (``share``; None: not measured)."""
+    precision = str(dtype).removeprefix("torch.")
+    measured = "" if share is None else (f" (here two computations of one sample's gradients differ in sign on "
+                                         f"{share:.1%} of the counted weights sampled)")
+    warnings.warn(RoundingNoiseWarning(
+        f"{precision} rounding decides some of this model's gradient signs: exact {precision} computations of "
+        f"the counts (batched, and sample by sample) can differ{measured}; score a float32 copy of the model "
+        "and inputs for counts that do not depend on how they are computed", share), stacklevel=3)
 
 
 def _largest_magnitude(t: torch.Tensor) -> float:
