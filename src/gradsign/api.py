@@ -57,7 +57,8 @@ class _InputLayout:
             if value.dim() == 0 or len(value) != len(first):
                 rows = "no rows" if value.dim() == 0 else f"{len(value)} rows"
                 raise ValueError(f"input {key} has {rows} and input {first_key} has {len(first)}: every input "
-                                 "tensor must hold one row per sample (a tensor shared by all samples belongs in the model)")
+                                 "tensor must hold one row per sample (a tensor shared by all samples belongs "
+                                 "in the model)")
         complex_inputs = [str(key) for key, value in tensors if value.is_complex()]
         if complex_inputs:
             raise ValueError(f"complex inputs ({', '.join(complex_inputs)}): several inputs must be integer or "
@@ -142,8 +143,9 @@ def score(model: nn.Module, inputs: Inputs, targets: torch.Tensor | None = None,
 
     ``inputs``: the batch (one row per sample), or the model's several inputs as a dict of keyword inputs
     (e.g. ``input_ids`` and ``attention_mask``) or a tuple of positional ones, each tensor one row per
-    sample (see ``scores``). ``loss_fn(outputs, targets) -> scalar`` defaults to cross-entropy; options are those of the proxy
-    (see ``proxy_info(name).options``) plus ``n_inits``, ``seed`` and ``output_fn`` (see ``scores``).
+    sample (see ``scores``). ``loss_fn(outputs, targets) -> scalar`` defaults to cross-entropy; options
+    are those of the proxy (see ``proxy_info(name).options``) plus ``n_inits``, ``seed`` and
+    ``output_fn`` (see ``scores``).
     """
     return scores(model, inputs, targets, [proxy], loss_fn, **options)[proxy]
 
@@ -164,9 +166,10 @@ def scores(model: nn.Module, inputs: Inputs, targets: torch.Tensor | None = None
     and the first element of a tuple). A model with several inputs gets them as ``inputs``, a dict (called
     ``model(**inputs)``) or a tuple (``model(*inputs)``): every tensor in it holds one row per sample and each
     sample is scored with its own rows of each (its own attention mask); other values are passed to every
-    call as they are. Its tensors must be all integer (token ids, masks) or all floating in one dtype; proxies
-    that draw their own floating inputs (zen, synflow) refuse integer ones. Options are passed to the proxies that accept them; an option no
-    requested proxy accepts is an error. NaN or infinite scores are returned as they are.
+    call as they are. Its tensors must be all integer (token ids, masks) or all floating in one dtype;
+    proxies that draw their own floating inputs (zen, synflow) refuse integer ones. Options are passed to
+    the proxies that accept them; an option no requested proxy accepts is an error. NaN or infinite
+    scores are returned as they are.
     """
     infos = [get_proxy(name) for name in proxies]
     inputs, layout = _as_rows(inputs)
