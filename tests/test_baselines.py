@@ -340,3 +340,13 @@ def test_jacob_cov_refuses_integer_inputs_plainly():
     with pytest.raises(ValueError, match="jacob_cov differentiates the outputs with respect to the inputs, and "
                                          "torch.int64 inputs"):
         gradsign.score(model, torch.randint(0, 10, (5, 3)), proxy="jacob_cov")
+
+
+@pytest.mark.parametrize("proxy, drawn", [("zen", "Gaussian inputs"), ("synflow", "an all-ones input")])
+def test_a_proxy_drawing_floating_inputs_says_why_a_token_model_refuses_them(proxy, drawn):
+    # before, torch's "Expected tensor for argument #1 'indices' to have one of the following scalar types"
+    import gradsign
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+    with pytest.raises(ValueError, match=f"{proxy} feeds the model {drawn} of the batch's shape in place of its "
+                                         "torch.int64 inputs"):
+        gradsign.score(model, torch.randint(0, 10, (5, 3)), torch.zeros(5, dtype=torch.long), proxy=proxy)

@@ -8,9 +8,11 @@ it may change (see ``gradsign.api``). Options a proxy accepts are the keyword-on
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -85,6 +87,20 @@ def load_plugins() -> list[str]:
         except ImportError as error:
             raise ValueError(f"cannot import plugin module {name!r} from GRADSIGN_PLUGINS: {error}") from None
     return names
+
+
+@contextlib.contextmanager
+def drawn_inputs(proxy: str, inputs: torch.Tensor, drawn: str) -> Iterator[None]:
+    """Within the block, where ``inputs`` are integers (token ids), torch's error from a model that does not
+    take the floating inputs ``proxy`` draws in their place (``drawn``) becomes a ValueError saying so."""
+    try:
+        yield
+    except RuntimeError as error:
+        if inputs.is_floating_point():
+            raise
+        raise ValueError(f"{proxy} feeds the model {drawn} of the batch's shape in place of its {inputs.dtype} "
+                         f"inputs, which this model does not take (e.g. token ids): "
+                         f"{str(error).splitlines()[0]}") from error
 
 
 def weight_gradients(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, *,

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from gradsign.proxies.registry import LossFn, register, weight_layers
+from gradsign.proxies.registry import LossFn, drawn_inputs, register, weight_layers
 
 
 def _drop_batch_norms(model: nn.Module) -> None:
@@ -52,7 +52,8 @@ def synflow(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None
     for w in weights:
         w.requires_grad_(True)
     ones = torch.ones((1,) + tuple(inputs.shape[1:]), dtype=torch.float64, device=weights[0].device)
-    r = model(ones).sum()
+    with drawn_inputs("synflow", inputs, "an all-ones input"):
+        r = model(ones).sum()
     grads = torch.autograd.grad(r, weights, allow_unused=True)
     total = 0.0
     for w, g in zip(weights, grads):

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from gradsign.proxies.registry import LossFn, register
+from gradsign.proxies.registry import LossFn, drawn_inputs, register
 
 _POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 
@@ -84,9 +84,10 @@ def zen(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = N
         if feature is not None:
             handles.append(feature.register_forward_pre_hook(on_feature))
         try:
-            features["clean_out"] = model(x)
-            phase[0] = "mixed"
-            features["mixed_out"] = model(x + alpha * eps)
+            with drawn_inputs("zen", inputs, "Gaussian inputs"):
+                features["clean_out"] = model(x)
+                phase[0] = "mixed"
+                features["mixed_out"] = model(x + alpha * eps)
         finally:
             for h in handles:
                 h.remove()
