@@ -93,9 +93,10 @@ def test_every_proxy_takes_several_floating_inputs():
      r"inputs mix floating and integer tensors \(image: torch.float32, ids: torch.int64\)"),
     ((torch.randn(6, 3, 5, 5), torch.randn(6, 5, dtype=torch.float64)), r"floating inputs of different dtypes"),
     ((2.0,), r"inputs hold no tensor"),
+    ((torch.randn(6, 3, 5, 5), {"features": torch.randn(6, 5)}), r"input 1 holds tensors inside a container"),
     ((torch.randn(6, 5, dtype=torch.complex64),), r"complex inputs \(0\)"),
     ("pixels", r"inputs must be a tensor, a dict of keyword inputs or a tuple of positional ones, not str")],
-    ids=["rows", "mixed kinds", "mixed dtypes", "no tensor", "complex", "a string"])
+    ids=["rows", "mixed kinds", "mixed dtypes", "no tensor", "nested", "complex", "a string"])
 def test_inputs_that_cannot_be_rows_of_samples_are_refused_plainly(inputs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         gradsign.score(ImageAndFeatures(), inputs, torch.zeros(6, dtype=torch.long))

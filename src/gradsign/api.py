@@ -50,6 +50,10 @@ class _InputLayout:
         self.keyword = isinstance(inputs, Mapping)
         self.slots = list(inputs.items()) if self.keyword else list(enumerate(inputs))
         tensors = [(key, value) for key, value in self.slots if isinstance(value, torch.Tensor)]
+        nested = [str(key) for key, value in self.slots if not isinstance(value, torch.Tensor) and _holds_tensor(value)]
+        if nested:
+            raise ValueError(f"input {nested[0]} holds tensors inside a container: give each per-sample tensor as "
+                             "an input of its own (a container is passed to every call as it is)")
         if not tensors:
             raise ValueError("inputs hold no tensor: give the per-sample inputs as tensors of one row per sample")
         first_key, first = tensors[0]
@@ -116,6 +120,17 @@ class _OutputAdapter(nn.Module):
         return self.output_fn(self.model(*args, **kwargs))
 
 
+def _holds_tensor(value: Any) -> bool:
+    """Whether a dict, list or tuple holds a tensor, at any depth."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_tensor(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v) for v in value)
+    return False
+
+
 def _as_rows(inputs: Any) -> tuple[torch.Tensor, _InputLayout | None]:
     """``inputs`` as one tensor of one row per sample, and the layout of several inputs in it (None: one)."""
     if isinstance(inputs, torch.Tensor):
@@ -166,7 +181,7 @@ def scores(model: nn.Module, inputs: Inputs, targets: torch.Tensor | None = None
     and the first element of a tuple). A model with several inputs gets them as ``inputs``, a dict (called
     ``model(**inputs)``) or a tuple (``model(*inputs)``): every tensor in it holds one row per sample and each
     sample is scored with its own rows of each (its own attention mask); other values are passed to every
-    call as they are. Its tensors must be all integer (token ids, masks) or all floating in one dtype;
+    call as they are (a container holding tensors is refused). Its tensors must be all integer (token ids, masks) or all floating in one dtype;
     proxies that draw their own floating inputs (zen, synflow) refuse integer ones. Options are passed to
     the proxies that accept them; an option no requested proxy accepts is an error. NaN or infinite
     scores are returned as they are.
