@@ -98,6 +98,13 @@ class InputReaders(nn.Module):
 def plain_gradsign(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=F.cross_entropy) -> float:
     """GradSign by its definition, independently of the package: each sample alone, every module in eval
     mode except normalisation layers, sign(0) = 0, each distinct Conv2d/Linear weight once."""
+    return plain_gradsign_of_calls(model, [((x[i:i + 1],), {}) for i in range(len(x))], y, loss_fn)
+
+
+def plain_gradsign_of_calls(model: nn.Module, calls: list[tuple[tuple, dict]], y: torch.Tensor,
+                            loss_fn=F.cross_entropy, output=lambda out: out) -> float:
+    """``plain_gradsign`` with sample i's call given as ``model(*args, **kwargs)`` (``calls[i]``) and its
+    prediction as ``output`` of what the model returns."""
     model = copy.deepcopy(model).eval()
     for m in model.modules():
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
@@ -106,8 +113,8 @@ def plain_gradsign(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=F
     weights = list({id(m.weight): m.weight for m in model.modules()
                     if isinstance(m, (nn.Conv2d, nn.Linear))}.values())
     total = [torch.zeros_like(w) for w in weights]
-    for i in range(len(x)):
-        out = model(x[i:i + 1])
+    for i, (args, kwargs) in enumerate(calls):
+        out = output(model(*args, **kwargs))
         grads = torch.autograd.grad(loss_fn(out, y[i:i + 1]), weights, allow_unused=True)
         total = [t + (torch.sign(g) if g is not None else 0) for t, g in zip(total, grads)]
     return float(sum(t.abs().sum() for t in total))

@@ -4,27 +4,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import gradsign
-
-
-def plain_gradsign_of_calls(model: nn.Module, calls: list[tuple[tuple, dict]], y: torch.Tensor,
-                            output=lambda out: out) -> float:
-    """GradSign by its definition, each sample alone as ``model(*args, **kwargs)`` of its own call, every
-    module in eval mode except normalisation layers, each distinct Conv2d/Linear weight once."""
-    model = copy.deepcopy(model).eval()
-    for m in model.modules():
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
-            m.train()
-    weights = list({id(m.weight): m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}.values())
-    total = [torch.zeros_like(w) for w in weights]
-    for i, (args, kwargs) in enumerate(calls):
-        loss = F.cross_entropy(output(model(*args, **kwargs)), y[i:i + 1])
-        grads = torch.autograd.grad(loss, weights, allow_unused=True)
-        total = [t + (torch.sign(g) if g is not None else 0) for t, g in zip(total, grads)]
-    return float(sum(t.abs().sum() for t in total))
+from test_engine import plain_gradsign_of_calls  # the per-sample definition, written independently of gradsign
 
 
 def padded_tokens(samples: int, length: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
