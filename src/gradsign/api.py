@@ -77,7 +77,8 @@ class _InputLayout:
             raise ValueError(f"floating inputs of different dtypes ({', '.join(map(str, floating))}): give them "
                              "in one dtype")
         self.dtype = floating.pop() if floating else torch.int64
-        self.names = [str(key) for key, _ in tensors]
+        self.keys = [key for key, _ in tensors]
+        self.names = [str(key) for key in self.keys]
         self.shapes = [value.shape[1:] for _, value in tensors]
         self.dtypes = [value.dtype for _, value in tensors]
         self.widths = [value[0].numel() for _, value in tensors]
@@ -91,15 +92,12 @@ class _InputLayout:
             raise ValueError(f"the model gets {packed.dtype} inputs where its inputs are integer "
                              f"({', '.join(self.names)}): a proxy that draws its own floating inputs (zen, "
                              "synflow) cannot score it")
-        parts = iter(packed.split(self.widths, 1))
         values = {}
-        for key, value in self.slots:
-            if isinstance(value, torch.Tensor):
-                i = len(values)
-                part = next(parts).reshape(len(packed), *self.shapes[i])
-                # integer inputs take back their own dtype (a bool mask, int32 ids); floating ones keep the
-                # rows' dtype, which a proxy or check may have changed (float64 for synflow and exactness checks)
-                values[key] = part if part.is_floating_point() else part.to(self.dtypes[i])
+        for key, part, shape, dtype in zip(self.keys, packed.split(self.widths, 1), self.shapes, self.dtypes):
+            part = part.reshape(len(packed), *shape)
+            # integer inputs take back their own dtype (a bool mask, int32 ids); floating ones keep the rows'
+            # dtype, which a proxy or check may have changed (float64 for synflow and exactness checks)
+            values[key] = part if part.is_floating_point() else part.to(dtype)
         arguments = [(key, values.get(key, value)) for key, value in self.slots]
         if self.keyword:
             return (), dict(arguments)

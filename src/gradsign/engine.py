@@ -1769,12 +1769,12 @@ def _warn_if_rounding_decides_signs(batched: dict[str, torch.Tensor],
     tests/test_engine.py)."""
     share = _sign_disagreement(batched, reference)
     dtype = next((g.dtype for g in reference.values() if g is not None), torch.float32)
-    precision = str(dtype).removeprefix("torch.")
     if _below_float32(dtype):
         _warn_of_low_precision(dtype, share)
         return
     if share <= NOISY_SIGN_SHARE:
         return
+    precision = str(dtype).removeprefix("torch.")
     advice = ": score a float64 copy of the model and inputs for counts without it" if dtype != torch.float64 else ""
     warnings.warn(RoundingNoiseWarning(
         f"{precision} rounding decides many of this model's gradient signs: two exact {precision} computations "
