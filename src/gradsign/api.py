@@ -39,12 +39,16 @@ def default_output(output: Any) -> torch.Tensor:
                     "pass output_fn=... to pick it")
 
 
+#: the integer dtype of each floating dtype's width, to carry its values bit for bit
+_SAME_WIDTH_INTEGER = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 class _InputLayout:
     """How a model's several per-sample inputs (a dict of keyword inputs, e.g. a tokenizer's ``input_ids`` and
     ``attention_mask``, or a tuple of positional ones; non-tensor values are constants of every call) lie
     side by side in the rows of one (samples, features) tensor, which every proxy and engine slices along
     its first dimension as it slices a single input: integer tensors as int64, floating ones in their
-    (common) dtype."""
+    (common) dtype, or, beside integer ones, as int64 rows of their bit patterns (each in its own dtype)."""
 
     def __init__(self, inputs: Mapping[str, Any] | Sequence[Any]):
         self.keyword = isinstance(inputs, Mapping)
@@ -67,34 +71,47 @@ class _InputLayout:
         if complex_inputs:
             raise ValueError(f"complex inputs ({', '.join(complex_inputs)}): several inputs must be integer or "
                              "floating tensors")
-        kinds = {value.is_floating_point() for _, value in tensors}
-        if len(kinds) > 1:
-            dtypes = ", ".join(f"{key}: {value.dtype}" for key, value in tensors)
-            raise ValueError(f"inputs mix floating and integer tensors ({dtypes}): scoring packs a sample's "
-                             "inputs into one row of one kind; pass a model that takes them in one kind")
+        # floating inputs beside integer ones (pixel values and a mask, audio and an attention mask) lie in
+        # the int64 rows as their bit patterns, so that a proxy's own floating draws cannot pass for them
+        self.mixed = len({value.is_floating_point() for _, value in tensors}) > 1
         floating = {value.dtype for _, value in tensors if value.is_floating_point()}
-        if len(floating) > 1:
+        if len(floating) > 1 and not self.mixed:
             raise ValueError(f"floating inputs of different dtypes ({', '.join(map(str, floating))}): give them "
                              "in one dtype")
-        self.dtype = floating.pop() if floating else torch.int64
+        self.dtype = floating.pop() if floating and not self.mixed else torch.int64
         self.keys = [key for key, _ in tensors]
         self.names = [str(key) for key in self.keys]
         self.shapes = [value.shape[1:] for _, value in tensors]
         self.dtypes = [value.dtype for _, value in tensors]
         self.widths = [value[0].numel() for _, value in tensors]
-        self.packed = torch.cat([value.reshape(len(value), -1).to(self.dtype, copy=False) for _, value in tensors], 1)
+        self.packed = torch.cat([self._row_values(value) for _, value in tensors], 1)
 
-    def unpacked(self, packed: torch.Tensor) -> tuple[tuple, dict]:
-        """The model's positional and keyword arguments for the samples in ``packed``'s rows."""
+    def _row_values(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` as (samples, features) of the rows' dtype (floating ones bit for bit in mixed rows)."""
+        rows = value.reshape(len(value), -1)
+        if self.mixed and rows.is_floating_point():
+            return rows.contiguous().view(_SAME_WIDTH_INTEGER[rows.element_size()]).to(torch.int64)
+        return rows.to(self.dtype, copy=False)
+
+    def unpacked(self, packed: torch.Tensor, precision: torch.dtype | None = None) -> tuple[tuple, dict]:
+        """The model's positional and keyword arguments for the samples in ``packed``'s rows. Floating inputs
+        packed beside integer ones are widened to ``precision`` (the model's) where it is wider, as the
+        rows of floating inputs alone are when a check runs the model in float64."""
         if not packed.is_floating_point() and self.dtype.is_floating_point:
             raise ValueError(f"the model gets {packed.dtype} inputs where its inputs are floating")
         if packed.is_floating_point() and not self.dtype.is_floating_point:
-            raise ValueError(f"the model gets {packed.dtype} inputs where its inputs are integer "
-                             f"({', '.join(self.names)}): a proxy that draws its own floating inputs (zen, "
-                             "synflow) cannot score it")
+            integer = [name for name, dtype in zip(self.names, self.dtypes) if not dtype.is_floating_point]
+            raise ValueError(f"the model gets {packed.dtype} inputs where its inputs are "
+                             f"{'integer' if not self.mixed else 'partly integer'} ({', '.join(integer)}): a "
+                             "proxy that draws its own floating inputs (zen, synflow) cannot score it")
         values = {}
         for key, part, shape, dtype in zip(self.keys, packed.split(self.widths, 1), self.shapes, self.dtypes):
             part = part.reshape(len(packed), *shape)
+            if self.mixed and dtype.is_floating_point:
+                part = part.to(_SAME_WIDTH_INTEGER[dtype.itemsize]).view(dtype)
+                wider = precision is not None and precision.is_floating_point and precision.itemsize > dtype.itemsize
+                values[key] = part.to(precision) if wider else part
+                continue
             # integer inputs take back their own dtype (a bool mask, int32 ids); floating ones keep the rows'
             # dtype, which a proxy or check may have changed (float64 for synflow and exactness checks)
             values[key] = part if part.is_floating_point() else part.to(dtype)
@@ -114,7 +131,8 @@ class _OutputAdapter(nn.Module):
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         if self.layout is not None:
-            args, kwargs = self.layout.unpacked(*args)
+            precision = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+            args, kwargs = self.layout.unpacked(*args, precision=precision)
         return self.output_fn(self.model(*args, **kwargs))
 
 
@@ -179,8 +197,9 @@ def scores(model: nn.Module, inputs: Inputs, targets: torch.Tensor | None = None
     and the first element of a tuple). A model with several inputs gets them as ``inputs``, a dict (called
     ``model(**inputs)``) or a tuple (``model(*inputs)``): every tensor in it holds one row per sample and each
     sample is scored with its own rows of each (its own attention mask); other values are passed to every
-    call as they are (a container holding tensors is refused). Its tensors must be all integer (token ids, masks) or all floating in one dtype;
-    proxies that draw their own floating inputs (zen, synflow) refuse integer ones. Options are passed to
+    call as they are (a container holding tensors is refused). Floating tensors alone must share one dtype;
+    beside integer ones (masks) each keeps its own, widened to the model's precision where that is wider.
+    Proxies that draw their own floating inputs (zen, synflow) refuse integer ones. Options are passed to
     the proxies that accept them; an option no requested proxy accepts is an error. NaN or infinite
     scores are returned as they are.
     """
