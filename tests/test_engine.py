@@ -940,6 +940,17 @@ def test_per_sample_loss_sum_vectorised_and_fallback_agree():
         assert torch.allclose(grad, expected_grad)
 
 
+@pytest.mark.parametrize("engine", ["auto", "batched", "vmap", "loop"])
+def test_a_loss_of_one_element_per_sample_is_that_samples_loss_in_every_engine(engine):
+    # a loss_fn with reduction="none" gives each sample's loss as shape (1,); a plain loop takes it as it is
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    unreduced = functools.partial(F.cross_entropy, reduction="none")
+    expected = plain_gradsign(model, x, y)
+    assert gradsign.score(model, x, y, loss_fn=unreduced, engine=engine) == expected
+
+
 # ---------------------------------------------------------------- exactness on models that defeat hooks
 class TokenTransformer(nn.Module):
     """Token ids -> Embedding -> TransformerEncoderLayer (its attention uses out_proj.weight without

@@ -2173,7 +2173,9 @@ def _vmap_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     fixed.update({k: v.detach() for k, v in model.named_buffers()})
 
     def sample_loss(w: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return loss_fn(functional_call(model, (w, fixed), (x[None],)), t[None])
+        loss = loss_fn(functional_call(model, (w, fixed), (x[None],)), t[None])
+        # one loss of shape (1,) (a loss_fn with reduction="none") is the sample's loss, as in the loop
+        return loss.reshape(()) if loss.numel() == 1 else loss
 
     total = sum(w.numel() for w in weights.values()) or 1
     chunk_size = chunk_size or max(1, min(len(inputs), DEFAULT_ELEMENT_BUDGET // total,
