@@ -31,6 +31,39 @@ def test_a_model_with_lazy_parameters_not_yet_shaped_is_refused_plainly(proxy):
     assert isinstance(model[0].weight, nn.parameter.UninitializedParameter)  # left as it was
 
 
+def conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize("proxy", ["gradsign", "snip", "fisher", "synflow", "zen", "flops"])
+@pytest.mark.parametrize("form", ["script", "export", "scripted part"])
+def test_a_model_that_runs_its_layers_out_of_the_proxies_sight_is_refused(form, proxy):
+    # a TorchScript module runs no Python hooks and hides its modules' types (gradsign, snip, fisher,
+    # synflow and flops scored it 0, zen another value); a torch.export graph applies its weights as ATen
+    # operations (synflow scored it 0; proxies on the lent model failed in torch's train())
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    model = conv_net()
+    if form == "script":
+        model = torch.jit.script(model)
+    elif form == "export":
+        model = torch.export.export(model, (x,)).module()
+    else:
+        model[0] = torch.jit.script(model[0])
+    where = "module '0'" if form == "scripted part" else "the model"
+    kind = "a graph of ATen operations" if form == "export" else "a TorchScript module"
+    with pytest.raises(ValueError, match=f"cannot score {where}, {kind}.*: .*score the nn.Module it was made from"):
+        gradsign.score(model, x, y, proxy=proxy)
+
+
+def test_a_symbolically_traced_module_keeps_its_layers_and_scores_as_the_model():
+    # torch.fx's symbolic trace calls the model's own modules (torch.compile, too, was scored exactly, ad hoc)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    expected = gradsign.score(conv_net(), x, y)
+    assert gradsign.score(torch.fx.symbolic_trace(conv_net()), x, y) == expected
+
+
 @pytest.mark.parametrize("proxy", ["gradsign", "grad_norm", "snip"])
 def test_a_constant_loss_scores_zero_with_a_warning(proxy):
     # cross-entropy over one output is log(1) = 0 whatever the weights: every gradient is exactly 0
