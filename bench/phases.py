@@ -12,7 +12,7 @@ the median seconds of one plain batched forward+backward (as bench/zoo.py times 
 - ``float64``: the float64 check, when float32 rounding left a doubt (its own passes included);
 - ``lend``: lending the caller's model (``gradsign.api._lent``: saving and putting back its modules'
   attributes, parameter and buffer values, flags and gradients);
-- ``checks``: the warnings' checks after the counts (``_warn_if_rounding_decides_signs``, the sampled sign
+- ``checks``: the warnings' checks after the counts (``_sign_disagreement``, the sampled sign
   comparison of the verified sample, and ``_warn_about_uncounted_weights``);
 - ``rest``: everything else (scoring mode, the counted layers, the API, the sum of the counts).
 
@@ -47,7 +47,7 @@ from zoo import forward_backward  # bench/zoo.py: the plain forward+backward it 
 
 PHASES = {"_reference_grads": "reference", "_batched_counts": "batched", "_first_mismatch": "compare",
           "_single_sample_input_shapes": "probe", "_float64_mismatch": "float64",
-          "_warn_if_rounding_decides_signs": "checks"}
+          "_sign_disagreement": "checks"}
 
 
 class PhaseClock:

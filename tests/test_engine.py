@@ -1,5 +1,6 @@
 """The per-sample gradient engines against the reference loop, and the API's promises."""
 import collections
+import contextlib
 import copy
 import functools
 import math
@@ -1557,6 +1558,45 @@ def test_half_precision_counts_warn_that_rounding_decides_signs(dtype):
         noise = [w for w in caught if issubclass(w.category, engine_module.RoundingNoiseWarning)]
         assert len(noise) == (0 if dtype == torch.float32 else 1), engine
         assert all(w.message.share is None for w in noise)
+
+
+class AutocastInside(nn.Module):
+    """A float32 CNN whose forward runs under bfloat16 autocast (its convolutions compute in bfloat16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(8, 5))
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.net(x).float()
+
+
+@pytest.mark.parametrize("where", ["inside the forward", "around the score"])
+def test_counts_under_autocast_warn_that_bfloat16_rounding_decides_signs(where, caplog):
+    # a float32 model whose layers compute in bfloat16 scored without a word (its weights' dtype does not
+    # show it); with autocast inside its forward the default engine also fell back to the loop, naming a
+    # dtype error as the cause
+    torch.manual_seed(0)
+    model = AutocastInside()
+    x, y = torch.randn(8, 3, 12, 12), torch.randint(0, 5, (8,))
+    if where == "around the score":
+        model = model.net
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if where == "around the score" else contextlib.nullcontext()
+    values = {}
+    for engine in ("auto", "batched", "loop"):
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING", logger="gradsign"), context:
+            warnings.simplefilter("always")
+            values[engine] = gradsign.score(model, x, y, engine=engine)
+        noise = [w for w in caught if issubclass(w.category, engine_module.RoundingNoiseWarning)]
+        assert len(noise) == 1 and "bfloat16 rounding" in str(noise[0].message), engine
+        assert (noise[0].message.share is not None) == (engine == "auto")
+    assert caplog.text == ""  # no fallback
+    assert values["auto"] == values["batched"] == values["loop"]
+    float32 = model.net if where == "inside the forward" else model
+    assert values["loop"] != gradsign.score(float32, x, y, engine="loop")  # float32 counts differ
 
 
 class KeywordCrossAttention(nn.Module):

@@ -283,19 +283,42 @@ def sign_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, l
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     scoring_mode(model)
     layers = counted_layers(model)
-    if engine != "auto" and layers and _below_float32(layers[0][1].weight.dtype):
-        _warn_of_low_precision(layers[0][1].weight.dtype, None)  # the default engine measures its share
+    precisions = {m.weight.dtype for _, m in layers}
+    share = None  # the default engine measures how often rounding decides a sign
     try:
-        if engine == "loop":
-            return _loop_counts(model, inputs, targets, loss_fn, layers)
-        if engine == "vmap":
-            return _vmap_counts(model, inputs, targets, loss_fn, layers, chunk_size)
-        return _checked_batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
-                                       verify=engine == "auto")
+        with _output_precisions_recorded(layers, precisions):
+            if engine == "loop":
+                counts = _loop_counts(model, inputs, targets, loss_fn, layers)
+            elif engine == "vmap":
+                counts = _vmap_counts(model, inputs, targets, loss_fn, layers, chunk_size)
+            else:
+                counts, share = _checked_batched_counts(model, inputs, targets, loss_fn, layers, chunk_size,
+                                                        verify=engine == "auto")
     except (CannotScoreError, NonFiniteGradientError):
         raise
     except (RuntimeError, ValueError) as error:
         raise _single_sample_error(error) or error
+    if precisions:
+        _warn_if_rounding_decides_signs(max(precisions, key=lambda dtype: torch.finfo(dtype).eps), share)
+    return counts
+
+
+@contextlib.contextmanager
+def _output_precisions_recorded(layers: list[tuple[str, nn.Module]], precisions: set[torch.dtype]
+                                ) -> Iterator[None]:
+    """Within the block, the dtype of every floating output of a counted layer's call is added to
+    ``precisions``: under autocast (around the score, or inside the model's forward) a float32 layer
+    computes in bfloat16 or float16, which its weight's dtype does not show."""
+    def record(module: nn.Module, args: tuple, output) -> None:
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            precisions.add(output.dtype)
+
+    handles = [m.register_forward_hook(record) for _, m in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _single_sample_error(error: Exception) -> CannotScoreError | None:
@@ -312,7 +335,11 @@ def _single_sample_error(error: Exception) -> CannotScoreError | None:
 
 def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                             loss_fn: LossFn, layers: list[tuple[str, nn.Module]],
-                            chunk_size: int | None, *, verify: bool) -> dict[str, torch.Tensor]:
+                            chunk_size: int | None, *, verify: bool
+                            ) -> tuple[dict[str, torch.Tensor], float | None]:
+    """The batched engine's counts and, where verified, the share of the verified sample's signs that its
+    batched and single-sample gradients disagree on (``_sign_disagreement``; None: not measured). With
+    ``verify``, a mismatch falls back to an exact engine (``_exact_fallback``)."""
     verified = min(VERIFIED_SAMPLE, len(inputs) - 1) if verify else None
     sample = slice(verified, verified + 1) if verified is not None else slice(0, 0)
     with _requires_grad_kept(model):
@@ -344,10 +371,8 @@ def _checked_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: tor
         # the verified sample with its neighbours
         cause = _float64_mismatch(model, inputs[:verified + 2], targets[:verified + 2], loss_fn, verified)
     if cause is None:
-        if verify:
-            _warn_if_rounding_decides_signs(prefix, reference[0])
-        return counts
-    return _exact_fallback(model, inputs, targets, loss_fn, layers, chunk_size, cause)
+        return counts, _sign_disagreement(prefix, reference[0]) if verify else None
+    return _exact_fallback(model, inputs, targets, loss_fn, layers, chunk_size, cause), None
 
 
 def _verified_batched_counts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
@@ -1138,6 +1163,8 @@ class _SignCountHooks:
         """``_accumulate``, its failures turned into an ``UnsupportedModelError`` naming the layer."""
         # a NaN output gradient gives NaN per-sample gradients, whose sign torch takes as 0
         _raise_on_nan([grad_out], f"the output gradient of layer {name}")
+        if x.is_floating_point() and grad_out.dtype != x.dtype:
+            x = x.to(grad_out.dtype)  # autocast ran the call in its output's precision, its input rounded to it
         try:
             self._accumulate(name, module, x, grad_out)
         except RuntimeError as error:
@@ -1759,29 +1786,27 @@ def _diagonal_tiles(g: torch.Tensor, rows: int, columns: int, tiles: int) -> tor
                            (step_rows * flat.stride(0) + step_columns * flat.stride(1), *flat.stride()))
 
 
-def _warn_if_rounding_decides_signs(batched: dict[str, torch.Tensor],
-                                    reference: dict[str, torch.Tensor | None]) -> None:
-    """Warn where two computations of one sample's gradients that the verification accepted (equal up to
-    rounding, or exact as float64 showed) give another sign on more than ``NOISY_SIGN_SHARE`` of the
-    counted weights: that share of the counts is decided by rounding, in any engine. In a precision below
-    float32 (bfloat16, float16) always: there exact computations of the totals differ where float32's
-    agree (a small CNN: 2837 by this engine and 2833 by the loop in bfloat16, 2840 each in float32;
-    tests/test_engine.py)."""
-    share = _sign_disagreement(batched, reference)
-    dtype = next((g.dtype for g in reference.values() if g is not None), torch.float32)
-    if _below_float32(dtype):
-        _warn_of_low_precision(dtype, share)
+def _warn_if_rounding_decides_signs(precision: torch.dtype, share: float | None) -> None:
+    """Warn where rounding decides many of the counted signs: computations in ``precision`` below float32
+    (bfloat16, float16; also under autocast) always, since there exact computations of the totals differ
+    where float32's agree (a small CNN: 2837 by this engine and 2833 by the loop in bfloat16, 2840 each in
+    float32; tests/test_engine.py); otherwise where two computations of one sample's gradients that the
+    verification accepted (equal up to rounding, or exact as float64 showed) give another sign on more
+    than ``NOISY_SIGN_SHARE`` of the counted weights (``share``; None: not measured): that share of the
+    counts is decided by rounding, in any engine."""
+    if _below_float32(precision):
+        _warn_of_low_precision(precision, share)
         return
-    if share <= NOISY_SIGN_SHARE:
+    if share is None or share <= NOISY_SIGN_SHARE:
         return
-    precision = str(dtype).removeprefix("torch.")
-    advice = ": score a float64 copy of the model and inputs for counts without it" if dtype != torch.float64 else ""
+    name = str(precision).removeprefix("torch.")
+    advice = ": score a float64 copy of the model and inputs for counts without it" if precision != torch.float64 else ""
     warnings.warn(RoundingNoiseWarning(
-        f"{precision} rounding decides many of this model's gradient signs: two exact {precision} computations "
+        f"{name} rounding decides many of this model's gradient signs: two exact {name} computations "
         f"of one sample's gradients (in the batch, and alone) differ in sign on {share:.1%} of the counted "
         "weights sampled (gradients that are zero but for rounding, as in a branch that ends in BatchNorm "
         "and reaches the logits only through global pooling, or normalisation over near-constant or 2x2 "
-        f"maps); GradSign's counts carry that noise in any engine{advice}", share), stacklevel=2)
+        f"maps); GradSign's counts carry that noise in any engine{advice}", share), stacklevel=3)
 
 
 def _below_float32(dtype: torch.dtype) -> bool:
@@ -1798,7 +1823,8 @@ def _warn_of_low_precision(dtype: torch.dtype, share: float | None) -> None:
     warnings.warn(RoundingNoiseWarning(
         f"{precision} rounding decides some of this model's gradient signs: exact {precision} computations of "
         f"the counts (batched, and sample by sample) can differ{measured}; score a float32 copy of the model "
-        "and inputs for counts that do not depend on how they are computed", share), stacklevel=3)
+        "and inputs, outside autocast, for counts that do not depend on how they are computed", share),
+        stacklevel=3)
 
 
 def _largest_magnitude(t: torch.Tensor) -> float:
