@@ -1976,6 +1976,40 @@ def test_a_backward_that_mixes_samples_or_a_hook_on_a_layers_output_falls_back_s
     assert score == plain_gradsign(model, x, y)
 
 
+def small_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize("replace", [lambda out: out * torch.linspace(0.5, 2, 8)[None, :, None, None],
+                                     torch.tanh], ids=["scale", "tanh"])
+def test_a_forward_hook_that_replaces_a_layers_output_is_scored_exactly_without_a_fallback(replace, caplog):
+    # the engine's hook ran after the model's and read the gradient of the replaced output: the
+    # verification saw it and fell back to vmap, blaming "gradient outside the layer's own call"
+    torch.manual_seed(0)
+    model = small_cnn()
+    model[2].register_forward_hook(lambda module, args, output: replace(output))
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    assert score_logging_warnings(model, x, y, caplog) == pytest.approx(plain_gradsign(model, x, y), rel=1e-3)
+    assert caplog.text == ""
+
+
+def test_a_global_forward_hook_that_replaces_a_layers_output_falls_back_saying_so(caplog):
+    # global forward hooks run before a module's own, the engine's among them
+    torch.manual_seed(0)
+    model = small_cnn().double()
+    x, y = torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (8,))
+    model[2].replaced = True  # a mark that copies of the model keep
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: torch.tanh(output) if getattr(module, "replaced", False) else None)
+    try:
+        score = score_logging_warnings(model, x, y, caplog)
+        assert score == plain_gradsign(model, x, y)
+    finally:
+        handle.remove()
+    assert "a global forward hook (register_module_forward_hook) replaces layer model.2's output" in caplog.text
+
+
 def test_float32_noise_is_settled_in_float64_without_a_fallback(monkeypatch, caplog):
     torch.manual_seed(0)
     model = cnn(nn.BatchNorm2d)

@@ -1046,8 +1046,9 @@ class _SignCountHooks:
         # autograd nodes of the chunk's hooked outputs: a gradient through them reaches a counted layer
         self.hooked_nodes: set = set()
         # an Embedding with its own forward changes its lookup's rows (e.g. scales them): its call is seen
-        # at its F.embedding under _FunctionalLinearCalls instead
-        self.handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in users
+        # at its F.embedding under _FunctionalLinearCalls instead. Each hook runs before the module's other
+        # forward hooks, so that it sees the layer's own output even where the model's hooks replace it
+        self.handles = [m.register_forward_hook(self._forward_hook(name), prepend=True) for name, m in users
                         if not _embedding_with_own_forward(m)]
 
     def start_chunk(self, samples: int, inputs: torch.Tensor | None = None) -> None:
@@ -2047,9 +2048,9 @@ def _mismatch_cause(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     """Why layer ``name``'s batched per-sample gradients are wrong: the model's output is random (two
     passes over the same sample differ); samples of ``inputs`` interact, in the forward pass or only in
     the backward pass; or, on a batch of one (``one_input``), the hooked formula already misses gradient (a
-    gradient hook of the model's on the layer's output, the layer's class computing its output in its own
-    way, or the weight used outside the layer's call); or else the layer's batch dimension does not index
-    samples."""
+    gradient hook of the model's on the layer's output, a forward hook replacing that output, the layer's
+    class computing its output in its own way, or the weight used outside the layer's call); or else the
+    layer's batch dimension does not index samples."""
     with torch.no_grad():
         random_output = not torch.equal(model(one_input), model(one_input))
     if random_output:
@@ -2073,6 +2074,9 @@ def _mismatch_cause(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
         if name in _outputs_with_gradient_hooks(model, one_input, layers):
             return (f"a gradient hook on layer {name}'s output (Tensor.register_hook) changes the gradient its "
                     "weight gets, and the batched engine reads that gradient before the model's own hooks run")
+        if name in _outputs_replaced_by_forward_hooks(model, one_input, layers):
+            return (f"a global forward hook (register_module_forward_hook) replaces layer {name}'s output before "
+                    "the batched engine's own hook sees it, so that it reads the gradient of the replaced output")
         own = _own_forward(dict(layers)[name])
         if own:
             return (f"layer {name} is a {own} with its own forward, which does not apply the weight to the "
@@ -2128,6 +2132,26 @@ def _outputs_with_gradient_hooks(model: nn.Module, one_input: torch.Tensor,
 
     _probe_forward(model, one_input, [(m, keep(name)) for name, m in _weight_users(model, layers)], grad=True)
     return {name for name, output in outputs if output._backward_hooks}
+
+
+def _outputs_replaced_by_forward_hooks(model: nn.Module, one_input: torch.Tensor,
+                                       layers: list[tuple[str, nn.Module]]) -> set[str]:
+    """The counted layers whose output a forward hook replaces by another value in a forward of one sample:
+    the output after the hooks differs from the layer's own forward of the same inputs."""
+    replaced: set[str] = set()
+
+    def compare(name: str):
+        def hook(module: nn.Module, args: tuple, output) -> None:  # installed last: after the model's hooks
+            try:
+                own = module.forward(*args)
+            except (RuntimeError, TypeError):  # a call that also needs keywords: not judged
+                return
+            if isinstance(output, torch.Tensor) and (own.shape != output.shape or not torch.equal(own, output)):
+                replaced.add(name)
+        return hook
+
+    _probe_forward(model, one_input, [(m, compare(name)) for name, m in _weight_users(model, layers)], grad=False)
+    return replaced
 
 
 def _norms_over_several_rows(model: nn.Module, one_input: torch.Tensor) -> list[str]:
