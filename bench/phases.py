@@ -4,7 +4,8 @@ For each zoo model ("bench" size, batch 32, weights seed 0, batch seed 1), over 
 ``gradsign.score`` after a warm-up, the seconds spent in each phase of the default engine divided by
 the median seconds of one plain batched forward+backward (as bench/zoo.py times it):
 
-- ``reference``: the verification's single-sample reference pass (``_reference_grads``);
+- ``reference``: the verification's single-sample reference passes (``_reference_grads``, and
+  ``_reference_on_onednn`` where float32 left a doubt);
 - ``batched``: the batched passes (``_batched_counts``), of which ``hooks`` is forming the per-sample
   gradients and their sign sums inside the gradient hooks;
 - ``compare``: comparing the verified sample's gradients (``_first_mismatch``);
@@ -45,7 +46,8 @@ from gradsign.proxies import gradsign as gradsign_proxy
 
 from zoo import forward_backward  # bench/zoo.py: the plain forward+backward it times
 
-PHASES = {"_reference_grads": "reference", "_batched_counts": "batched", "_first_mismatch": "compare",
+PHASES = {"_reference_grads": "reference", "_reference_on_onednn": "reference", "_batched_counts": "batched",
+          "_first_mismatch": "compare",
           "_single_sample_input_shapes": "probe", "_float64_mismatch": "float64",
           "_sign_disagreement": "checks"}
 
