@@ -155,6 +155,34 @@ def test_npz_targets_follow_the_loss(tmp_path):
         load_data(tmp_path / "bad.npz")
 
 
+class TokenClassifier(nn.Module):
+    """Token ids -> Embedding -> mean over tokens -> Linear."""
+
+    def __init__(self, vocab: int = 50, width: int = 8, classes: int = 3):
+        super().__init__()
+        self.embedding, self.hidden, self.head = nn.Embedding(vocab, width), nn.Linear(width, width), nn.Linear(width, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hidden(self.embedding(ids))).mean(1))
+
+
+def test_npz_token_ids_reach_text_candidates_as_integers(tmp_path):
+    # they were cast to float32 and normalised by the batch's statistics, so no text candidate (an
+    # Embedding, or a transformers text config, which candidates build) could be scored
+    ids = np.random.default_rng(0).integers(0, 50, (30, 8))
+    np.savez(tmp_path / "tokens.npz", x=ids, y=np.arange(30) % 3)
+    batch = draw_batch(load_data(tmp_path / "tokens.npz"), 12, 0)
+    assert batch.inputs.dtype == torch.int64 and "token ids (int64), not normalised" in batch.description
+    np.testing.assert_array_equal(batch.inputs.numpy(), ids[batch.indices])
+    with pytest.raises(UserDataError, match="never normalised"):
+        draw_batch(load_data(tmp_path / "tokens.npz"), 12, 0, normalize="0.5/0.25")
+    result = rank({"tokens": TokenClassifier}, tmp_path / "tokens.npz", batch_size=12, seed=0)
+    row = result.rows[0]
+    assert row.error is None
+    torch.manual_seed(0)
+    assert row.scores["gradsign"] == gradsign.score(TokenClassifier(), batch.inputs, batch.targets)
+
+
 def test_csv_features_and_target_column(tmp_path):
     lines = ["a,kind,b"] + [f"{i},{['setosa', 'virginica', 'versicolor'][i % 3]},{i * 0.5}" for i in range(12)]
     (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")

@@ -451,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", action="append", required=True,
                    help="FILE.py[:NAME], module[:NAME] (candidates(num_classes) -> {name: model}) or "
                    "[LABEL=]module:Callable(literals), e.g. transformers:ResNetConfig(depths=[1,1]); repeatable")
-    p.add_argument("--data", required=True, help="image folder (PATH/CLASS/IMAGE), .npz with x and y, or .csv")
+    p.add_argument("--data", required=True, help="image folder (PATH/CLASS/IMAGE), .npz with x and y (signed integer x: token "
+                   "ids, never normalised), or .csv")
     p.add_argument("--target", help="CSV: the target column")
     p.add_argument("--loss", default="cross-entropy",
                    help="cross-entropy, mse, bce (on logits) or module:function (default cross-entropy)")

@@ -10,7 +10,9 @@ Formats (chosen by the path):
   by 255. Only the images drawn into the batch are decoded. They must share one size unless
   ``image_size`` is given (then each is resized, bilinear).
 * ``.npz`` (read without pickles) with arrays ``x`` (N, ...) in the layout the models take (e.g. N, C, H,
-  W) and ``y`` (N,) labels or (N, K) targets; uint8 ``x`` is taken as pixels and divided by 255.
+  W) and ``y`` (N,) labels or (N, K) targets; uint8 ``x`` is taken as pixels and divided by 255; ``x`` of
+  a signed integer dtype as token ids (or other indices, for an embedding), given to the models as int64
+  and never normalised (save integer features as floats).
 * ``.csv`` with a header row: ``target`` names the target column, every other column is a numeric
   feature (x is (N, F)).
 
@@ -75,18 +77,22 @@ class UserData:
         return len(self.labels)
 
     def inputs(self, indices: np.ndarray) -> np.ndarray:
-        """The inputs of the samples ``indices`` as float32, pixels scaled to [0, 1], not normalised."""
+        """The inputs of the samples ``indices`` as float32, pixels scaled to [0, 1], not normalised; token
+        ids (signed integers) as int64."""
         if self.files is not None:
             return _read_images([self.files[i] for i in indices], self.image_size)
         x = self.x[indices]
         if x.dtype == np.uint8:
             return x.astype(np.float32) / np.float32(255.0)
+        if np.issubdtype(x.dtype, np.signedinteger):
+            return x.astype(np.int64)
         return x.astype(np.float32)
 
 
 @dataclass(frozen=True)
 class Batch:
-    """The canonical scoring batch: float32 inputs (normalised) and targets for the loss, with what was done."""
+    """The canonical scoring batch: float32 inputs (normalised) or int64 token ids, and targets for the loss,
+    with what was done."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
@@ -339,7 +345,14 @@ def balanced_indices(codes: np.ndarray, batch_size: int, rng: np.random.Generato
 
 
 def normalize_batch(x: np.ndarray, normalize: str = "batch") -> tuple[np.ndarray, str]:
-    """Normalise per index of axis 1 (see the module docstring); returns the array and a description."""
+    """Normalise per index of axis 1 (see the module docstring); returns the array and a description. Token
+    ids (integers) are left as they are: "batch" (the default) and "none" leave them, given statistics are
+    refused."""
+    if np.issubdtype(x.dtype, np.integer):
+        if normalize not in ("batch", "none"):
+            raise UserDataError(f"normalisation {normalize!r} applies to floating inputs; these are integer "
+                                "token ids, which are never normalised")
+        return x, "token ids (int64), not normalised"
     if normalize == "none":
         return x, "not normalised"
     axes = tuple(a for a in range(x.ndim) if a != 1)
