@@ -38,22 +38,29 @@ def conv_net() -> nn.Module:
 
 
 @pytest.mark.parametrize("proxy", ["gradsign", "snip", "fisher", "synflow", "zen", "flops"])
-@pytest.mark.parametrize("form", ["script", "export", "scripted part"])
-def test_a_model_that_runs_its_layers_out_of_the_proxies_sight_is_refused(form, proxy):
+@pytest.mark.parametrize("form", ["script", "export", "scripted part", "quantized"])
+def test_a_model_whose_layers_no_proxy_can_read_is_refused(form, proxy):
     # a TorchScript module runs no Python hooks and hides its modules' types (gradsign, snip, fisher,
     # synflow and flops scored it 0, zen another value); a torch.export graph applies its weights as ATen
-    # operations (synflow scored it 0; proxies on the lent model failed in torch's train())
+    # operations (synflow scored it 0; proxies on the lent model failed in torch's train()); a quantized
+    # layer's packed integer weights have no gradient (gradient proxies scored 0 "for a constant loss")
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     model = conv_net()
     if form == "script":
         model = torch.jit.script(model)
     elif form == "export":
         model = torch.export.export(model, (x,)).module()
-    else:
+    elif form == "scripted part":
         model[0] = torch.jit.script(model[0])
-    where = "module '0'" if form == "scripted part" else "the model"
-    kind = "a graph of ATen operations" if form == "export" else "a TorchScript module"
-    with pytest.raises(ValueError, match=f"cannot score {where}, {kind}.*: .*score the nn.Module it was made from"):
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes that its eager quantization is deprecated
+            model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    expected = {"script": "the model, a TorchScript module: .*score the nn.Module it was made from",
+                "export": "the model, a graph of ATen operations .*score the nn.Module it was made from",
+                "scripted part": "module '0', a TorchScript module: .*score the nn.Module it was made from",
+                "quantized": "module '4', a quantized Linear: .*no gradient; score the floating-point model"}[form]
+    with pytest.raises(ValueError, match=f"cannot score {expected}"):
         gradsign.score(model, x, y, proxy=proxy)
 
 

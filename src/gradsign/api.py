@@ -136,18 +136,28 @@ class _OutputAdapter(nn.Module):
         return self.output_fn(self.model(*args, **kwargs))
 
 
-def _layers_run_unseen(model: nn.Module) -> str | None:
-    """What in ``model`` runs its layers where no proxy sees them (None: nothing): a TorchScript module runs
-    compiled code (no Python hooks, no module types); a graph of ATen operations (``torch.export``'s
-    ``ExportedProgram.module()``) applies its weights as operations, with no Conv2d or Linear modules."""
+#: where torch keeps quantized layers (integer weights packed for inference)
+_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+
+
+def _unscorable_layers(model: nn.Module) -> str | None:
+    """Why no proxy can score ``model`` (None: it can): a TorchScript module runs compiled code (no Python
+    hooks, no module types); a graph of ATen operations (``torch.export``'s ``ExportedProgram.module()``)
+    applies its weights as operations, with no Conv2d or Linear modules; a quantized layer's weights are
+    packed integers, which have no gradient."""
+    unseen = ("the proxies read a model's Conv2d and Linear layers as modules (their calls, gradients and "
+              "types), which it runs out of their sight; score the nn.Module it was made from")
     for name, module in model.named_modules():
         where = f"module {name!r}" if name else "the model"
         if isinstance(module, torch.jit.ScriptModule):
-            return f"{where}, a TorchScript module"
+            return f"{where}, a TorchScript module: {unseen}"
         if isinstance(module, torch.fx.GraphModule) and any(
                 node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
                 for node in module.graph.nodes):
-            return f"{where}, a graph of ATen operations (as torch.export makes)"
+            return f"{where}, a graph of ATen operations (as torch.export makes): {unseen}"
+        if type(module).__module__.startswith(_QUANTIZED_MODULES):
+            return (f"{where}, a quantized {type(module).__name__}: its weights are packed integers, which have "
+                    "no gradient; score the floating-point model it was quantized from")
     return None
 
 
@@ -223,11 +233,9 @@ def scores(model: nn.Module, inputs: Inputs, targets: torch.Tensor | None = None
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
         raise ValueError("the model has uninitialised parameters (lazy modules such as nn.LazyLinear, "
                          "which take their shapes from their first input): run it once on a batch first")
-    hidden = _layers_run_unseen(model)
-    if hidden:
-        raise ValueError(f"cannot score {hidden}: the proxies read a model's Conv2d and Linear layers as "
-                         "modules (their calls, gradients and types), which it runs out of their sight; score "
-                         "the nn.Module it was made from")
+    unscorable = _unscorable_layers(model)
+    if unscorable:
+        raise ValueError(f"cannot score {unscorable}")
     if n_inits < 1:
         raise ValueError(f"n_inits must be >= 1, got {n_inits}")
     if targets is not None and len(targets) != len(inputs):
