@@ -2010,6 +2010,30 @@ def test_a_global_forward_hook_that_replaces_a_layers_output_falls_back_saying_s
     assert "a global forward hook (register_module_forward_hook) replaces layer model.2's output" in caplog.text
 
 
+class HookedAndFunctional(nn.Module):
+    """small_cnn whose first convolution's weight is also applied by ``F.conv2d`` outside its call, with a
+    forward hook of its own that replaces that convolution's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = small_cnn()
+        self.net[0].register_forward_hook(lambda module, args, output: torch.tanh(output))
+
+    def forward(self, x):
+        h = self.net[0](x) + 0.5 * F.conv2d(x, self.net[0].weight, padding=1)
+        return self.net[1:](h)
+
+
+def test_a_models_own_forward_hook_is_not_blamed_for_another_cause(caplog):
+    # the cause analysis read the output after the model's own hooks and blamed a global forward hook
+    torch.manual_seed(0)
+    model = HookedAndFunctional().double()
+    x, y = torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (8,))
+    assert score_logging_warnings(model, x, y, caplog) == plain_gradsign(model, x, y)
+    assert "weight of layer model.net.0 gets gradient outside the layer's own call" in caplog.text
+    assert "global forward hook" not in caplog.text
+
+
 def test_float32_noise_is_settled_in_float64_without_a_fallback(monkeypatch, caplog):
     torch.manual_seed(0)
     model = cnn(nn.BatchNorm2d)

@@ -2136,12 +2136,13 @@ def _outputs_with_gradient_hooks(model: nn.Module, one_input: torch.Tensor,
 
 def _outputs_replaced_by_forward_hooks(model: nn.Module, one_input: torch.Tensor,
                                        layers: list[tuple[str, nn.Module]]) -> set[str]:
-    """The counted layers whose output a forward hook replaces by another value in a forward of one sample:
-    the output after the hooks differs from the layer's own forward of the same inputs."""
+    """The counted layers whose output a global forward hook replaces by another value in a forward of one
+    sample: the output that a hook run first among the layer's own (as the batched engine's runs) sees
+    differs from the layer's own forward of the same inputs."""
     replaced: set[str] = set()
 
     def compare(name: str):
-        def hook(module: nn.Module, args: tuple, output) -> None:  # installed last: after the model's hooks
+        def hook(module: nn.Module, args: tuple, output) -> None:
             try:
                 own = module.forward(*args)
             except (RuntimeError, TypeError):  # a call that also needs keywords: not judged
@@ -2150,7 +2151,8 @@ def _outputs_replaced_by_forward_hooks(model: nn.Module, one_input: torch.Tensor
                 replaced.add(name)
         return hook
 
-    _probe_forward(model, one_input, [(m, compare(name)) for name, m in _weight_users(model, layers)], grad=False)
+    _probe_forward(model, one_input, [(m, compare(name)) for name, m in _weight_users(model, layers)], grad=False,
+                   first=True)
     return replaced
 
 
@@ -2170,10 +2172,10 @@ def _norms_over_several_rows(model: nn.Module, one_input: torch.Tensor) -> list[
 
 
 def _probe_forward(model: nn.Module, one_input: torch.Tensor, hooks: list[tuple[nn.Module, Callable]], *,
-                   grad: bool) -> None:
+                   grad: bool, first: bool = False) -> None:
     """One forward of ``one_input``, with autograd on or off, while each (module, forward hook) of ``hooks``
-    is installed."""
-    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    is installed (with ``first``, before the module's other forward hooks; global ones still run before)."""
+    handles = [module.register_forward_hook(hook, prepend=first) for module, hook in hooks]
     try:
         with torch.set_grad_enabled(grad):
             model(one_input)
