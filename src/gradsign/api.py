@@ -131,7 +131,8 @@ class _OutputAdapter(nn.Module):
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         if self.layout is not None:
-            precision = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+            precision = next((p.dtype for p in self.model.parameters() if p.is_floating_point()),
+                             None) if self.layout.mixed else None  # only bit-packed floats are widened
             args, kwargs = self.layout.unpacked(*args, precision=precision)
         return self.output_fn(self.model(*args, **kwargs))
 
